@@ -1,0 +1,512 @@
+/*
+ * govllm C shim: embeds CPython (stable ABI, 3.10+) and moves events between Python and Go.
+ *
+ * The shim is built with Py_LIMITED_API=0x030A0000 and does NOT link libpython: Go dlopens the
+ * chosen interpreter's libpython with RTLD_GLOBAL first, then this library, so the Py* symbols
+ * resolve at load time and one build serves every Python from 3.10 on.
+ *
+ * Two queues, neither of which makes Go touch the GIL on the hot path:
+ *   outbox  Python -> Go. _govllm_shim.emit() appends a length-prefixed binary record to a bounded
+ *           ring buffer; Go's poller drains whole records with shim_poll(), which blocks on a
+ *           condition variable without the GIL. When the ring is full, emit() waits with the GIL
+ *           released (backpressure on Python, never on Go).
+ *   inbox   Go -> Python. shim_send() appends a command (submit/abort/shutdown) and bumps an
+ *           eventfd that the bridge's asyncio loop watches with add_reader(); the loop drains the
+ *           inbox with _govllm_shim.take().
+ * The thread that calls shim_init() becomes Python's main thread and must also call shim_run().
+ */
+#define Py_LIMITED_API 0x030A0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "shim.h"
+
+/* ---------------------------------------------------------------- last error */
+
+static pthread_mutex_t err_mu = PTHREAD_MUTEX_INITIALIZER;
+static char *last_error;
+
+static void set_error(const char *msg) {
+  pthread_mutex_lock(&err_mu);
+  free(last_error);
+  last_error = strdup(msg ? msg : "unknown error");
+  pthread_mutex_unlock(&err_mu);
+}
+
+const char *shim_last_error(void) {
+  /* The string stays valid until the next error; Go copies it at once. */
+  pthread_mutex_lock(&err_mu);
+  const char *s = last_error ? last_error : "";
+  pthread_mutex_unlock(&err_mu);
+  return s;
+}
+
+/* Format the pending Python exception (type, message, traceback) into last_error and clear it.
+ * Must be called with the GIL held. */
+static void set_error_from_python(const char *context) {
+  PyObject *type = NULL, *value = NULL, *tb = NULL;
+  PyErr_Fetch(&type, &value, &tb);
+  if (type == NULL) {
+    set_error(context);
+    return;
+  }
+  PyErr_NormalizeException(&type, &value, &tb);
+  char *text = NULL;
+  PyObject *mod = PyImport_ImportModule("traceback");
+  if (mod != NULL) {
+    PyObject *lines = PyObject_CallMethod(mod, "format_exception", "OOO", type, value ? value : Py_None, tb ? tb : Py_None);
+    if (lines != NULL) {
+      PyObject *empty = PyUnicode_FromString("");
+      PyObject *joined = empty ? PyUnicode_Join(empty, lines) : NULL;
+      if (joined != NULL) {
+        Py_ssize_t n = 0;
+        const char *s = PyUnicode_AsUTF8AndSize(joined, &n);
+        if (s != NULL) {
+          size_t clen = strlen(context);
+          text = malloc(clen + 2 + (size_t)n + 1);
+          if (text) {
+            memcpy(text, context, clen);
+            memcpy(text + clen, ": ", 2);
+            memcpy(text + clen + 2, s, (size_t)n);
+            text[clen + 2 + n] = 0;
+          }
+        }
+        Py_DECREF(joined);
+      }
+      Py_XDECREF(empty);
+      Py_DECREF(lines);
+    }
+    Py_DECREF(mod);
+  }
+  PyErr_Clear();
+  if (text == NULL) {
+    set_error(context);
+  } else {
+    set_error(text);
+    free(text);
+  }
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(tb);
+}
+
+/* ---------------------------------------------------------------- outbox */
+
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t readable; /* the poller waits here */
+  pthread_cond_t writable; /* emitters wait here when the ring is full */
+  uint8_t *buf;
+  size_t cap, head, used; /* head: read offset; records wrap around */
+  int closed;
+  int pollers_waiting, emitters_waiting;
+} outbox_t;
+
+static outbox_t outbox = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static void ring_write(const uint8_t *src, size_t n) {
+  size_t tail = (outbox.head + outbox.used) % outbox.cap;
+  size_t first = outbox.cap - tail < n ? outbox.cap - tail : n;
+  memcpy(outbox.buf + tail, src, first);
+  memcpy(outbox.buf, src + first, n - first);
+  outbox.used += n;
+}
+
+static void ring_read(uint8_t *dst, size_t n) {
+  size_t first = outbox.cap - outbox.head < n ? outbox.cap - outbox.head : n;
+  memcpy(dst, outbox.buf + outbox.head, first);
+  memcpy(dst + first, outbox.buf, n - first);
+  outbox.head = (outbox.head + n) % outbox.cap;
+  outbox.used -= n;
+}
+
+static uint32_t ring_peek_u32(void) {
+  uint8_t b[4];
+  for (int i = 0; i < 4; i++) b[i] = outbox.buf[(outbox.head + i) % outbox.cap];
+  return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+}
+
+/* Append one record made of up to three parts (header, tokens, text, meta). Called with the GIL
+ * held; releases it only while waiting for room. Returns -1 with a Python exception set. */
+static int outbox_put(const uint8_t *hdr, size_t hlen, const int32_t *toks, size_t ntok, const char *text,
+                      size_t tlen, const char *meta, size_t mlen) {
+  size_t body = hlen + ntok * 4 + tlen + mlen;
+  size_t total = 4 + body;
+  if (total > outbox.cap / 2) {
+    PyErr_Format(PyExc_ValueError, "event of %zu bytes exceeds the shim queue limit", total);
+    return -1;
+  }
+  pthread_mutex_lock(&outbox.mu);
+  if (outbox.cap - outbox.used < total && !outbox.closed) {
+    /* Full: wait without the GIL so the poller (and the rest of Python) keep running. */
+    PyThreadState *ts = PyEval_SaveThread();
+    while (outbox.cap - outbox.used < total && !outbox.closed) {
+      outbox.emitters_waiting++;
+      pthread_cond_wait(&outbox.writable, &outbox.mu);
+      outbox.emitters_waiting--;
+    }
+    pthread_mutex_unlock(&outbox.mu);
+    PyEval_RestoreThread(ts);
+    pthread_mutex_lock(&outbox.mu);
+  }
+  if (outbox.closed) {
+    pthread_mutex_unlock(&outbox.mu);
+    PyErr_SetString(PyExc_RuntimeError, "govllm shim: event queue closed");
+    return -1;
+  }
+  uint8_t len[4] = {(uint8_t)body, (uint8_t)(body >> 8), (uint8_t)(body >> 16), (uint8_t)(body >> 24)};
+  ring_write(len, 4);
+  ring_write(hdr, hlen);
+  if (ntok) ring_write((const uint8_t *)toks, ntok * 4);
+  if (tlen) ring_write((const uint8_t *)text, tlen);
+  if (mlen) ring_write((const uint8_t *)meta, mlen);
+  if (outbox.pollers_waiting) pthread_cond_signal(&outbox.readable);
+  pthread_mutex_unlock(&outbox.mu);
+  return 0;
+}
+
+static void outbox_close(void) {
+  pthread_mutex_lock(&outbox.mu);
+  outbox.closed = 1;
+  pthread_cond_broadcast(&outbox.readable);
+  pthread_cond_broadcast(&outbox.writable);
+  pthread_mutex_unlock(&outbox.mu);
+}
+
+int64_t shim_poll(uint8_t *dst, int64_t cap, int32_t timeout_ms) {
+  pthread_mutex_lock(&outbox.mu);
+  if (outbox.used == 0 && !outbox.closed && timeout_ms != 0) {
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+      deadline.tv_sec++;
+      deadline.tv_nsec -= 1000000000L;
+    }
+    while (outbox.used == 0 && !outbox.closed) {
+      outbox.pollers_waiting++;
+      int rc = timeout_ms < 0 ? pthread_cond_wait(&outbox.readable, &outbox.mu)
+                              : pthread_cond_timedwait(&outbox.readable, &outbox.mu, &deadline);
+      outbox.pollers_waiting--;
+      if (rc == ETIMEDOUT) break;
+    }
+  }
+  int64_t n = 0;
+  while (outbox.used > 0) {
+    uint32_t body = ring_peek_u32();
+    int64_t rec = 4 + (int64_t)body;
+    if (n + rec > cap) {
+      if (n == 0) n = -rec - 1; /* tell Go the buffer it needs */
+      break;
+    }
+    ring_read(dst + n, (size_t)rec);
+    n += rec;
+  }
+  if (n > 0 && outbox.emitters_waiting) pthread_cond_broadcast(&outbox.writable);
+  if (n == 0 && outbox.used == 0 && outbox.closed) n = -1;
+  pthread_mutex_unlock(&outbox.mu);
+  return n;
+}
+
+/* ---------------------------------------------------------------- inbox */
+
+typedef struct cmd {
+  struct cmd *next;
+  int32_t kind;
+  int64_t req_id;
+  size_t len;
+  char data[];
+} cmd_t;
+
+static pthread_mutex_t inbox_mu = PTHREAD_MUTEX_INITIALIZER;
+static cmd_t *inbox_head, *inbox_tail;
+static int inbox_fd = -1;
+static int inbox_closed;
+
+int32_t shim_send(int32_t kind, int64_t req_id, const char *data, int64_t len) {
+  if (len < 0) len = 0;
+  cmd_t *c = malloc(sizeof(cmd_t) + (size_t)len);
+  if (c == NULL) {
+    set_error("shim_send: out of memory");
+    return -1;
+  }
+  c->next = NULL;
+  c->kind = kind;
+  c->req_id = req_id;
+  c->len = (size_t)len;
+  if (len) memcpy(c->data, data, (size_t)len);
+  pthread_mutex_lock(&inbox_mu);
+  if (inbox_closed || inbox_fd < 0) {
+    pthread_mutex_unlock(&inbox_mu);
+    free(c);
+    set_error("shim_send: engine not running");
+    return -1;
+  }
+  int was_empty = inbox_head == NULL;
+  if (inbox_tail) inbox_tail->next = c;
+  else inbox_head = c;
+  inbox_tail = c;
+  if (was_empty) {
+    uint64_t one = 1;
+    ssize_t w;
+    do {
+      w = write(inbox_fd, &one, sizeof one);
+    } while (w < 0 && errno == EINTR);
+  }
+  pthread_mutex_unlock(&inbox_mu);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- the _govllm_shim module */
+
+enum { MAX_TOKENS_PER_EVENT = 1 << 16 };
+
+static int tokens_from(PyObject *seq, int32_t *out, size_t *n) {
+  int is_list = PyList_Check(seq);
+  if (!is_list && !PyTuple_Check(seq)) {
+    PyErr_SetString(PyExc_TypeError, "tokens must be a list or tuple of ints");
+    return -1;
+  }
+  Py_ssize_t len = is_list ? PyList_Size(seq) : PyTuple_Size(seq);
+  if (len > MAX_TOKENS_PER_EVENT) {
+    PyErr_SetString(PyExc_ValueError, "too many tokens in one event");
+    return -1;
+  }
+  for (Py_ssize_t i = 0; i < len; i++) {
+    PyObject *item = is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i);
+    long v = PyLong_AsLong(item);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    out[i] = (int32_t)v;
+  }
+  *n = (size_t)len;
+  return 0;
+}
+
+static void put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static void put_u32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static void put_u64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+
+/* Record header, little endian, 24 bytes:
+ *   u8 kind | u8 finish | u16 index | u32 ntokens | u64 req_id | u32 text_len | u32 meta_len
+ * followed by ntokens int32, the UTF-8 text and the meta bytes. See engine/event.go. */
+enum { HDR = 24 };
+
+static void make_header(uint8_t *h, int kind, int finish, int index, size_t ntok, int64_t req_id, size_t tlen,
+                        size_t mlen) {
+  h[0] = (uint8_t)kind;
+  h[1] = (uint8_t)finish;
+  put_u16(h + 2, (uint16_t)index);
+  put_u32(h + 4, (uint32_t)ntok);
+  put_u64(h + 8, (uint64_t)req_id);
+  put_u32(h + 16, (uint32_t)tlen);
+  put_u32(h + 20, (uint32_t)mlen);
+}
+
+/* emit(req_id: int, index: int, tokens: list[int] | tuple[int, ...], text: str, finish: int) -> None
+ * The hot path: one delta of one choice. finish: 0 none, 1 stop, 2 length, 3 abort. */
+static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  (void)self;
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "emit(req_id, index, tokens, text, finish) takes 5 arguments");
+    return NULL;
+  }
+  long long req_id = PyLong_AsLongLong(args[0]);
+  if (req_id == -1 && PyErr_Occurred()) return NULL;
+  long index = PyLong_AsLong(args[1]);
+  if (index == -1 && PyErr_Occurred()) return NULL;
+  long finish = PyLong_AsLong(args[4]);
+  if (finish == -1 && PyErr_Occurred()) return NULL;
+  int32_t small[64];
+  int32_t *toks = small;
+  Py_ssize_t want = PyList_Check(args[2]) ? PyList_Size(args[2]) : PyTuple_Check(args[2]) ? PyTuple_Size(args[2]) : 0;
+  if (want > 64) {
+    toks = malloc(sizeof(int32_t) * (size_t)(want > MAX_TOKENS_PER_EVENT ? 1 : want));
+    if (!toks) return PyErr_NoMemory();
+  }
+  size_t ntok = 0;
+  if (tokens_from(args[2], toks, &ntok) < 0) goto fail;
+  Py_ssize_t tlen = 0;
+  const char *text = "";
+  if (args[3] != Py_None) {
+    text = PyUnicode_AsUTF8AndSize(args[3], &tlen);
+    if (text == NULL) goto fail;
+  }
+  uint8_t hdr[HDR];
+  make_header(hdr, 1, (int)finish, (int)index, ntok, req_id, (size_t)tlen, 0);
+  if (outbox_put(hdr, HDR, toks, ntok, text, (size_t)tlen, NULL, 0) < 0) goto fail;
+  if (toks != small) free(toks);
+  Py_RETURN_NONE;
+fail:
+  if (toks != small) free(toks);
+  return NULL;
+}
+
+/* emit_event(req_id: int, kind: int, payload: bytes) -> None: ready, end, error and log records. */
+static PyObject *py_emit_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  (void)self;
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "emit_event(req_id, kind, payload) takes 3 arguments");
+    return NULL;
+  }
+  long long req_id = PyLong_AsLongLong(args[0]);
+  if (req_id == -1 && PyErr_Occurred()) return NULL;
+  long kind = PyLong_AsLong(args[1]);
+  if (kind == -1 && PyErr_Occurred()) return NULL;
+  char *payload = NULL;
+  Py_ssize_t plen = 0;
+  if (PyBytes_AsStringAndSize(args[2], &payload, &plen) < 0) return NULL;
+  uint8_t hdr[HDR];
+  make_header(hdr, (int)kind, 0, 0, 0, req_id, 0, (size_t)plen);
+  if (outbox_put(hdr, HDR, NULL, 0, NULL, 0, payload, (size_t)plen) < 0) return NULL;
+  Py_RETURN_NONE;
+}
+
+/* emit_null(...) -> None: accepts emit's arguments and does nothing. The benchmark baseline. */
+static PyObject *py_emit_null(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  (void)self;
+  (void)args;
+  (void)nargs;
+  Py_RETURN_NONE;
+}
+
+/* inbox_fd() -> int: the eventfd that becomes readable when commands are waiting. */
+static PyObject *py_inbox_fd(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  return PyLong_FromLong(inbox_fd);
+}
+
+/* take() -> list[tuple[int, int, bytes]]: every waiting (kind, req_id, data) command, in order. */
+static PyObject *py_take(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  uint64_t drain;
+  while (read(inbox_fd, &drain, sizeof drain) < 0 && errno == EINTR) {
+  }
+  pthread_mutex_lock(&inbox_mu);
+  cmd_t *c = inbox_head;
+  inbox_head = inbox_tail = NULL;
+  pthread_mutex_unlock(&inbox_mu);
+  PyObject *out = PyList_New(0);
+  while (c != NULL) {
+    cmd_t *next = c->next;
+    if (out != NULL) {
+      PyObject *item = Py_BuildValue("(iLy#)", (int)c->kind, (long long)c->req_id, c->data, (Py_ssize_t)c->len);
+      if (item == NULL || PyList_Append(out, item) < 0) {
+        Py_CLEAR(out);
+      }
+      Py_XDECREF(item);
+    }
+    free(c);
+    c = next;
+  }
+  return out;
+}
+
+static PyMethodDef shim_methods[] = {
+    {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
+    {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
+    {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): no-op baseline"},
+    {"inbox_fd", py_inbox_fd, METH_NOARGS, "inbox_fd() -> int"},
+    {"take", py_take, METH_NOARGS, "take() -> list of (kind, req_id, data)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef shim_module = {
+    PyModuleDef_HEAD_INIT, "_govllm_shim", "Events between the govllm bridge and Go.", -1, shim_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+/* ---------------------------------------------------------------- lifecycle */
+
+static int initialized;
+
+int32_t shim_init(const char *program_name, const char *python_home, int64_t queue_bytes) {
+  if (initialized) {
+    set_error("shim_init: the interpreter is already initialized in this process");
+    return -1;
+  }
+  if (queue_bytes < (1 << 16)) queue_bytes = 1 << 16;
+  outbox.buf = malloc((size_t)queue_bytes);
+  if (outbox.buf == NULL) {
+    set_error("shim_init: out of memory for the event queue");
+    return -1;
+  }
+  outbox.cap = (size_t)queue_bytes;
+  inbox_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (inbox_fd < 0) {
+    set_error("shim_init: eventfd failed");
+    return -1;
+  }
+  /* Py_SetProgramName/Py_SetPythonHome are deprecated since 3.11 but stay in the stable ABI; they
+   * are what lets one shim binary serve 3.10 to 3.15 (PyConfig is not in the limited API). The
+   * strings must outlive the interpreter, so they are never freed. */
+  if (program_name && *program_name) {
+    wchar_t *w = Py_DecodeLocale(program_name, NULL);
+    if (w) Py_SetProgramName(w);
+  }
+  if (python_home && *python_home) {
+    wchar_t *w = Py_DecodeLocale(python_home, NULL);
+    if (w) Py_SetPythonHome(w);
+  }
+  Py_InitializeEx(0); /* 0: no Python signal handlers; Go owns SIGINT/SIGTERM. */
+  if (!Py_IsInitialized()) {
+    set_error("shim_init: Py_InitializeEx failed");
+    return -1;
+  }
+  initialized = 1;
+  PyObject *mod = PyModule_Create(&shim_module);
+  if (mod == NULL) {
+    set_error_from_python("shim_init: creating _govllm_shim");
+    return -1;
+  }
+  PyObject *modules = PyImport_GetModuleDict();
+  int rc = PyDict_SetItemString(modules, "_govllm_shim", mod);
+  Py_DECREF(mod);
+  if (rc < 0) {
+    set_error_from_python("shim_init: registering _govllm_shim");
+    return -1;
+  }
+  return 0;
+}
+
+int32_t shim_run(const char *code) {
+  int32_t rc = 0;
+  PyObject *compiled = Py_CompileString(code, "<govllm-boot>", Py_file_input);
+  if (compiled == NULL) {
+    set_error_from_python("shim_run: compile");
+    rc = -1;
+  } else {
+    PyObject *globals = PyDict_New();
+    PyObject *builtins = PyImport_ImportModule("builtins");
+    if (globals && builtins) PyDict_SetItemString(globals, "__builtins__", builtins);
+    if (globals) PyDict_SetItemString(globals, "__name__", PyUnicode_FromString("__govllm__"));
+    PyObject *res = globals ? PyEval_EvalCode(compiled, globals, globals) : NULL;
+    if (res == NULL) {
+      set_error_from_python("python");
+      rc = -1;
+    }
+    Py_XDECREF(res);
+    Py_XDECREF(builtins);
+    Py_XDECREF(globals);
+    Py_DECREF(compiled);
+  }
+  pthread_mutex_lock(&inbox_mu);
+  inbox_closed = 1;
+  pthread_mutex_unlock(&inbox_mu);
+  outbox_close();
+  /* Never Py_Finalize (extension modules do not survive it): release the GIL so any Python
+   * threads still running can finish while the process exits. */
+  PyEval_SaveThread();
+  return rc;
+}

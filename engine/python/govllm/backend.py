@@ -1,0 +1,132 @@
+"""The surface every backend presents to the bridge, modelled on vLLM's AsyncLLM.
+
+A backend is created by a module-level ``create(config: EngineConfig) -> Backend`` function,
+started once with ``await backend.start()`` on the bridge's event loop, and then serves any
+number of concurrent ``generate`` calls on that loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """What the Go side asks for. Unknown keys from Go land in ``extra``."""
+
+    model: str
+    engine: str = "transformers"
+    served_model_name: str = ""
+    max_model_len: int = 0  # 0: from the model's config
+    max_num_seqs: int = 0  # 0: the backend's default
+    dtype: str = "auto"
+    seed: int = 0
+    device: str = ""  # "" = auto (cuda when available, else cpu)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in d.items() if k in names and k != "extra"}
+        extra = dict(d.get("extra") or {})
+        extra.update({k: v for k, v in d.items() if k not in names})
+        return cls(**known, extra=extra)
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """Per-request sampling. ``max_tokens=None`` means until the context is full."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise RequestError(f"unknown sampling parameter(s): {', '.join(unknown)}", param=unknown[0])
+        sp = cls(**{k: v for k, v in d.items() if v is not None})
+        sp.validate()
+        return sp
+
+    def validate(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be non-negative, got {self.temperature}", param="temperature")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be non-negative, got {self.top_k}", param="top_k")
+        if self.n < 1:
+            raise RequestError(f"n must be at least 1, got {self.n}", param="n")
+
+
+@dataclasses.dataclass
+class Delta:
+    """New output of one choice since the previous delta.
+
+    ``text`` is the detokenized increment: never half a UTF-8 character, never a piece of a
+    stop string that later matched. ``finish_reason`` is set on the last delta of a choice:
+    "stop" (EOS, stop string or stop token), "length" (max_tokens or the context) or "abort".
+    """
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+
+class RequestError(Exception):
+    """A request the backend refuses (bad parameters, prompt too long): HTTP 400 for that request only."""
+
+    status = 400
+    type = "BadRequestError"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineDeadError(Exception):
+    """The engine can serve no more requests; the Go side reports 503 and may exit."""
+
+
+class Backend(Protocol):
+    """What the bridge needs from an engine."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Load the model. Raise to fail engine start with a clear message."""
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Render chat messages with the tokenizer's chat template (generation prompt added)."""
+
+    def encode(self, prompt: str) -> list[int]:
+        """Tokenize a completion prompt."""
+
+    def max_model_len(self) -> int:
+        """The context length the backend enforces."""
+
+    def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        """Stream deltas. Cancelling the iterating task must abort the request in the engine."""
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a running request; its iterator then ends (with finish_reason "abort" or CancelledError)."""
+
+    def health(self) -> None:
+        """Raise EngineDeadError when the engine cannot serve."""
+
+    async def shutdown(self) -> None:
+        """Stop the engine and free its resources."""

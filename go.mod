@@ -1,0 +1,9 @@
+module github.com/govllm/govllm
+
+go 1.26
+
+require (
+	github.com/ebitengine/purego v0.11.3 // indirect
+	github.com/stretchr/testify v1.12.1 // indirect
+	go.uber.org/goleak v1.3.0 // indirect
+)

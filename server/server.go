@@ -1,0 +1,147 @@
+// Package server is govllm's OpenAI-compatible HTTP layer: it decodes and validates requests,
+// runs them on a [Backend] and writes the answers as JSON or server-sent events.
+package server
+
+import (
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+)
+
+// DefaultMaxBodyBytes is the request body limit when [Config.MaxBodyBytes] is zero.
+const DefaultMaxBodyBytes = 16 << 20
+
+// Config configures a [Server].
+type Config struct {
+	// Backend runs the requests; it is required.
+	Backend Backend
+	// Logger receives the server's logs; nil means slog.Default().
+	Logger *slog.Logger
+	// MaxBodyBytes limits request bodies; larger ones get 413. Zero means DefaultMaxBodyBytes.
+	MaxBodyBytes int64
+	// APIKey, when set, is required as "Authorization: Bearer <key>" on the /v1/ routes.
+	APIKey string
+}
+
+// Server is an http.Handler serving the OpenAI-compatible API: POST /v1/chat/completions,
+// GET /v1/models and GET /health. Unknown paths get 404 and known paths with the wrong
+// method get 405, both with an OpenAI error body.
+type Server struct {
+	backend      Backend
+	log          *slog.Logger
+	maxBodyBytes int64
+	apiKey       []byte
+	created      int64 // unix time of New, the "created" of the model card
+	mux          *http.ServeMux
+
+	// Seams for tests.
+	now   func() time.Time
+	newID func(prefix string) string
+}
+
+// New returns a Server for cfg. It panics with [ErrNoBackend] if cfg.Backend is nil.
+func New(cfg Config) *Server {
+	if cfg.Backend == nil {
+		panic(ErrNoBackend)
+	}
+	s := &Server{
+		backend:      cfg.Backend,
+		log:          cfg.Logger,
+		maxBodyBytes: cfg.MaxBodyBytes,
+		now:          time.Now,
+		newID:        randomID,
+		mux:          http.NewServeMux(),
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if s.maxBodyBytes <= 0 {
+		s.maxBodyBytes = DefaultMaxBodyBytes
+	}
+	if cfg.APIKey != "" {
+		s.apiKey = []byte(cfg.APIKey)
+	}
+	s.created = s.now().Unix()
+	s.routes()
+	return s
+}
+
+// ServeHTTP answers one request.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mux.ServeHTTP(w, r)
+}
+
+// routes registers the handlers, a 405 answer for each known path and a 404 for the rest.
+func (s *Server) routes() {
+	routes := []struct {
+		method, path string
+		auth         bool
+		h            http.HandlerFunc
+	}{
+		{http.MethodPost, "/v1/chat/completions", true, s.handleChat},
+		{http.MethodGet, "/v1/models", true, s.handleModels},
+		{http.MethodGet, "/health", false, s.handleHealth},
+	}
+	allow := make(map[string][]string)
+	var paths []string
+	for _, rt := range routes {
+		h := rt.h
+		if rt.auth {
+			h = s.authorize(h)
+		}
+		s.mux.Handle(rt.method+" "+rt.path, h)
+		if allow[rt.path] == nil {
+			paths = append(paths, rt.path)
+		}
+		allow[rt.path] = append(allow[rt.path], rt.method)
+		if rt.method == http.MethodGet {
+			allow[rt.path] = append(allow[rt.path], http.MethodHead)
+		}
+	}
+	for _, p := range paths {
+		s.mux.Handle(p, methodNotAllowed(allow[p]))
+	}
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, errorf(http.StatusNotFound, "", "Not found: %s %s", r.Method, r.URL.Path))
+	})
+}
+
+// methodNotAllowed answers 405 naming the allowed methods.
+func methodNotAllowed(methods []string) http.HandlerFunc {
+	allowed := strings.Join(methods, ", ")
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", allowed)
+		writeError(w, errorf(http.StatusMethodNotAllowed, "",
+			"Method %s is not allowed for %s; use %s.", r.Method, r.URL.Path, allowed))
+	}
+}
+
+// authorize wraps h to require the API key, if one is configured.
+func (s *Server) authorize(h http.HandlerFunc) http.HandlerFunc {
+	if s.apiKey == nil {
+		return h
+	}
+	return func(w http.ResponseWriter, r *http.Request) {
+		auth := r.Header.Get("Authorization")
+		const prefix = "bearer "
+		ok := len(auth) > len(prefix) && strings.EqualFold(auth[:len(prefix)], prefix) &&
+			subtle.ConstantTimeCompare([]byte(strings.TrimSpace(auth[len(prefix):])), s.apiKey) == 1
+		if !ok {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="govllm"`)
+			writeError(w, errorf(http.StatusUnauthorized, "", "Invalid or missing API key."))
+			return
+		}
+		h(w, r)
+	}
+}
+
+// randomID returns prefix followed by 16 random hex digits, like vLLM's request ids.
+func randomID(prefix string) string {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails.
+	return prefix + hex.EncodeToString(b[:])
+}

@@ -1,0 +1,315 @@
+package server
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"reflect"
+	"strings"
+
+	"github.com/govllm/govllm/engine"
+)
+
+// Limits on request fields.
+const (
+	// maxChoices is the largest n a request may ask for.
+	maxChoices = 16
+	// maxStopStrings is the most stop strings a request may carry (OpenAI allows 4, vLLM any).
+	maxStopStrings = 64
+)
+
+// chatRequest is the body of POST /v1/chat/completions. Fields the server does not know are
+// ignored, as vLLM and OpenAI do.
+type chatRequest struct {
+	Model               string          `json:"model"`
+	Messages            []chatMessage   `json:"messages"`
+	MaxTokens           *int            `json:"max_tokens"`
+	MaxCompletionTokens *int            `json:"max_completion_tokens"`
+	Temperature         *float64        `json:"temperature"`
+	TopP                *float64        `json:"top_p"`
+	TopK                *int            `json:"top_k"`
+	N                   *int            `json:"n"`
+	Stop                json.RawMessage `json:"stop"`
+	StopTokenIDs        []int32         `json:"stop_token_ids"`
+	Seed                *int64          `json:"seed"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *streamOptions  `json:"stream_options"`
+	IgnoreEOS           bool            `json:"ignore_eos"`
+	Logprobs            bool            `json:"logprobs"`
+	TopLogprobs         *int            `json:"top_logprobs"`
+	Tools               json.RawMessage `json:"tools"`
+}
+
+type streamOptions struct {
+	IncludeUsage bool `json:"include_usage"`
+}
+
+// chatMessage is one message; Content is a string, an array of content parts, or null.
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+// contentPart is one element of an array content.
+type contentPart struct {
+	Type string  `json:"type"`
+	Text *string `json:"text"`
+}
+
+// readJSON reads the body of r, at most limit bytes, and decodes it into v.
+func readJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) *apiError {
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err != nil {
+		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+			return errorf(http.StatusRequestEntityTooLarge, "",
+				"Request body too large: the limit is %d bytes.", limit)
+		}
+		return badRequest("", "Failed to read the request body: %v", err)
+	}
+	if len(bytes.TrimSpace(data)) == 0 {
+		return badRequest("", "The request body is empty; expected a JSON object.")
+	}
+	if err := json.Unmarshal(data, v); err != nil {
+		if se, ok := errors.AsType[*json.SyntaxError](err); ok {
+			return badRequest("", "Malformed JSON body at offset %d: %v.", se.Offset, se)
+		}
+		if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok {
+			if te.Field == "" {
+				return badRequest("", "The request body must be a JSON object, got JSON %s.", te.Value)
+			}
+			return badRequest(te.Field, "Invalid type for `%s`: expected %s, got JSON %s.",
+				te.Field, describeType(te.Type), te.Value)
+		}
+		return badRequest("", "Malformed JSON body: %v.", err)
+	}
+	return nil
+}
+
+// describeType names a Go type the way a JSON client thinks of it.
+func describeType(t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer in range"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.String:
+		return "a string"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	}
+	return t.String()
+}
+
+// chatParams are the settings of a chat request that the server itself acts on.
+type chatParams struct {
+	n            int
+	stream       bool
+	includeUsage bool
+}
+
+// toEngine validates c against the served model and converts it into an engine request.
+func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, chatParams, *apiError) {
+	var req engine.Request
+	p := chatParams{n: 1, stream: c.Stream}
+
+	if c.Model != "" && c.Model != m.ID {
+		return req, p, errorf(http.StatusNotFound, "model", "The model `%s` does not exist.", c.Model)
+	}
+
+	if len(c.Messages) == 0 {
+		return req, p, badRequest("messages", "`messages` must be a non-empty array.")
+	}
+	req.Messages = make([]engine.Message, len(c.Messages))
+	for i, msg := range c.Messages {
+		role, err := messageRole(i, msg.Role)
+		if err != nil {
+			return req, p, err
+		}
+		content, err := messageContent(i, role, msg.Content)
+		if err != nil {
+			return req, p, err
+		}
+		req.Messages[i] = engine.Message{Role: role, Content: content}
+	}
+
+	sp := &req.Sampling
+	switch {
+	case c.MaxCompletionTokens != nil:
+		sp.MaxTokens = *c.MaxCompletionTokens
+		if err := checkMaxTokens("max_completion_tokens", sp.MaxTokens, m.MaxModelLen); err != nil {
+			return req, p, err
+		}
+	case c.MaxTokens != nil:
+		sp.MaxTokens = *c.MaxTokens
+		if err := checkMaxTokens("max_tokens", sp.MaxTokens, m.MaxModelLen); err != nil {
+			return req, p, err
+		}
+	}
+
+	if t := c.Temperature; t != nil {
+		if *t < 0 || *t > 2 {
+			return req, p, badRequest("temperature", "temperature must be in [0, 2], got %v.", *t)
+		}
+		sp.Temperature = t
+	}
+	if t := c.TopP; t != nil {
+		if *t <= 0 || *t > 1 {
+			return req, p, badRequest("top_p", "top_p must be in (0, 1], got %v.", *t)
+		}
+		sp.TopP = t
+	}
+	if k := c.TopK; k != nil {
+		switch {
+		case *k == -1:
+			// -1 disables top-k, like 0.
+		case *k < 0:
+			return req, p, badRequest("top_k", "top_k must be 0 or -1 (disable), or at least 1, got %d.", *k)
+		default:
+			sp.TopK = *k
+		}
+	}
+	if c.N != nil {
+		if *c.N < 1 || *c.N > maxChoices {
+			return req, p, badRequest("n", "n must be between 1 and %d, got %d.", maxChoices, *c.N)
+		}
+		p.n = *c.N
+	}
+	sp.N = p.n
+
+	stop, err := parseStop(c.Stop)
+	if err != nil {
+		return req, p, err
+	}
+	sp.Stop = stop
+	for _, id := range c.StopTokenIDs {
+		if id < 0 {
+			return req, p, badRequest("stop_token_ids", "stop_token_ids must be non-negative, got %d.", id)
+		}
+	}
+	sp.StopTokenIDs = c.StopTokenIDs
+	sp.Seed = c.Seed
+	sp.IgnoreEOS = c.IgnoreEOS
+
+	if c.StreamOptions != nil {
+		if !c.Stream {
+			return req, p, badRequest("stream_options", "Stream options can only be defined when `stream=True`.")
+		}
+		p.includeUsage = c.StreamOptions.IncludeUsage
+	}
+	if c.Logprobs || (c.TopLogprobs != nil && *c.TopLogprobs != 0) {
+		param := "logprobs"
+		if !c.Logprobs {
+			param = "top_logprobs"
+		}
+		return req, p, badRequest(param, "logprobs are not supported.")
+	}
+	if t := bytes.TrimSpace(c.Tools); len(t) > 0 && !bytes.Equal(t, []byte("null")) && !bytes.Equal(t, []byte("[]")) {
+		return req, p, badRequest("tools", "tools are not supported.")
+	}
+	return req, p, nil
+}
+
+// messageRole checks the role of message i and maps "developer" to "system", which chat
+// templates know.
+func messageRole(i int, role string) (string, *apiError) {
+	switch role {
+	case "system", "user", "assistant":
+		return role, nil
+	case "developer":
+		return "system", nil
+	case "":
+		return "", badRequest(fmt.Sprintf("messages[%d].role", i), "messages[%d].role is required.", i)
+	}
+	return "", badRequest(fmt.Sprintf("messages[%d].role", i),
+		"messages[%d].role must be one of system, developer, user and assistant, got %q.", i, role)
+}
+
+// messageContent returns the text of message i: a string, or the text parts of an array
+// joined with "\n" as vLLM does. Only an assistant message may have null content.
+func messageContent(i int, role string, raw json.RawMessage) (string, *apiError) {
+	param := fmt.Sprintf("messages[%d].content", i)
+	raw = bytes.TrimSpace(raw)
+	switch {
+	case len(raw) == 0 || bytes.Equal(raw, []byte("null")):
+		if role == "assistant" {
+			return "", nil
+		}
+		return "", badRequest(param, "%s is required.", param)
+	case raw[0] == '"':
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return "", badRequest(param, "%s is not a valid string: %v.", param, err)
+		}
+		return s, nil
+	case raw[0] == '[':
+		var parts []contentPart
+		if err := json.Unmarshal(raw, &parts); err != nil {
+			return "", badRequest(param, "%s must be a string or an array of text parts.", param)
+		}
+		var b strings.Builder
+		for j, part := range parts {
+			if part.Type != "text" {
+				return "", badRequest(param, "%s[%d]: only content parts of type \"text\" are supported, got %q.",
+					param, j, part.Type)
+			}
+			if part.Text == nil {
+				return "", badRequest(param, "%s[%d].text is required.", param, j)
+			}
+			if j > 0 {
+				b.WriteByte('\n')
+			}
+			b.WriteString(*part.Text)
+		}
+		return b.String(), nil
+	}
+	return "", badRequest(param, "%s must be a string or an array of text parts.", param)
+}
+
+// checkMaxTokens checks the output token limit named param.
+func checkMaxTokens(param string, v, maxModelLen int) *apiError {
+	if v < 1 {
+		return badRequest(param, "%s must be at least 1, got %d.", param, v)
+	}
+	if maxModelLen > 0 && v > maxModelLen {
+		return badRequest(param, "%s=%d cannot be greater than max_model_len=%d.", param, v, maxModelLen)
+	}
+	return nil
+}
+
+// parseStop decodes "stop": null, a string, or an array of strings.
+func parseStop(raw json.RawMessage) ([]string, *apiError) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		return nil, nil
+	}
+	var stop []string
+	if raw[0] == '"' {
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return nil, badRequest("stop", "stop is not a valid string: %v.", err)
+		}
+		stop = []string{s}
+	} else if err := json.Unmarshal(raw, &stop); err != nil {
+		return nil, badRequest("stop", "stop must be a string or an array of strings.")
+	}
+	if len(stop) > maxStopStrings {
+		return nil, badRequest("stop", "stop may hold at most %d strings, got %d.", maxStopStrings, len(stop))
+	}
+	for _, s := range stop {
+		if s == "" {
+			return nil, badRequest("stop", "stop cannot contain an empty string.")
+		}
+	}
+	return stop, nil
+}
