@@ -13,7 +13,8 @@
  *   inbox   Go -> Python. shim_send() appends a command (submit/abort/shutdown) and bumps an
  *           eventfd that the bridge's asyncio loop watches with add_reader(); the loop drains the
  *           inbox with _govllm_shim.take().
- * The thread that calls shim_init() becomes Python's main thread and must also call shim_run().
+ * The thread that calls shim_init() becomes Python's main thread and must also call shim_run(),
+ * once per engine: after a run ends, another may start on the same interpreter.
  */
 #define Py_LIMITED_API 0x030A0000
 #define PY_SSIZE_T_CLEAN
@@ -480,8 +481,32 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
   return 0;
 }
 
+static PyThreadState *main_ts; /* the main thread's state between runs */
+
 int32_t shim_run(const char *code) {
   int32_t rc = 0;
+  if (!initialized) {
+    set_error("shim_run: shim_init has not succeeded");
+    return -1;
+  }
+  if (main_ts != NULL) {
+    PyEval_RestoreThread(main_ts); /* a later run: take the GIL back */
+    main_ts = NULL;
+  }
+  /* (Re)open the queues; a previous run closed them and its poller has drained them. */
+  pthread_mutex_lock(&inbox_mu);
+  while (inbox_head != NULL) {
+    cmd_t *next = inbox_head->next;
+    free(inbox_head);
+    inbox_head = next;
+  }
+  inbox_tail = NULL;
+  inbox_closed = 0;
+  pthread_mutex_unlock(&inbox_mu);
+  pthread_mutex_lock(&outbox.mu);
+  outbox.closed = 0;
+  outbox.head = outbox.used = 0;
+  pthread_mutex_unlock(&outbox.mu);
   PyObject *compiled = Py_CompileString(code, "<govllm-boot>", Py_file_input);
   if (compiled == NULL) {
     set_error_from_python("shim_run: compile");
@@ -505,8 +530,8 @@ int32_t shim_run(const char *code) {
   inbox_closed = 1;
   pthread_mutex_unlock(&inbox_mu);
   outbox_close();
-  /* Never Py_Finalize (extension modules do not survive it): release the GIL so any Python
-   * threads still running can finish while the process exits. */
-  PyEval_SaveThread();
+  /* Never Py_Finalize (extension modules do not survive it): release the GIL so Python threads
+   * still running can go on, until a later shim_run takes it back. */
+  main_ts = PyEval_SaveThread();
   return rc;
 }

@@ -9,7 +9,8 @@
 int32_t shim_init(const char *program_name, const char *python_home, int64_t queue_bytes);
 
 /* shim_run executes the boot code (which runs the bridge's loop) on the main thread and returns
- * when it ends: 0 on a clean exit, -1 on an exception. Afterwards the queues are closed. */
+ * when it ends: 0 on a clean exit, -1 on an exception. Afterwards the queues are closed; a
+ * later shim_run (on the same thread) reopens them for the next engine. */
 int32_t shim_run(const char *code);
 
 /* shim_send queues a command for the bridge (1 submit, 2 abort, 3 shutdown) without the GIL. */

@@ -113,6 +113,11 @@ var (
 	ErrSlowConsumer = errors.New("engine: stream reader too slow, request aborted")
 	// ErrPythonNotFound means no usable Python interpreter was found.
 	ErrPythonNotFound = errors.New("engine: no usable python")
+	// ErrShim means the C shim or libpython could not be loaded.
+	ErrShim = errors.New("engine: cannot load the shim")
+	// ErrAlreadyStarted means an interpreter was already embedded in this process; CPython
+	// cannot be initialized twice, so a process hosts at most one Engine.
+	ErrAlreadyStarted = errors.New("engine: an engine was already started in this process")
 )
 
 // ModelInfo describes the model an engine serves.

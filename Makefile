@@ -1,0 +1,47 @@
+# govllm: `make run` serves the default model; `make test` runs every test. Both bootstrap first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+SHIM := engine/shim/libgovllm_shim.so
+GO_TEST_FLAGS ?= -race -count=1
+export CGO_ENABLED := 1
+
+.PHONY: all bootstrap shim build run test test-go test-python test-e2e bench clean
+
+all: build
+
+bootstrap:
+	@scripts/bootstrap
+
+# The shim is compiled against any Python >= 3.10 headers with the limited API and does not link
+# libpython, so one build serves every interpreter.
+$(SHIM): cshim/shim.c cshim/shim.h
+	@mkdir -p $(dir $@)
+	@py=python3; [ -x $(PY) ] && py=$(PY); \
+	  inc=$$($$py -c 'import sysconfig; print(sysconfig.get_path("include"))'); \
+	  gcc -O2 -g -Wall -Wextra -Wno-deprecated-declarations -Wno-missing-field-initializers -fPIC -shared \
+	    -I"$$inc" -o $@ cshim/shim.c -lpthread
+	@echo "built $@"
+
+shim: $(SHIM)
+
+build: $(SHIM)
+	go build -o bin/govllm ./cmd/govllm
+
+run: bootstrap build
+	bin/govllm serve
+
+test: bootstrap build
+	go vet ./...
+	$(MAKE) test-go test-python
+
+test-go: $(SHIM)
+	go test $(GO_TEST_FLAGS) ./...
+
+test-python:
+	$(PY) -m pytest -q engine/python/tests
+
+bench: $(SHIM)
+	go test -run '^$$' -bench . -benchtime 2x ./engine/
+
+clean:
+	rm -rf bin engine/shim

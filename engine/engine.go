@@ -1,0 +1,463 @@
+// Package engine runs an LLM engine (vLLM or Hugging Face transformers) inside the Go process.
+//
+// A thin C shim embeds CPython; one goroutine, locked to its OS thread, owns the interpreter's
+// main thread and runs the Python bridge's asyncio loop; one poller goroutine drains event
+// batches from the shim (without the GIL) and hands each request's deltas to its [Stream].
+// Requests go to Python through a command queue, so Go never waits for the GIL.
+//
+// A process hosts one interpreter and runs at most one Engine at a time on it; after Close,
+// another Engine (same interpreter) may be opened.
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Config says which model to serve, with which engine, in which interpreter.
+type Config struct {
+	// Model is a Hugging Face checkpoint directory.
+	Model string
+	// Engine is "transformers", "vllm", "auto" (vllm when importable, else transformers) or a
+	// custom backend as "module:attr" (a module on PythonPath with a create(config) function).
+	Engine string
+	// Python is the interpreter to embed; empty means FindPython's search order.
+	Python string
+	// PythonPath lists extra directories put first on sys.path (custom backends, tests).
+	PythonPath []string
+	// ServedModelName is the name clients use; empty means the model directory's base name.
+	ServedModelName string
+	// MaxModelLen caps the context; 0 means the model's own.
+	MaxModelLen int
+	// MaxNumSeqs caps the requests decoded together; 0 means the backend's default.
+	MaxNumSeqs int
+	// Dtype is "auto", "float32", "bfloat16" or "float16".
+	Dtype string
+	// Seed seeds the engine's global random state.
+	Seed int
+	// Device is "cpu", "cuda" or "" (cuda when available).
+	Device string
+	// Extra passes backend-specific options through to Python as JSON.
+	Extra map[string]any
+	// MaxPendingDeltas bounds the deltas a stream may hold unread before the request is
+	// aborted with ErrSlowConsumer; 0 means 4096.
+	MaxPendingDeltas int
+	// QueueBytes sizes the shim's Python-to-Go event ring; 0 means 8 MiB.
+	QueueBytes int64
+	// Logger receives the engine's and the bridge's logs; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Engine is a running in-process engine. Its methods are safe for concurrent use.
+type Engine struct {
+	cfg    Config
+	log    *slog.Logger
+	api    *shimAPI
+	python *PythonInfo
+	info   ModelInfo
+
+	nextID atomic.Int64
+
+	mu      sync.Mutex
+	streams map[int64]*Stream
+	closed  bool
+	dead    error // set once when the engine dies
+
+	ready      chan error    // the bridge's READY (nil) or startup failure
+	runDone    chan struct{} // the interpreter's main thread returned
+	runErr     error         // what shim_run reported (valid after runDone)
+	pollerDone chan struct{}
+	closeOnce  sync.Once
+}
+
+// Open starts the interpreter, loads the model and returns when the engine can serve, or when
+// ctx ends (the engine is then shut down). Startup failures name the interpreter and the fix.
+func Open(ctx context.Context, cfg Config) (*Engine, error) {
+	if cfg.Model == "" {
+		return nil, errors.New("engine: Config.Model is empty: pass a model directory")
+	}
+	if abs, err := filepath.Abs(cfg.Model); err == nil {
+		cfg.Model = abs
+	}
+	if st, err := os.Stat(cfg.Model); err != nil || !st.IsDir() {
+		return nil, fmt.Errorf("engine: model %s is not a directory: run scripts/bootstrap for the default model, or pass --model DIR (a Hugging Face checkpoint)", cfg.Model)
+	}
+	if cfg.Engine == "" {
+		cfg.Engine = "auto"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.MaxPendingDeltas <= 0 {
+		cfg.MaxPendingDeltas = 4096
+	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = 8 << 20
+	}
+	if cfg.ServedModelName == "" {
+		cfg.ServedModelName = filepath.Base(cfg.Model)
+	}
+
+	py, err := findEnginePython(ctx, &cfg)
+	if err != nil {
+		return nil, err
+	}
+	shimPath, pyDir, err := unpackRuntime()
+	if err != nil {
+		return nil, err
+	}
+	it, err := acquireInterpreter(py, shimPath, cfg.QueueBytes)
+	if err != nil {
+		return nil, err
+	}
+	boot, err := bootCode(py, pyDir, &cfg)
+	if err != nil {
+		releaseInterpreter()
+		return nil, err
+	}
+	e := &Engine{
+		cfg:        cfg,
+		log:        cfg.Logger,
+		api:        it.api,
+		python:     py,
+		streams:    make(map[int64]*Stream),
+		ready:      make(chan error, 1),
+		runDone:    make(chan struct{}),
+		pollerDone: make(chan struct{}),
+	}
+	e.log.Info("engine: starting", "engine", cfg.Engine, "model", cfg.Model, "python", py.Executable, "python_version", py.Version)
+	done := make(chan error, 1)
+	it.jobs <- runJob{boot: boot, done: done}
+	go func() {
+		e.runErr = <-done
+		close(e.runDone)
+	}()
+	go e.poll()
+	select {
+	case err := <-e.ready:
+		if err != nil {
+			e.Close()
+			return nil, err
+		}
+	case <-ctx.Done():
+		e.Close()
+		return nil, fmt.Errorf("engine: start cancelled: %w", ctx.Err())
+	}
+	e.log.Info("engine: ready", "backend", e.info.Backend, "model", e.info.ID, "max_model_len", e.info.MaxModelLen)
+	return e, nil
+}
+
+// findEnginePython resolves the interpreter and, for "auto", the backend it can run.
+func findEnginePython(ctx context.Context, cfg *Config) (*PythonInfo, error) {
+	var need []string
+	switch cfg.Engine {
+	case "transformers":
+		need = []string{"torch", "transformers"}
+	case "vllm":
+		need = []string{"vllm"}
+	case "auto":
+	default:
+		if !strings.Contains(cfg.Engine, ":") {
+			return nil, fmt.Errorf("engine: unknown engine %q: use transformers, vllm, auto or module:attr", cfg.Engine)
+		}
+	}
+	py, err := FindPython(ctx, cfg.Python, need...)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Engine == "auto" {
+		probe, err := InspectPython(ctx, py.Executable, "vllm", "torch", "transformers")
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case probe.Missing["vllm"] == "":
+			cfg.Engine = "vllm"
+		case probe.Missing["torch"] == "" && probe.Missing["transformers"] == "":
+			cfg.Engine = "transformers"
+		default:
+			return nil, fmt.Errorf("%w: %s can import neither vllm nor transformers+torch: run scripts/bootstrap, or point --python at a venv with vllm (GPU) or transformers and torch", ErrPythonNotFound, py.Executable)
+		}
+	}
+	return py, nil
+}
+
+// bootCode is the Python that the interpreter's main thread runs: it restores the chosen
+// interpreter's view of itself (a venv's sys.prefix, sys.path, sys.executable, which matter
+// for site-packages and for multiprocessing's spawn) and hands control to the bridge.
+func bootCode(py *PythonInfo, pyDir string, cfg *Config) (string, error) {
+	path := append([]string{pyDir}, cfg.PythonPath...)
+	for _, p := range py.Path {
+		if p != "" {
+			path = append(path, p)
+		}
+	}
+	bridgeCfg := map[string]any{
+		"model":             cfg.Model,
+		"engine":            cfg.Engine,
+		"served_model_name": cfg.ServedModelName,
+		"max_model_len":     cfg.MaxModelLen,
+		"max_num_seqs":      cfg.MaxNumSeqs,
+		"dtype":             orDefault(cfg.Dtype, "auto"),
+		"seed":              cfg.Seed,
+		"device":            cfg.Device,
+		"extra":             cfg.Extra,
+	}
+	parts := map[string]any{
+		"executable": py.Executable, "prefix": py.Prefix, "exec_prefix": py.ExecPrefix,
+		"path": path, "config": bridgeCfg,
+	}
+	lit := map[string]string{}
+	for k, v := range parts {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return "", fmt.Errorf("engine: encode boot config: %w", err)
+		}
+		lit[k] = string(b)
+	}
+	// JSON literals are valid Python literals once true/false/null are defined.
+	return fmt.Sprintf(`true, false, null = True, False, None
+import sys
+sys.executable = %s
+sys.prefix = %s
+sys.exec_prefix = %s
+sys.path[:] = %s
+sys.argv = [sys.executable]
+import govllm.bridge
+govllm.bridge.main(%s)
+`, lit["executable"], lit["prefix"], lit["exec_prefix"], lit["path"], lit["config"]), nil
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+// poll drains event batches from the shim and routes them; it ends when the shim closes.
+func (e *Engine) poll() {
+	defer close(e.pollerDone)
+	buf := make([]byte, 1<<20)
+	for {
+		n := e.api.poll(&buf[0], int64(len(buf)), 200)
+		switch {
+		case n == 0:
+			continue
+		case n == -1:
+			<-e.runDone
+			err := e.runErr
+			if err == nil {
+				err = errors.New("engine: python bridge stopped")
+			}
+			e.die(err)
+			return
+		case n < -1:
+			buf = make([]byte, int(-n-1)+len(buf))
+			continue
+		}
+		if err := decodeEvents(buf[:n], e.handle); err != nil {
+			e.log.Error("engine: corrupt event batch", "err", err)
+			e.die(err)
+		}
+	}
+}
+
+// handle routes one event. It runs on the poller and must never block.
+func (e *Engine) handle(ev *event) {
+	switch ev.kind {
+	case evDelta, evEnd, evError:
+		e.mu.Lock()
+		s := e.streams[ev.reqID]
+		if s != nil && ev.kind != evDelta {
+			delete(e.streams, ev.reqID)
+		}
+		e.mu.Unlock()
+		if s == nil {
+			return // already closed by its reader
+		}
+		switch ev.kind {
+		case evDelta:
+			if !s.push(Delta{Index: int(ev.index), TokenIDs: ev.tokenIDs(), Text: string(ev.text), FinishReason: ev.finishReason()}) {
+				e.abort(s.id)
+			}
+		case evEnd:
+			var m struct {
+				Usage Usage `json:"usage"`
+			}
+			_ = json.Unmarshal(ev.meta, &m)
+			s.finish(m.Usage, nil)
+		case evError:
+			re := &RequestError{Status: 500, Type: "InternalServerError"}
+			if err := json.Unmarshal(ev.meta, re); err != nil || re.Message == "" {
+				re.Message = string(ev.meta)
+			}
+			s.finish(Usage{}, re)
+		}
+	case evReady:
+		var m struct {
+			Model       string `json:"model"`
+			Root        string `json:"root"`
+			MaxModelLen int    `json:"max_model_len"`
+			Backend     string `json:"backend"`
+		}
+		if err := json.Unmarshal(ev.meta, &m); err != nil {
+			e.die(fmt.Errorf("engine: bad ready event: %w", err))
+			return
+		}
+		e.info = ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend}
+		select {
+		case e.ready <- nil:
+		default:
+		}
+	case evFatal:
+		var m struct {
+			Message string `json:"message"`
+		}
+		_ = json.Unmarshal(ev.meta, &m)
+		err := fmt.Errorf("%w: %s", ErrEngineDead, m.Message)
+		select {
+		case e.ready <- fmt.Errorf("engine: start failed: %s", m.Message):
+		default:
+		}
+		e.die(err)
+	case evLog:
+		var m struct {
+			Level   string `json:"level"`
+			Message string `json:"message"`
+		}
+		_ = json.Unmarshal(ev.meta, &m)
+		lvl := slog.LevelInfo
+		_ = lvl.UnmarshalText([]byte(m.Level))
+		e.log.Log(context.Background(), lvl, m.Message, "source", "python")
+	}
+}
+
+// die marks the engine dead and fails every open stream. Only the first cause is kept.
+func (e *Engine) die(err error) {
+	e.mu.Lock()
+	if e.dead == nil {
+		if e.closed {
+			e.dead = ErrClosed
+		} else {
+			e.dead = err
+			if !errors.Is(err, ErrEngineDead) {
+				e.dead = fmt.Errorf("%w: %v", ErrEngineDead, err)
+			}
+		}
+	}
+	streams := e.streams
+	e.streams = map[int64]*Stream{}
+	dead := e.dead
+	e.mu.Unlock()
+	select {
+	case e.ready <- fmt.Errorf("engine: start failed: %w", err):
+	default:
+	}
+	for _, s := range streams {
+		s.finish(Usage{}, dead)
+	}
+}
+
+// Generate submits req and returns its stream. ctx covers the whole request: cancelling it
+// aborts the request in the backend and ends the stream with ctx's error.
+func (e *Engine) Generate(ctx context.Context, req Request) (*Stream, error) {
+	if err := req.Validate(); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	payload, err := json.Marshal(&req)
+	if err != nil {
+		return nil, fmt.Errorf("engine: encode request: %w", err)
+	}
+	id := e.nextID.Add(1)
+	s := newStream(e, id, e.cfg.MaxPendingDeltas)
+	e.mu.Lock()
+	switch {
+	case e.closed:
+		e.mu.Unlock()
+		return nil, ErrClosed
+	case e.dead != nil:
+		err := e.dead
+		e.mu.Unlock()
+		return nil, err
+	}
+	e.streams[id] = s
+	e.mu.Unlock()
+	if rc := e.api.send(cmdSubmit, id, &payload[0], int64(len(payload))); rc != 0 {
+		e.forget(id)
+		return nil, fmt.Errorf("%w: submit: %s", ErrEngineDead, e.api.lastError())
+	}
+	s.watch(ctx)
+	return s, nil
+}
+
+// abort asks the backend to abort a request; its END (or ERROR) event follows.
+func (e *Engine) abort(id int64) {
+	e.api.send(cmdAbort, id, nil, 0)
+}
+
+// forget drops a stream from the routing table.
+func (e *Engine) forget(id int64) {
+	e.mu.Lock()
+	delete(e.streams, id)
+	e.mu.Unlock()
+}
+
+// Model describes the model being served.
+func (e *Engine) Model() ModelInfo { return e.info }
+
+// Python describes the embedded interpreter.
+func (e *Engine) Python() PythonInfo { return *e.python }
+
+// Health returns nil while the engine can serve, else an error wrapping ErrEngineDead or ErrClosed.
+func (e *Engine) Health() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return ErrClosed
+	}
+	return e.dead
+}
+
+// Running returns the number of requests in flight.
+func (e *Engine) Running() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.streams)
+}
+
+// Done is closed when the engine has stopped, after Close or when it died.
+func (e *Engine) Done() <-chan struct{} { return e.pollerDone }
+
+// Close aborts every request, shuts the backend down and waits (up to a minute) for the
+// interpreter's loop to end. The interpreter itself stays loaded until the process exits.
+func (e *Engine) Close() error {
+	e.closeOnce.Do(func() {
+		e.mu.Lock()
+		e.closed = true
+		e.mu.Unlock()
+		e.api.send(cmdShutdown, 0, nil, 0)
+		select {
+		case <-e.pollerDone:
+			<-e.runDone
+			releaseInterpreter()
+		case <-time.After(time.Minute):
+			// The interpreter stays busy: a new Engine in this process would share a loop
+			// that never ended.
+			e.log.Error("engine: python did not shut down within a minute")
+		}
+	})
+	return nil
+}

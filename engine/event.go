@@ -1,0 +1,96 @@
+package engine
+
+import (
+	"encoding/binary"
+	"fmt"
+	"unsafe"
+)
+
+// Event kinds written by the bridge (engine/python/govllm/bridge.py) through the shim.
+const (
+	evDelta = 1 // tokens and text of one choice
+	evEnd   = 2 // the request finished; meta: {"usage": {...}}
+	evError = 3 // the request failed; meta: {"status", "type", "message", "param"}
+	evReady = 4 // the engine started; meta: model info
+	evFatal = 5 // the engine died; meta: {"message"}
+	evLog   = 6 // a log line; meta: {"level", "message"}
+)
+
+// finishReasons maps the shim's finish codes to OpenAI's names.
+var finishReasons = [...]string{"", "stop", "length", "abort"}
+
+// headerSize is the fixed part of a record after its 4-byte length (see cshim/shim.c).
+const headerSize = 24
+
+// event is one decoded record. Tokens, text and meta point into the poll buffer and are only
+// valid until the next poll; deliver copies what it keeps.
+type event struct {
+	kind   uint8
+	finish uint8
+	index  uint16
+	reqID  int64
+	tokens []byte // little-endian int32s
+	text   []byte
+	meta   []byte
+}
+
+// decodeEvents calls fn for each record in buf, which holds whole records as shim_poll wrote them.
+func decodeEvents(buf []byte, fn func(*event)) error {
+	var ev event
+	for len(buf) > 0 {
+		if len(buf) < 4 {
+			return fmt.Errorf("engine: truncated event length (%d bytes left)", len(buf))
+		}
+		n := int(binary.LittleEndian.Uint32(buf))
+		if n < headerSize || 4+n > len(buf) {
+			return fmt.Errorf("engine: bad event size %d (%d bytes left)", n, len(buf)-4)
+		}
+		rec := buf[4 : 4+n]
+		buf = buf[4+n:]
+		ntok := int(binary.LittleEndian.Uint32(rec[4:]))
+		tlen := int(binary.LittleEndian.Uint32(rec[16:]))
+		mlen := int(binary.LittleEndian.Uint32(rec[20:]))
+		if headerSize+4*ntok+tlen+mlen != n {
+			return fmt.Errorf("engine: event parts (%d tokens, %d text, %d meta) do not add up to %d bytes", ntok, tlen, mlen, n)
+		}
+		ev.kind = rec[0]
+		ev.finish = rec[1]
+		ev.index = binary.LittleEndian.Uint16(rec[2:])
+		ev.reqID = int64(binary.LittleEndian.Uint64(rec[8:]))
+		p := rec[headerSize:]
+		ev.tokens, p = p[:4*ntok], p[4*ntok:]
+		ev.text, p = p[:tlen], p[tlen:]
+		ev.meta = p[:mlen]
+		fn(&ev)
+	}
+	return nil
+}
+
+// tokenIDs copies the event's tokens out of the poll buffer.
+func (ev *event) tokenIDs() []int32 {
+	n := len(ev.tokens) / 4
+	if n == 0 {
+		return nil
+	}
+	out := make([]int32, n)
+	if nativeLittleEndian {
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 4*n), ev.tokens)
+		return out
+	}
+	for i := range out {
+		out[i] = int32(binary.LittleEndian.Uint32(ev.tokens[4*i:]))
+	}
+	return out
+}
+
+func (ev *event) finishReason() string {
+	if int(ev.finish) < len(finishReasons) {
+		return finishReasons[ev.finish]
+	}
+	return "stop"
+}
+
+var nativeLittleEndian = func() bool {
+	x := uint16(1)
+	return *(*byte)(unsafe.Pointer(&x)) == 1
+}()

@@ -1,0 +1,1 @@
+"""Engine backends: each module exposes ``create(config: EngineConfig) -> Backend``."""

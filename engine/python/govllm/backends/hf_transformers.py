@@ -1,0 +1,794 @@
+"""The "transformers" backend: Hugging Face transformers' continuous-batching engine, in process.
+
+Engine
+    The model runs under transformers' ``ContinuousBatchingManager`` (``model.init_continuous_batching``):
+    one background thread, a paged KV cache, and a scheduler that packs the prefill and decode
+    tokens of every active request into each forward pass. Every ``generate`` call is one (or, for
+    ``n > 1``, n) streaming request(s) of that manager, so concurrent requests share forward passes;
+    outputs come back through ``register_result_handler``, which the manager calls on this asyncio
+    loop (``call_soon_threadsafe``). Cancelling the consuming task, ``abort()`` and stop strings all
+    call ``cancel_request``, which frees the request's cache blocks at the next step.
+
+Attention
+    The model is loaded with ``attn_implementation="sdpa"`` (override: ``extra["attn_implementation"]``);
+    the manager switches it to its paged form (``paged|sdpa`` in transformers 5.17, plain ``sdpa``
+    with a paged cache from 5.19). On CUDA, flash attention is used when the manager finds it.
+
+Per-request sampling (the layer this module adds)
+    The manager's own sampling is global: ``do_sample`` comes from the generation config and
+    ``torch.multinomial`` draws from the process-wide RNG, so it can neither mix greedy and sampled
+    requests in one batch nor honour a per-request seed. Its per-request logits processors
+    (``cb_logits_processors.py``) cover temperature, top_k and top_p only, and only when the
+    generation config enables them. So the manager runs greedy (``do_sample=False``) and its
+    ``logit_processor`` is replaced by ``PerRequestSampler``, a ``ContinuousBatchingLogitsProcessorList``
+    that keeps five int32 rows per request in the manager's own argument tensor: temperature,
+    top_p, top_k, a 32-bit key derived from the request's seed, and the absolute position of the
+    token being sampled. For each sampled row it applies temperature, top-k and top-p, draws one
+    uniform number from a counter-based hash of (key, position) and picks the token by inverse CDF;
+    it then returns scores that are -inf everywhere except at the chosen token, so the manager's
+    argmax selects it. Greedy rows (temperature 0) keep their argmax. The draw depends only on the
+    request's seed and the token position, never on the batch, so a seeded request is reproducible
+    whatever runs beside it; requests without a seed get a key from a generator seeded with
+    ``EngineConfig.seed``. All of it is tensor code without host syncs, so it also runs inside
+    CUDA graphs; when no row of a batch samples (checked on the host, outside graph capture),
+    the scores pass through untouched.
+
+    stop_token_ids and ignore_eos map to the per-request ``eos_token_id`` set of ``add_request``;
+    max_tokens (or the room left in the context when it is None) to ``max_new_tokens``. Stop
+    strings are matched on the detokenized text here (``govllm.detok``), which then cancels the
+    request in the manager.
+
+Configuration (``EngineConfig``)
+    max_num_seqs -> ``max_requests_per_batch`` (default 256 on CUDA, 64 on CPU); max_model_len (default:
+    the model's, capped by the KV cache); dtype ("auto": bfloat16 on CUDA, float32 on CPU); device
+    ("": cuda when available); seed. ``extra`` keys: num_blocks, page_size (alias block_size),
+    max_batch_tokens, gpu_memory_utilization (-> max_memory_percent), kv_cache_gib (CPU cache size
+    when num_blocks is not given, default 1), attn_implementation, allow_block_sharing (prefix
+    caching), use_cuda_graph, use_async_batching, default_compile_level, scheduler_type,
+    num_threads (torch intra-op threads on CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ..backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams
+from ..detok import TextStream
+
+log = logging.getLogger("govllm.transformers")
+
+ENGINE_NAME = "transformers"
+# Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
+SAMPLING_EPS = 1e-5
+# How often the watchdog checks the manager's thread.
+WATCHDOG_INTERVAL_S = 0.5
+
+# Sentinels put on a request's queue by abort(), the watchdog and shutdown().
+_ABORT = object()
+_DEAD = object()
+
+
+def create(config: EngineConfig) -> "TransformersBackend":
+    return TransformersBackend(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based random numbers: a 32-bit integer hash evaluated with int64 tensor arithmetic, so
+# it is exact on every device (no overflow: products are split into 16-bit halves).
+# ---------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32_int(x: int) -> int:
+    """lowbias32 (Chris Wellons), on Python ints."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return x
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for int64 tensors holding values in [0, 2**32)."""
+    hi = ((x >> 16) * c) & 0xFFFF
+    lo = (x & 0xFFFF) * c
+    return ((hi << 16) + lo) & _M32
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _uniform(key, position):
+    """One float32 in [0, 1) per row, a pure function of (key, position) (int32 tensors)."""
+    import torch
+
+    k = key.to(torch.int64) & _M32
+    p = position.to(torch.int64) & _M32
+    h = _mix32(k ^ _mix32(_mul32(p, 0x9E3779B9) ^ 0x632BE5AB))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def seed_key(seed: int, choice: int = 0) -> int:
+    """The 32-bit sampling key of a seeded request's choice, as a signed int32."""
+    s = int(seed)
+    k = _mix32_int((s & _M32) ^ _mix32_int((s >> 32) & _M32) ^ _mix32_int(0x5EED0000 + choice))
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def _build_sampler_class():
+    """Defined lazily so importing this module does not import torch/transformers."""
+    import torch
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingLogitsProcessorList,
+    )
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    class PerRequestSampler(ContinuousBatchingLogitsProcessorList):
+        """Per-request greedy / temperature / top-k / top-p / seeded sampling for the CB manager.
+
+        See the module docstring. Rows of the argument tensor: 0 temperature (float32 bits), 1 top_p
+        (float32 bits), 2 top_k, 3 key, 4 position. Requests carry their parameters as
+        ``logit_processor_kwargs={"govllm_sampling": (temperature, top_p, top_k, key)}``.
+        """
+
+        KWARG = "govllm_sampling"
+        ROWS = 5
+
+        def __init__(self) -> None:
+            super().__init__(LogitsProcessorList(), per_request_processors=False, drop_unsupported_processors=True)
+            self.tensors_required = self.ROWS
+            self.supported_keys = {self.KWARG: tuple}
+            self.ignored_keys = set()
+            self.do_processing = True
+            # Host-side summary of the batch last prepared (prepare and call alternate on one thread).
+            self._any_sampled = True
+            self._any_filtered = True
+
+        def clear(self) -> None:  # never drop the sampler
+            pass
+
+        def check_kwargs(self, kwargs: dict) -> None:
+            for key, value in (kwargs or {}).items():
+                if key != self.KWARG or not isinstance(value, tuple) or len(value) != 4:
+                    raise ValueError(f"unexpected logit_processor_kwargs {key}={value!r}")
+
+        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+            defaults = torch.tensor([0.0, 1.0], dtype=torch.float32).view(torch.int32).tolist() + [0, 0, 0]
+            for row, value in enumerate(defaults):
+                int32_tensor[row].fill_(value)
+
+        def prepare_tensor_args(self, requests_in_batch, arg_storage: torch.Tensor) -> torch.Tensor:
+            temps, top_ps, ints = [], [], []
+            any_sampled = any_filtered = False
+            for request in requests_in_batch:
+                if not request.has_new_token:
+                    continue
+                state = request.state
+                params = state.logit_processor_kwargs.get(self.KWARG) if state.logit_processor_kwargs else None
+                if params is None:
+                    temperature, top_p, top_k, key = 0.0, 1.0, 0, 0
+                else:
+                    temperature, top_p, top_k, key = params
+                if temperature > 0:
+                    any_sampled = True
+                    if top_k > 0 or top_p < 1.0:
+                        any_filtered = True
+                temps.append(temperature)
+                top_ps.append(top_p)
+                ints.append((top_k, key, state.position_offset))
+            self._any_sampled, self._any_filtered = any_sampled, any_filtered
+            if not temps:
+                return arg_storage
+            floats = torch.tensor([temps, top_ps], dtype=torch.float32).view(torch.int32)
+            rest = torch.tensor(ints, dtype=torch.int32).t()
+            args = torch.cat([floats, rest], dim=0)
+            arg_storage[: self.ROWS, : args.size(1)] = args.to(arg_storage.device)
+            return arg_storage
+
+        def __call__(self, input_ids, scores: torch.FloatTensor, logits_processor_args: torch.Tensor):
+            capturing = scores.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not capturing and not self._any_sampled:
+                return scores
+            return self.sample(scores, logits_processor_args, filtered=capturing or self._any_filtered)
+
+        @staticmethod
+        def sample(scores: torch.Tensor, args: torch.Tensor, filtered: bool = True) -> torch.Tensor:
+            num_rows, vocab = scores.shape
+            args = args[:, :num_rows]
+            temperature = args[0].view(torch.float32)
+            top_p = args[1].view(torch.float32)
+            top_k, key, position = args[2], args[3], args[4]
+
+            sampled = temperature > 0
+            logits = scores.float() / torch.where(sampled, temperature, 1.0).unsqueeze(-1)
+            target = _uniform(key, position).unsqueeze(-1)  # [B, 1] in [0, 1)
+            if filtered:
+                logits, order = torch.sort(logits, dim=-1, descending=True)
+                probs = torch.softmax(logits, dim=-1)
+                ranks = torch.arange(vocab, device=scores.device).unsqueeze(0)
+                k = torch.where(top_k > 0, top_k, vocab).unsqueeze(-1)
+                cumulative = probs.cumsum(dim=-1)
+                # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+                drop = (ranks >= k) | ((cumulative - probs) >= top_p.unsqueeze(-1))
+                probs = probs.masked_fill(drop, 0.0)
+            else:
+                order = None
+                probs = torch.softmax(logits, dim=-1)
+            cdf = probs.cumsum(dim=-1)
+            pick = torch.searchsorted(cdf, target * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+            if order is not None:
+                pick = order.gather(-1, pick)
+            chosen = torch.where(sampled.unsqueeze(-1), pick, scores.argmax(dim=-1, keepdim=True))
+            return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
+
+    return PerRequestSampler
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    "float32": "float32", "float": "float32", "fp32": "float32",
+    "float16": "float16", "half": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    name = (name or "").strip().lower()
+    if name in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return name
+
+
+def _resolve_dtype(name: str, device: str):
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r} (use auto, float32, float16 or bfloat16)")
+    return getattr(torch, _DTYPES[name])
+
+
+def _as_int_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _text_content(content: Any) -> Any:
+    """OpenAI content parts -> plain text, for chat templates that expect strings."""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = []
+        for part in content:
+            if part.get("type", "text") != "text":
+                raise RequestError(f"unsupported content part type {part.get('type')!r} for this model", param="messages")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+    return content
+
+
+@contextlib.contextmanager
+def _host_memory_for_cpu_cache(device: str) -> Iterator[None]:
+    """Make the manager's memory probe report host memory while a CPU cache is sized.
+
+    transformers sizes its cache from ``get_device_and_memory_breakdown()``, which reports CUDA memory
+    whenever CUDA is visible and needs psutil to see host memory; with neither, a CPU cache cannot
+    be created at all (footprint > 0 bytes available). The probe is swapped only for the duration
+    of the cache creation, and only for a CPU device.
+    """
+    if not device.startswith("cpu"):
+        yield
+        return
+    from transformers.generation.continuous_batching import cache as cb_cache
+
+    original = getattr(cb_cache, "get_device_and_memory_breakdown", None)
+    if original is None:
+        yield
+        return
+
+    def probe():
+        import torch
+
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total, free = 1 << 40, 1 << 40
+        used = max(0, total - free)
+        return torch.device("cpu"), total, used, used
+
+    cb_cache.get_device_and_memory_breakdown = probe
+    try:
+        yield
+    finally:
+        cb_cache.get_device_and_memory_breakdown = original
+
+
+@dataclasses.dataclass
+class _Choice:
+    index: int
+    engine_id: str
+    stream: TextStream
+    eos: frozenset[int]
+    seen: int = 0
+    done: bool = False
+
+
+@dataclasses.dataclass
+class _Active:
+    queue: asyncio.Queue
+    choices: list[_Choice]
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+
+class TransformersBackend:
+    name = ENGINE_NAME
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.extra = dict(config.extra or {})
+        self.tokenizer = None
+        self.model = None
+        self.manager = None
+        self.device = ""
+        self.dtype = None
+        self.eos_token_ids: list[int] = []
+        self.vocab_size = 0
+        self._max_model_len = 0
+        self._max_num_seqs = 0
+        self._page_size = 0
+        self._num_blocks = 0
+        self._rng = random.Random(config.seed)
+        self._active: dict[str, _Active] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._dead: str | None = None
+        self._closed = False
+        self._decode_kwargs: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(None, self._load)
+        self._watchdog = self._loop.create_task(self._watch())
+
+    def _load(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        cfg, extra = self.config, self.extra
+        self.device = _resolve_device(cfg.device)
+        self.dtype = _resolve_dtype(cfg.dtype, self.device)
+        on_cpu = self.device.startswith("cpu")
+        if on_cpu and extra.get("num_threads"):
+            torch.set_num_threads(int(extra["num_threads"]))
+        if cfg.seed is not None:
+            torch.manual_seed(int(cfg.seed))
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        attn = str(extra.get("attn_implementation") or "sdpa")
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=self.dtype, attn_implementation=attn)
+        model = model.to(self.device).eval()
+        self.model = model
+        text_config = model.config.get_text_config()
+        self.vocab_size = int(getattr(text_config, "vocab_size", 0) or len(self.tokenizer))
+
+        # EOS: generation config, then model config, then tokenizer.
+        eos: list[int] = []
+        for source in (getattr(model, "generation_config", None), text_config, model.config):
+            eos += _as_int_list(getattr(source, "eos_token_id", None))
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids = sorted({t for t in eos if t >= 0})
+
+        # Context length: the model's, or the configured one (never above the model's).
+        model_len = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+        max_len = int(cfg.max_model_len or 0) or model_len or 2048
+        if model_len and max_len > model_len:
+            log.warning("max_model_len %d is above the model's %d: using %d", max_len, model_len, model_len)
+            max_len = model_len
+
+        self._max_num_seqs = int(cfg.max_num_seqs or 0) or (64 if on_cpu else 256)
+        page_size = int(extra.get("page_size") or extra.get("block_size") or (64 if on_cpu else 256))
+        self._page_size = page_size
+
+        cb_kwargs: dict[str, Any] = {
+            "max_requests_per_batch": self._max_num_seqs,
+            "seed": int(cfg.seed or 0),
+            "return_logprobs": False,
+        }
+        fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+        cb_kwargs["page_size" if "page_size" in fields else "block_size"] = page_size
+
+        num_blocks = extra.get("num_blocks")
+        if num_blocks is None and on_cpu:
+            # A CPU cache is sized explicitly: transformers would take 90% of the host's memory.
+            per_token = self._kv_bytes_per_token(text_config)
+            budget = float(extra.get("kv_cache_gib", 1.0)) * (1 << 30)
+            num_blocks = max(int(budget // (per_token * page_size)), 1)
+        if num_blocks is not None:
+            # Always room for one full-length request, or the manager's loop dies on it.
+            num_blocks = max(int(num_blocks), math.ceil(max_len / page_size) + 1)
+            cb_kwargs["num_blocks"] = num_blocks
+        max_batch_tokens = extra.get("max_batch_tokens") or (1024 if on_cpu else None)
+        if max_batch_tokens:
+            cb_kwargs["max_batch_tokens"] = int(max_batch_tokens)
+        if extra.get("gpu_memory_utilization"):
+            cb_kwargs["max_memory_percent"] = float(extra["gpu_memory_utilization"])
+        for key in ("allow_block_sharing", "use_cuda_graph", "use_async_batching", "default_compile_level",
+                    "scheduler_type", "max_memory_percent", "max_blocks_per_request", "auto_switch_to_flash"):
+            if key in extra and extra[key] is not None:
+                cb_kwargs[key] = extra[key]
+        cb_config = ContinuousBatchingConfig(**{k: v for k, v in cb_kwargs.items() if k in fields})
+
+        gen_config = GenerationConfig(
+            do_sample=False,
+            eos_token_id=self.eos_token_ids or None,
+            pad_token_id=self._pad_token_id(),
+            max_new_tokens=max_len,
+        )
+        manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
+        # Our sampling layer replaces the manager's (global) logits processing; see the module docstring.
+        manager.logit_processor = _build_sampler_class()()
+        with _host_memory_for_cpu_cache(self.device):
+            manager.warmup()  # creates the cache and batch processor here (and captures CUDA graphs if on)
+        processor = manager.batch_processor
+        cache = processor.cache
+        self._num_blocks = int(getattr(cache, "num_blocks", 0) or 0)
+        capacity = self._num_blocks * page_size
+        if capacity and capacity < max_len + 1:
+            new_len = max(capacity - page_size, page_size)
+            log.warning("the KV cache holds %d tokens: max_model_len lowered from %d to %d", capacity, max_len, new_len)
+            max_len = new_len
+        self._max_model_len = max_len
+        manager.start()
+        self.manager = manager
+        self._decode_kwargs = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+        log.info(
+            "transformers %s, torch %s: %s on %s (%s), attention %s, max_model_len %d, max_num_seqs %d, "
+            "KV cache %d blocks of %d tokens",
+            transformers.__version__, torch.__version__, cfg.model, self.device, str(self.dtype).removeprefix("torch."),
+            model.config._attn_implementation, max_len, self._max_num_seqs, self._num_blocks, page_size,
+        )
+
+    @staticmethod
+    def _kv_bytes_per_token(text_config) -> int:
+        heads = int(getattr(text_config, "num_attention_heads", 1))
+        kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+        layers = int(text_config.num_hidden_layers)
+        return 2 * layers * kv_heads * head_dim * 4  # float32 upper bound
+
+    def _pad_token_id(self) -> int | None:
+        if self.tokenizer.pad_token_id is not None:
+            return int(self.tokenizer.pad_token_id)
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    async def _watch(self) -> None:
+        """Fails every active request with EngineDeadError if the manager's thread dies."""
+        while not self._closed:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            if self._closed:
+                return
+            reason = self._death_reason()
+            if reason is not None:
+                self._dead = reason
+                log.error("transformers engine died: %s", reason)
+                for active in list(self._active.values()):
+                    active.queue.put_nowait((None, _DEAD))
+                return
+
+    def _death_reason(self) -> str | None:
+        manager = self.manager
+        if manager is None:
+            return None
+        status = getattr(manager, "background_thread_status", None)
+        fatal = getattr(status, "fatal_error", None)
+        if fatal is not None:
+            return f"the generation loop failed: {type(fatal).__name__}: {fatal}"
+        if not manager.is_running():
+            return "the generation loop exited"
+        return None
+
+    def health(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the transformers engine is shut down")
+        if self.manager is None:
+            raise EngineDeadError("the transformers engine is not started")
+        reason = self._dead or self._death_reason()
+        if reason is not None:
+            self._dead = reason
+            raise EngineDeadError(reason)
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for active in list(self._active.values()):
+            active.queue.put_nowait((None, _ABORT))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        manager = self.manager
+        if manager is not None:
+            loop = asyncio.get_running_loop()
+
+            def stop() -> None:
+                try:
+                    manager.stop(block=True, timeout=30)
+                finally:
+                    with contextlib.suppress(Exception):
+                        manager.destroy()
+
+            await loop.run_in_executor(None, stop)
+        self.manager = None
+        self.model = None
+
+    # ------------------------------------------------------------------ tokenizer surface
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise RequestError("this model has no chat template: use the completions endpoint", param="messages")
+        msgs = [{**m, "content": _text_content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
+        try:
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except RequestError:
+            raise
+        except Exception as exc:  # template errors (jinja raise_exception, bad roles) are the client's
+            raise RequestError(f"chat template error: {exc}", param="messages") from exc
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, **self._decode_kwargs)
+
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    # ------------------------------------------------------------------ requests
+
+    def _validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> int:
+        """Checks the request; returns max_new_tokens."""
+        sampling.validate()
+        if not prompt_token_ids:
+            raise RequestError("The prompt cannot be empty.", param="prompt")
+        if self.vocab_size:
+            bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise RequestError(f"Token id {bad[0]} is out of vocabulary", param="prompt")
+            bad = [t for t in sampling.stop_token_ids if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise RequestError(f"stop_token_ids contains {bad[0]}, which is out of vocabulary", param="stop_token_ids")
+        if sampling.seed is not None and not isinstance(sampling.seed, int):
+            raise RequestError(f"seed must be an integer, got {sampling.seed!r}", param="seed")
+        if any(not isinstance(s, str) for s in sampling.stop):
+            raise RequestError("stop must be a list of strings", param="stop")
+        max_len = self._max_model_len
+        prompt_len = len(prompt_token_ids)
+        if sampling.max_tokens is None:
+            if prompt_len >= max_len:
+                raise RequestError(
+                    f"This model's maximum context length is {max_len} tokens. However, your request has "
+                    f"{prompt_len} input tokens. Please reduce the length of the input messages.",
+                    param="messages",
+                )
+            return max_len - prompt_len
+        total = prompt_len + sampling.max_tokens
+        if total > max_len:
+            raise RequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested {total} tokens "
+                f"({prompt_len} in the messages, {sampling.max_tokens} in the completion). Please reduce the length "
+                "of the messages or completion.",
+                param="max_tokens",
+            )
+        return sampling.max_tokens
+
+    def _sampling_tuple(self, sampling: SamplingParams, choice: int) -> tuple[float, float, int, int]:
+        temperature = float(sampling.temperature)
+        if temperature < SAMPLING_EPS:
+            return (0.0, 1.0, 0, 0)
+        top_k = int(sampling.top_k or 0)
+        if self.vocab_size and top_k >= self.vocab_size:
+            top_k = 0
+        if sampling.seed is not None:
+            key = seed_key(sampling.seed, choice)
+        else:
+            key = self._rng.getrandbits(32)
+            key = key - (1 << 32) if key >= (1 << 31) else key
+        return (temperature, float(sampling.top_p), top_k, key)
+
+    async def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str
+    ) -> AsyncIterator[Delta]:
+        self.health()
+        prompt = [int(t) for t in prompt_token_ids]
+        max_new_tokens = self._validate(prompt, sampling)
+        if request_id in self._active:
+            raise RequestError(f"request id {request_id!r} is already running")
+        manager = self.manager
+        eos = set() if sampling.ignore_eos else set(self.eos_token_ids)
+        eos.update(int(t) for t in sampling.stop_token_ids)
+        eos_list = sorted(eos) or [-1]  # [-1]: no EOS at all (None would mean the manager's default)
+
+        queue: asyncio.Queue = asyncio.Queue()
+        n = int(sampling.n)
+        choices = [
+            _Choice(
+                index=i,
+                engine_id=request_id if n == 1 else f"{request_id}/{i}",
+                stream=TextStream(self.decode, prompt, sampling.stop),
+                eos=frozenset(eos),
+            )
+            for i in range(n)
+        ]
+        active = _Active(queue=queue, choices=choices)
+        self._active[request_id] = active
+        try:
+            for choice in choices:
+                index = choice.index
+                manager.register_result_handler(
+                    choice.engine_id, lambda out, i=index: queue.put_nowait((i, out))
+                )
+                added = manager.add_request(
+                    input_ids=prompt,
+                    request_id=choice.engine_id,
+                    max_new_tokens=max_new_tokens,
+                    streaming=True,
+                    eos_token_id=eos_list,
+                    govllm_sampling=self._sampling_tuple(sampling, index),
+                )
+                if added is None:
+                    raise EngineDeadError(self._death_reason() or "the transformers engine refused the request")
+
+            remaining = n
+            while remaining:
+                index, out = await queue.get()
+                if out is _ABORT:
+                    for choice in choices:
+                        if not choice.done:
+                            choice.done = True
+                            self._cancel(choice)
+                            yield Delta(index=choice.index, token_ids=[], text="", finish_reason="abort")
+                    return
+                if out is _DEAD:
+                    raise EngineDeadError(self._dead or "the transformers engine died")
+                choice = choices[index]
+                if choice.done:
+                    continue
+                delta = self._on_output(choice, out)
+                if delta is None:
+                    continue
+                if delta.finish_reason is not None:
+                    remaining -= 1
+                yield delta
+        finally:
+            for choice in choices:
+                if not choice.done:
+                    choice.done = True
+                    self._cancel(choice)
+                else:
+                    self._drop_handler(choice.engine_id)
+            if self._active.get(request_id) is active:
+                del self._active[request_id]
+
+    def _on_output(self, choice: _Choice, out: Any) -> Delta | None:
+        """Turns one GenerationOutput of the manager into a Delta (None when there is nothing new)."""
+        error = getattr(out, "error", None)
+        status = int(getattr(out, "status", 0))
+        if error is not None or status == 4:  # RequestStatus.FAILED
+            choice.done = True
+            reason = self._death_reason()
+            if reason is not None:
+                self._dead = reason
+                raise EngineDeadError(f"{reason} ({error})")
+            raise RuntimeError(f"generation failed: {error}")
+        tokens = list(out.generated_tokens)
+        new = tokens[choice.seen :]
+        choice.seen = len(tokens)
+        finished = out.is_finished()
+        emitted: list[int] = []
+        text = []
+        finish_reason = None
+        for position, token in enumerate(new):
+            emitted.append(token)
+            is_last = finished and position == len(new) - 1
+            if is_last and token in choice.eos:
+                finish_reason = "stop"  # EOS or a stop token: its text is not part of the output
+                break
+            text.append(choice.stream.push([token]))
+            if choice.stream.stopped:
+                finish_reason = "stop"
+                break
+        if finish_reason is None and finished:
+            finish_reason = "length"
+        if finish_reason is not None:
+            if not choice.stream.stopped:
+                text.append(choice.stream.finish())
+            choice.done = True
+            if not finished:  # a stop string: the manager would go on generating
+                self._cancel(choice)
+            else:
+                self._drop_handler(choice.engine_id)
+        elif not new:
+            return None
+        return Delta(index=choice.index, token_ids=emitted, text="".join(text), finish_reason=finish_reason)
+
+    def _cancel(self, choice: _Choice) -> None:
+        self._drop_handler(choice.engine_id)
+        manager = self.manager
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                manager.cancel_request(choice.engine_id)
+
+    def _drop_handler(self, engine_id: str) -> None:
+        manager = self.manager
+        router = getattr(manager, "output_router", None)
+        if router is None:
+            return
+        with router._lock:
+            router.result_handlers.pop(engine_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        active = self._active.get(request_id)
+        if active is None:
+            return
+        for choice in active.choices:
+            if not choice.done:
+                self._cancel(choice)
+        active.queue.put_nowait((None, _ABORT))
+
+    # ------------------------------------------------------------------ introspection (tests, metrics)
+
+    def engine_holds(self, request_id: str) -> bool:
+        """Whether the manager still tracks any engine request of ``request_id``."""
+        manager = self.manager
+        if manager is None:
+            return False
+        ids = {request_id} | {f"{request_id}/{i}" for i in range(64)}
+        with manager.output_router._lock:
+            if ids & set(manager.output_router.result_handlers):
+                return True
+        processor = manager.batch_processor
+        if processor is None:
+            return False
+        scheduler = processor.scheduler
+        held = set(scheduler.active_requests) | set(scheduler.waiting_requests)
+        return bool(ids & held)

@@ -1,0 +1,164 @@
+package engine
+
+import (
+	"context"
+	"io"
+	"sync"
+)
+
+// Stream is the output of one request. Recv is meant for one reader goroutine; Close may be
+// called from any goroutine.
+type Stream struct {
+	e   *Engine
+	id  int64
+	max int
+
+	notify chan struct{} // capacity 1: "something changed"
+	stop   func() bool   // unregisters the ctx watcher
+
+	mu      sync.Mutex
+	pending []Delta
+	head    int
+	done    bool
+	err     error
+	usage   Usage
+	ctxErr  error
+}
+
+func newStream(e *Engine, id int64, max int) *Stream {
+	return &Stream{e: e, id: id, max: max, notify: make(chan struct{}, 1)}
+}
+
+// watch aborts the request when ctx ends.
+func (s *Stream) watch(ctx context.Context) {
+	if ctx.Done() == nil {
+		return
+	}
+	stop := context.AfterFunc(ctx, func() {
+		s.mu.Lock()
+		if s.done {
+			s.mu.Unlock()
+			return
+		}
+		s.ctxErr = ctx.Err()
+		s.mu.Unlock()
+		s.e.abort(s.id)
+		s.wake()
+	})
+	s.mu.Lock()
+	s.stop = stop
+	s.mu.Unlock()
+}
+
+func (s *Stream) wake() {
+	select {
+	case s.notify <- struct{}{}:
+	default:
+	}
+}
+
+// push queues a delta from the poller; false means the reader fell too far behind, and the
+// stream has been failed with ErrSlowConsumer (the caller aborts the request).
+func (s *Stream) push(d Delta) bool {
+	s.mu.Lock()
+	if s.done {
+		s.mu.Unlock()
+		return true
+	}
+	if len(s.pending)-s.head >= s.max {
+		s.done = true
+		s.err = ErrSlowConsumer
+		s.pending, s.head = nil, 0
+		s.mu.Unlock()
+		s.e.forget(s.id)
+		s.wake()
+		return false
+	}
+	s.pending = append(s.pending, d)
+	s.mu.Unlock()
+	s.wake()
+	return true
+}
+
+// finish ends the stream with usage, or with err.
+func (s *Stream) finish(u Usage, err error) {
+	s.mu.Lock()
+	if !s.done {
+		s.done = true
+		s.usage = u
+		s.err = err
+	}
+	stop := s.stop
+	s.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+	s.wake()
+}
+
+// Recv returns the next delta. After the last delta of every choice it returns io.EOF; a failed
+// request returns a *RequestError, ErrEngineDead, ErrSlowConsumer or ErrClosed; a cancelled
+// context returns the context's error.
+func (s *Stream) Recv() (Delta, error) {
+	for {
+		s.mu.Lock()
+		if s.ctxErr != nil {
+			err := s.ctxErr
+			s.mu.Unlock()
+			return Delta{}, err
+		}
+		if s.head < len(s.pending) {
+			d := s.pending[s.head]
+			s.pending[s.head] = Delta{}
+			s.head++
+			if s.head == len(s.pending) {
+				s.pending, s.head = s.pending[:0], 0
+			}
+			s.mu.Unlock()
+			return d, nil
+		}
+		if s.done {
+			err := s.err
+			s.mu.Unlock()
+			if err == nil {
+				err = io.EOF
+			}
+			return Delta{}, err
+		}
+		s.mu.Unlock()
+		<-s.notify
+	}
+}
+
+// Usage returns the token counts; it is complete once Recv has returned io.EOF.
+func (s *Stream) Usage() Usage {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.usage
+}
+
+// ID returns the engine's number for this request.
+func (s *Stream) ID() int64 { return s.id }
+
+// Close abandons the stream: an unfinished request is aborted in the backend. It is safe to
+// call more than once and after the stream ended.
+func (s *Stream) Close() {
+	s.mu.Lock()
+	wasDone := s.done
+	if !wasDone {
+		s.done = true
+		s.err = ErrClosed
+	}
+	stop := s.stop
+	s.pending, s.head = nil, 0
+	s.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+	if !wasDone {
+		// Keep routing until the backend confirms the abort with END, so that late events
+		// are dropped quietly; the table entry goes away then.
+		s.e.abort(s.id)
+	}
+	s.wake()
+}
