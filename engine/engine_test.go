@@ -97,12 +97,12 @@ func stats(t *testing.T, e *engine.Engine) (aborts, running int) {
 
 func TestSubmitStreamFinish(t *testing.T) {
 	tests := []struct {
-		name      string
-		req       engine.Request
-		text      string
-		deltas    int
-		finish    string
-		usage     engine.Usage
+		name   string
+		req    engine.Request
+		text   string
+		deltas int
+		finish string
+		usage  engine.Usage
 	}{
 		{"echo chat", chat("echo:hello", 0), "hello", 5, "stop", engine.Usage{PromptTokens: 10, CompletionTokens: 5}},
 		{"max_tokens cuts", chat("echo:hello", 3), "hel", 3, "length", engine.Usage{PromptTokens: 10, CompletionTokens: 3}},

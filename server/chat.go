@@ -182,8 +182,7 @@ func (s *Server) completeChat(w http.ResponseWriter, c *chatCall) {
 			err = track.add(d)
 		}
 		if err != nil {
-			err = fmt.Errorf("server: chat completion: %w", err)
-			s.reject(w, c.log, err, toAPIError(err))
+			s.reject(w, c.log, fmt.Errorf("server: chat completion: %w", err), toAPIError(err))
 			return
 		}
 		texts[d.Index].WriteString(d.Text)
@@ -238,7 +237,7 @@ func (s *Server) streamChat(w http.ResponseWriter, c *chatCall) {
 			err = track.add(d)
 		}
 		if err != nil {
-			s.failStream(w, sw, c, fmt.Errorf("server: chat completion stream: %w", err))
+			s.failStream(w, sw, c, err)
 			return
 		}
 		if d.Text == "" && d.FinishReason == "" {
@@ -277,6 +276,7 @@ func (s *Server) streamChat(w http.ResponseWriter, c *chatCall) {
 // event followed by [DONE].
 func (s *Server) failStream(w http.ResponseWriter, sw *sseWriter, c *chatCall, err error) {
 	e := toAPIError(err)
+	err = fmt.Errorf("server: chat completion stream: %w", err)
 	if !sw.started {
 		s.reject(w, c.log, err, e)
 		return

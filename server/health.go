@@ -1,8 +1,6 @@
 package server
 
-import (
-	"net/http"
-)
+import "net/http"
 
 // handleHealth serves GET /health: 200 with an empty body while the backend is healthy, else
 // 503 with an error body.
@@ -14,4 +12,3 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(http.StatusOK)
 }
-

@@ -1,0 +1,168 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/govllm/govllm/engine"
+)
+
+func TestChatBadRequests(t *testing.T) {
+	t.Parallel()
+	msgs := `"messages":[{"role":"user","content":"hi"}]`
+	tests := []struct {
+		name   string
+		body   string
+		status int
+		typ    string
+		param  string // "" means null
+	}{
+		{name: "malformed JSON", body: `{"messages":`},
+		{name: "trailing garbage", body: `{"messages":[]} x`},
+		{name: "empty body", body: ` `},
+		{name: "not an object", body: `[1,2]`},
+		{name: "no messages", body: `{"model":"test-model"}`, param: "messages"},
+		{name: "empty messages", body: `{"messages":[]}`, param: "messages"},
+		{name: "messages not an array", body: `{"messages":"hi"}`, param: "messages"},
+		{name: "missing role", body: `{"messages":[{"content":"hi"}]}`, param: "messages[0].role"},
+		{name: "tool role", body: `{"messages":[{"role":"user","content":"a"},{"role":"tool","content":"b"}]}`, param: "messages[1].role"},
+		{name: "null user content", body: `{"messages":[{"role":"user","content":null}]}`, param: "messages[0].content"},
+		{name: "missing user content", body: `{"messages":[{"role":"user"}]}`, param: "messages[0].content"},
+		{name: "numeric content", body: `{"messages":[{"role":"user","content":5}]}`, param: "messages[0].content"},
+		{name: "image part", body: `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, param: "messages[0].content"},
+		{name: "text part without text", body: `{"messages":[{"role":"user","content":[{"type":"text"}]}]}`, param: "messages[0].content"},
+		{name: "bad part list", body: `{"messages":[{"role":"user","content":["hi"]}]}`, param: "messages[0].content"},
+		{name: "temperature high", body: `{` + msgs + `,"temperature":2.5}`, param: "temperature"},
+		{name: "temperature negative", body: `{` + msgs + `,"temperature":-0.1}`, param: "temperature"},
+		{name: "temperature string", body: `{` + msgs + `,"temperature":"hot"}`, param: "temperature"},
+		{name: "top_p zero", body: `{` + msgs + `,"top_p":0}`, param: "top_p"},
+		{name: "top_p above one", body: `{` + msgs + `,"top_p":1.01}`, param: "top_p"},
+		{name: "top_k", body: `{` + msgs + `,"top_k":-2}`, param: "top_k"},
+		{name: "n zero", body: `{` + msgs + `,"n":0}`, param: "n"},
+		{name: "n too big", body: `{` + msgs + `,"n":17}`, param: "n"},
+		{name: "n fraction", body: `{` + msgs + `,"n":1.5}`, param: "n"},
+		{name: "max_tokens zero", body: `{` + msgs + `,"max_tokens":0}`, param: "max_tokens"},
+		{name: "max_tokens over context", body: `{` + msgs + `,"max_tokens":4096}`, param: "max_tokens"},
+		{name: "max_completion_tokens negative", body: `{` + msgs + `,"max_tokens":5,"max_completion_tokens":-1}`, param: "max_completion_tokens"},
+		{name: "stop number", body: `{` + msgs + `,"stop":5}`, param: "stop"},
+		{name: "stop mixed array", body: `{` + msgs + `,"stop":["a",1]}`, param: "stop"},
+		{name: "stop empty string", body: `{` + msgs + `,"stop":[""]}`, param: "stop"},
+		{name: "too many stops", body: `{` + msgs + `,"stop":["a"` + strings.Repeat(`,"a"`, maxStopStrings) + `]}`, param: "stop"},
+		{name: "stop token id", body: `{` + msgs + `,"stop_token_ids":[-1]}`, param: "stop_token_ids"},
+		{name: "seed overflow", body: `{` + msgs + `,"seed":1e30}`, param: "seed"},
+		{name: "stream not bool", body: `{` + msgs + `,"stream":"yes"}`, param: "stream"},
+		{name: "stream options without stream", body: `{` + msgs + `,"stream_options":{"include_usage":true}}`, param: "stream_options"},
+		{name: "logprobs", body: `{` + msgs + `,"logprobs":true}`, param: "logprobs"},
+		{name: "top_logprobs", body: `{` + msgs + `,"top_logprobs":3}`, param: "top_logprobs"},
+		{name: "tools", body: `{` + msgs + `,"tools":[{"type":"function","function":{"name":"f"}}]}`, param: "tools"},
+		{name: "unknown model", body: `{"model":"gpt-4",` + msgs + `}`, status: 404, typ: "NotFoundError", param: "model"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			b := &fakeBackend{info: testInfo, generateFn: func(context.Context, engine.Request) (TokenStream, error) {
+				t.Error("Generate called for a bad request")
+				return nil, engine.ErrClosed
+			}}
+			s := newTestServer(t, b)
+			if tt.status == 0 {
+				tt.status, tt.typ = http.StatusBadRequest, "BadRequestError"
+			}
+			rec := do(s, http.MethodPost, "/v1/chat/completions", tt.body)
+			msg := requireError(t, rec, tt.status, tt.typ, tt.param)
+			if tt.param == "model" {
+				require.Equal(t, "The model `gpt-4` does not exist.", msg)
+			}
+		})
+	}
+}
+
+func TestChatRequestMapping(t *testing.T) {
+	t.Parallel()
+	f := func(v float64) *float64 { return &v }
+	seed := int64(-42)
+	tests := []struct {
+		name string
+		body string
+		want engine.Request
+	}{
+		{
+			name: "defaults",
+			body: `{"messages":[{"role":"user","content":"hi"}]}`,
+			want: engine.Request{
+				Messages: []engine.Message{{Role: "user", Content: "hi"}},
+				Sampling: engine.SamplingParams{N: 1},
+			},
+		},
+		{
+			name: "everything",
+			body: `{"model":"test-model","messages":[
+					{"role":"developer","content":"be brief"},
+					{"role":"system","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},
+					{"role":"assistant","content":null},
+					{"role":"user","content":"q","name":"bob"}],
+				"max_tokens":10,"max_completion_tokens":20,"temperature":0,"top_p":0.5,"top_k":-1,"n":3,
+				"stop":"\n\n","stop_token_ids":[2],"seed":-42,"ignore_eos":true,"user":"u1",
+				"presence_penalty":0,"logprobs":false,"tools":[],"some_future_field":{"x":1},
+				"stream":true,"stream_options":{"include_usage":true}}`,
+			want: engine.Request{
+				Messages: []engine.Message{
+					{Role: "system", Content: "be brief"},
+					{Role: "system", Content: "a\nb"},
+					{Role: "assistant", Content: ""},
+					{Role: "user", Content: "q"},
+				},
+				Sampling: engine.SamplingParams{
+					MaxTokens: 20, Temperature: f(0), TopP: f(0.5), TopK: 0, Seed: &seed,
+					Stop: []string{"\n\n"}, StopTokenIDs: []int32{2}, IgnoreEOS: true, N: 3,
+				},
+			},
+		},
+		{
+			name: "max_tokens and stop list",
+			body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":2048,"stop":["a","b"],"top_k":40,"stop":null}`,
+			want: engine.Request{
+				Messages: []engine.Message{{Role: "user", Content: "hi"}},
+				Sampling: engine.SamplingParams{MaxTokens: 2048, TopK: 40, N: 1},
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			var got engine.Request
+			var deltas []engine.Delta
+			for i := range tt.want.Sampling.N {
+				deltas = append(deltas, engine.Delta{Index: i, FinishReason: "stop"})
+			}
+			s := newTestServer(t, backendWith(scripted(engine.Usage{}, nil, deltas...), &got))
+			rec := do(s, http.MethodPost, "/v1/chat/completions", tt.body)
+			require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+			tt.want.ID = testID
+			require.Equal(t, tt.want, got)
+		})
+	}
+}
+
+func TestBodyLimit(t *testing.T) {
+	t.Parallel()
+	body := fmt.Sprintf(`{"messages":[{"role":"user","content":%q}]}`, strings.Repeat("x", 100))
+	for _, limit := range []int64{int64(len(body)) - 1, int64(len(body))} {
+		t.Run(fmt.Sprint(limit), func(t *testing.T) {
+			t.Parallel()
+			stream := scripted(engine.Usage{}, nil, engine.Delta{FinishReason: "stop"})
+			s := newTestServer(t, backendWith(stream, nil), func(c *Config) { c.MaxBodyBytes = limit })
+			rec := do(s, http.MethodPost, "/v1/chat/completions", body)
+			if limit < int64(len(body)) {
+				requireError(t, rec, http.StatusRequestEntityTooLarge, "RequestTooLargeError", "")
+			} else {
+				require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+			}
+		})
+	}
+}
