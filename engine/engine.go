@@ -48,9 +48,10 @@ type Config struct {
 	Device string
 	// Extra passes backend-specific options through to Python as JSON.
 	Extra map[string]any
-	// MaxPendingDeltas bounds the deltas a stream may hold unread before the request is
-	// aborted with ErrSlowConsumer; 0 means 4096.
-	MaxPendingDeltas int
+	// MaxPendingTokens bounds the output a stream may hold unread (tokens, plus one per
+	// delta) before the request is aborted with ErrSlowConsumer; 0 means 65536. Unread deltas
+	// of a choice are merged, so a reader that falls behind gets fewer, larger deltas.
+	MaxPendingTokens int
 	// QueueBytes sizes the shim's Python-to-Go event ring; 0 means 8 MiB.
 	QueueBytes int64
 	// Logger receives the engine's and the bridge's logs; nil means slog.Default().
@@ -97,8 +98,8 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	if cfg.MaxPendingDeltas <= 0 {
-		cfg.MaxPendingDeltas = 4096
+	if cfg.MaxPendingTokens <= 0 {
+		cfg.MaxPendingTokens = 1 << 20
 	}
 	if cfg.QueueBytes <= 0 {
 		cfg.QueueBytes = 8 << 20
@@ -382,7 +383,7 @@ func (e *Engine) Generate(ctx context.Context, req Request) (*Stream, error) {
 		return nil, fmt.Errorf("engine: encode request: %w", err)
 	}
 	id := e.nextID.Add(1)
-	s := newStream(e, id, e.cfg.MaxPendingDeltas)
+	s := newStream(e, id, e.cfg.MaxPendingTokens)
 	e.mu.Lock()
 	switch {
 	case e.closed:

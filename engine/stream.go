@@ -17,12 +17,19 @@ type Stream struct {
 	stop   func() bool   // unregisters the ctx watcher
 
 	mu      sync.Mutex
-	pending []Delta
+	pending []pendingDelta
 	head    int
+	backlog int // unread tokens (+1 per delta): what MaxPendingTokens bounds
 	done    bool
 	err     error
 	usage   Usage
 	ctxErr  error
+}
+
+// pendingDelta is an unread delta; more holds text merged into it, appended in amortized O(1).
+type pendingDelta struct {
+	Delta
+	more []byte
 }
 
 func newStream(e *Engine, id int64, max int) *Stream {
@@ -65,16 +72,33 @@ func (s *Stream) push(d Delta) bool {
 		s.mu.Unlock()
 		return true
 	}
-	if len(s.pending)-s.head >= s.max {
+	// A reader that falls behind gets bigger deltas, not more of them (as vLLM's output
+	// collector merges DELTA outputs): merge into the last unread delta of the same choice.
+	if n := len(s.pending); n > s.head {
+		last := &s.pending[n-1]
+		if last.Index == d.Index && last.FinishReason == "" {
+			last.TokenIDs = append(last.TokenIDs, d.TokenIDs...)
+			last.more = append(last.more, d.Text...)
+			last.FinishReason = d.FinishReason
+			s.backlog += len(d.TokenIDs) + 1
+			if s.backlog <= s.max {
+				s.mu.Unlock()
+				s.wake()
+				return true
+			}
+		}
+	}
+	if s.backlog >= s.max {
 		s.done = true
 		s.err = ErrSlowConsumer
-		s.pending, s.head = nil, 0
+		s.pending, s.head, s.backlog = nil, 0, 0
 		s.mu.Unlock()
 		s.e.forget(s.id)
 		s.wake()
 		return false
 	}
-	s.pending = append(s.pending, d)
+	s.pending = append(s.pending, pendingDelta{Delta: d})
+	s.backlog += len(d.TokenIDs) + 1
 	s.mu.Unlock()
 	s.wake()
 	return true
@@ -108,11 +132,15 @@ func (s *Stream) Recv() (Delta, error) {
 			return Delta{}, err
 		}
 		if s.head < len(s.pending) {
-			d := s.pending[s.head]
-			s.pending[s.head] = Delta{}
+			p := s.pending[s.head]
+			s.pending[s.head] = pendingDelta{}
 			s.head++
+			d := p.Delta
+			if len(p.more) > 0 {
+				d.Text += string(p.more)
+			}
 			if s.head == len(s.pending) {
-				s.pending, s.head = s.pending[:0], 0
+				s.pending, s.head, s.backlog = s.pending[:0], 0, 0
 			}
 			s.mu.Unlock()
 			return d, nil

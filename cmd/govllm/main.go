@@ -1,0 +1,177 @@
+// Command govllm serves an LLM over an OpenAI-compatible HTTP API, with the inference engine
+// (vLLM or Hugging Face transformers) running inside this process.
+//
+//	govllm serve [--model DIR] [--engine auto|transformers|vllm] [--python PATH] [--host H] [--port N]
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/server"
+)
+
+const usage = `govllm serves LLMs with the engine in the same process.
+
+Usage:
+  govllm serve [flags]    serve the OpenAI-compatible API (govllm serve -h for flags)
+  govllm version          print the version
+`
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:], stderr)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "govllm", version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "govllm: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+}
+
+// defaultModel is the bootstrap's model directory, found above the binary or the working dir.
+func defaultModel() string {
+	const rel = "models/SmolLM2-135M-Instruct"
+	var starts []string
+	if exe, err := os.Executable(); err == nil {
+		if r, err := filepath.EvalSymlinks(exe); err == nil {
+			exe = r
+		}
+		starts = append(starts, filepath.Dir(exe))
+	}
+	if wd, err := os.Getwd(); err == nil {
+		starts = append(starts, wd)
+	}
+	for _, dir := range starts {
+		for d := dir; ; d = filepath.Dir(d) {
+			p := filepath.Join(d, rel)
+			if st, err := os.Stat(p); err == nil && st.IsDir() {
+				return p
+			}
+			if filepath.Dir(d) == d {
+				break
+			}
+		}
+	}
+	return rel
+}
+
+func serve(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("govllm serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		model       = fs.String("model", "", "Hugging Face checkpoint directory (default: the bootstrap's models/SmolLM2-135M-Instruct)")
+		eng         = fs.String("engine", "auto", "engine: auto (vllm when importable, else transformers), vllm, transformers, or module:attr")
+		python      = fs.String("python", "", "Python interpreter to embed (default: $GOVLLM_PYTHON, the project's .venv, $VIRTUAL_ENV, python3)")
+		pythonPath  = fs.String("python-path", "", "extra directories for sys.path, separated by ':' (custom backends)")
+		host        = fs.String("host", "127.0.0.1", "address to listen on")
+		port        = fs.Int("port", 8000, "port to listen on")
+		served      = fs.String("served-model-name", "", "model name clients use (default: the model directory's name)")
+		maxModelLen = fs.Int("max-model-len", 0, "context length (default: the model's)")
+		maxNumSeqs  = fs.Int("max-num-seqs", 0, "requests decoded together (default: the engine's)")
+		dtype       = fs.String("dtype", "auto", "weights dtype: auto, float32, bfloat16, float16")
+		device      = fs.String("device", "", "cpu or cuda (default: cuda when available)")
+		seed        = fs.Int("seed", 0, "engine seed")
+		apiKey      = fs.String("api-key", os.Getenv("GOVLLM_API_KEY"), "require this Bearer key on /v1/ routes (default: $GOVLLM_API_KEY)")
+		maxBody     = fs.Int64("max-body-bytes", server.DefaultMaxBodyBytes, "request body limit")
+		drain       = fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long in-flight requests may take to finish")
+		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
+	)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "govllm serve: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*logLevel)); err != nil {
+		fmt.Fprintf(stderr, "govllm serve: bad --log-level %q: use debug, info, warn or error\n", *logLevel)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
+	if *model == "" {
+		*model = defaultModel()
+	}
+
+	// Listen before loading the model so that a busy port fails in a second, not a minute.
+	addr := net.JoinHostPort(*host, strconv.Itoa(*port))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintf(stderr, "govllm serve: cannot listen on %s: %v (is another server running? pick another --port)\n", addr, err)
+		return 1
+	}
+	defer ln.Close()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var extraPath []string
+	if *pythonPath != "" {
+		extraPath = filepath.SplitList(*pythonPath)
+	}
+	e, err := engine.Open(ctx, engine.Config{
+		Model: *model, Engine: *eng, Python: *python, PythonPath: extraPath,
+		ServedModelName: *served, MaxModelLen: *maxModelLen, MaxNumSeqs: *maxNumSeqs,
+		Dtype: *dtype, Device: *device, Seed: *seed, Logger: log,
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
+		return 1
+	}
+	defer e.Close()
+
+	srv := &http.Server{
+		Handler:           server.New(server.Config{Backend: server.FromEngine(e), Logger: log, MaxBodyBytes: *maxBody, APIKey: *apiKey}),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info("govllm: serving", "addr", "http://"+ln.Addr().String(), "model", e.Model().ID, "engine", e.Model().Backend)
+
+	select {
+	case err := <-serveErr:
+		log.Error("govllm: server stopped", "err", err)
+		return 1
+	case <-e.Done():
+		log.Error("govllm: engine stopped", "err", e.Health())
+		return 1
+	case <-ctx.Done():
+	}
+	log.Info("govllm: shutting down", "drain_timeout", drain.String())
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), *drain)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		log.Warn("govllm: shutdown", "err", err)
+	}
+	return 0
+}

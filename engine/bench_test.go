@@ -1,0 +1,79 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/govllm/govllm/engine"
+)
+
+// BenchmarkShimPath measures the path of a token from Python into a Go reader: the scripted
+// backend's flood calls _govllm_shim.emit in a tight loop (one token per event), the poller
+// drains batches and routes them to streams, and one goroutine per stream reads them. The
+// baseline, floodnull, runs the same Python loop calling emit_null, a C function that takes
+// the same arguments and does nothing. Reported: tokens/s delivered to Go readers, the
+// baseline's tokens/s, and their ratio.
+func BenchmarkShimPath(b *testing.B) {
+	if shared == nil {
+		b.Skip("the shared engine was closed by the lifecycle test; run with -run '^$'")
+	}
+	for _, streams := range []int{1, 8} {
+		b.Run(fmt.Sprintf("streams=%d", streams), func(b *testing.B) {
+			const perStream = 200_000
+			var goRate, pyRate float64
+			for i := 0; i < b.N; i++ {
+				py := flood(b, "floodnull", streams, perStream)
+				gor := flood(b, "flood", streams, perStream)
+				pyRate += float64(streams*perStream) / py.Seconds()
+				goRate += float64(streams*perStream) / gor.Seconds()
+			}
+			b.ReportMetric(goRate/float64(b.N), "tokens/s")
+			b.ReportMetric(pyRate/float64(b.N), "python-only-tokens/s")
+			b.ReportMetric(goRate/pyRate, "ratio")
+		})
+	}
+}
+
+// flood runs `streams` concurrent flood requests and returns the time until every reader saw
+// its last token.
+func flood(b *testing.B, op string, streams, n int) time.Duration {
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, streams)
+	for s := 0; s < streams; s++ {
+		st, err := shared.Generate(context.Background(), engine.Request{Prompt: fmt.Sprintf("%s:%d", op, n)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got := 0
+			for {
+				d, err := st.Recv()
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+				got += len(d.TokenIDs)
+			}
+			if op == "flood" && got != n {
+				errs <- fmt.Errorf("got %d tokens, want %d", got, n)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		b.Fatal(err)
+	}
+	return time.Since(start)
+}
