@@ -6,10 +6,11 @@
  * resolve at load time and one build serves every Python from 3.10 on.
  *
  * Two queues, neither of which makes Go touch the GIL on the hot path:
- *   outbox  Python -> Go. _govllm_shim.emit() appends a length-prefixed binary record to a bounded
- *           ring buffer; Go's poller drains whole records with shim_poll(), which blocks on a
- *           condition variable without the GIL. When the ring is full, emit() waits with the GIL
- *           released (backpressure on Python, never on Go).
+ *   outbox  Python -> Go. _govllm_shim.emit() appends a length-prefixed binary record to one of
+ *           two bounded buffers; Go's poller takes the whole buffer with shim_poll() (which
+ *           blocks on a condition variable without the GIL) and the buffers swap. When the
+ *           buffer is full, emit() waits with the GIL released (backpressure on Python, never
+ *           on Go).
  *   inbox   Go -> Python. shim_send() appends a command (submit/abort/shutdown) and bumps an
  *           eventfd that the bridge's asyncio loop watches with add_reader(); the loop drains the
  *           inbox with _govllm_shim.take().
@@ -102,75 +103,78 @@ static void set_error_from_python(const char *context) {
 
 /* ---------------------------------------------------------------- outbox */
 
+/* Two buffers: emitters append records to bufs[w]; shim_poll hands the whole of bufs[w] to Go
+ * and swaps, so neither side copies or parses under the lock. The buffer handed out stays
+ * Go's until its next shim_poll call. */
 typedef struct {
   pthread_mutex_t mu;
   pthread_cond_t readable; /* the poller waits here */
-  pthread_cond_t writable; /* emitters wait here when the ring is full */
-  uint8_t *buf;
-  size_t cap, head, used; /* head: read offset; records wrap around */
+  pthread_cond_t writable; /* emitters wait here when bufs[w] is full */
+  uint8_t *bufs[2];
+  size_t lens[2];
+  size_t cap; /* of each buffer */
+  int w;      /* the buffer emitters append to */
   int closed;
   int pollers_waiting, emitters_waiting;
+  int woken; /* the waiting poller was signalled and has not run yet: no need to signal again */
 } outbox_t;
 
 static outbox_t outbox = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
-static void ring_write(const uint8_t *src, size_t n) {
-  size_t tail = (outbox.head + outbox.used) % outbox.cap;
-  size_t first = outbox.cap - tail < n ? outbox.cap - tail : n;
-  memcpy(outbox.buf + tail, src, first);
-  memcpy(outbox.buf, src + first, n - first);
-  outbox.used += n;
-}
-
-static void ring_read(uint8_t *dst, size_t n) {
-  size_t first = outbox.cap - outbox.head < n ? outbox.cap - outbox.head : n;
-  memcpy(dst, outbox.buf + outbox.head, first);
-  memcpy(dst + first, outbox.buf, n - first);
-  outbox.head = (outbox.head + n) % outbox.cap;
-  outbox.used -= n;
-}
-
-static uint32_t ring_peek_u32(void) {
-  uint8_t b[4];
-  for (int i = 0; i < 4; i++) b[i] = outbox.buf[(outbox.head + i) % outbox.cap];
-  return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
-}
-
-/* Append one record made of up to three parts (header, tokens, text, meta). Called with the GIL
- * held; releases it only while waiting for room. Returns -1 with a Python exception set. */
+/* Append one record: a 4-byte length, the header, then tokens, text and meta. Called with the
+ * GIL held; releases it only while waiting for room. Returns -1 with a Python exception set. */
 static int outbox_put(const uint8_t *hdr, size_t hlen, const int32_t *toks, size_t ntok, const char *text,
                       size_t tlen, const char *meta, size_t mlen) {
   size_t body = hlen + ntok * 4 + tlen + mlen;
   size_t total = 4 + body;
-  if (total > outbox.cap / 2) {
-    PyErr_Format(PyExc_ValueError, "event of %zu bytes exceeds the shim queue limit", total);
+  if (total > outbox.cap) {
+    PyErr_Format(PyExc_ValueError, "event of %zu bytes exceeds the shim queue limit (%zu)", total, outbox.cap);
     return -1;
   }
   pthread_mutex_lock(&outbox.mu);
-  if (outbox.cap - outbox.used < total && !outbox.closed) {
+  if (outbox.cap - outbox.lens[outbox.w] < total && !outbox.closed) {
     /* Full: wait without the GIL so the poller (and the rest of Python) keep running. */
+    pthread_mutex_unlock(&outbox.mu);
     PyThreadState *ts = PyEval_SaveThread();
-    while (outbox.cap - outbox.used < total && !outbox.closed) {
+    pthread_mutex_lock(&outbox.mu);
+    while (outbox.cap - outbox.lens[outbox.w] < total && !outbox.closed) {
       outbox.emitters_waiting++;
+      if (outbox.pollers_waiting) pthread_cond_signal(&outbox.readable);
       pthread_cond_wait(&outbox.writable, &outbox.mu);
       outbox.emitters_waiting--;
     }
     pthread_mutex_unlock(&outbox.mu);
     PyEval_RestoreThread(ts);
     pthread_mutex_lock(&outbox.mu);
+    if (outbox.cap - outbox.lens[outbox.w] < total && !outbox.closed) {
+      /* Another emitter filled it while we took the GIL back: wait again (rare). */
+      pthread_mutex_unlock(&outbox.mu);
+      return outbox_put(hdr, hlen, toks, ntok, text, tlen, meta, mlen);
+    }
   }
   if (outbox.closed) {
     pthread_mutex_unlock(&outbox.mu);
     PyErr_SetString(PyExc_RuntimeError, "govllm shim: event queue closed");
     return -1;
   }
-  uint8_t len[4] = {(uint8_t)body, (uint8_t)(body >> 8), (uint8_t)(body >> 16), (uint8_t)(body >> 24)};
-  ring_write(len, 4);
-  ring_write(hdr, hlen);
-  if (ntok) ring_write((const uint8_t *)toks, ntok * 4);
-  if (tlen) ring_write((const uint8_t *)text, tlen);
-  if (mlen) ring_write((const uint8_t *)meta, mlen);
-  if (outbox.pollers_waiting) pthread_cond_signal(&outbox.readable);
+  uint8_t *p = outbox.bufs[outbox.w] + outbox.lens[outbox.w];
+  p[0] = (uint8_t)body;
+  p[1] = (uint8_t)(body >> 8);
+  p[2] = (uint8_t)(body >> 16);
+  p[3] = (uint8_t)(body >> 24);
+  p += 4;
+  memcpy(p, hdr, hlen);
+  p += hlen;
+  if (ntok) memcpy(p, toks, ntok * 4);
+  p += ntok * 4;
+  if (tlen) memcpy(p, text, tlen);
+  p += tlen;
+  if (mlen) memcpy(p, meta, mlen);
+  outbox.lens[outbox.w] += total;
+  if (outbox.pollers_waiting && !outbox.woken) {
+    outbox.woken = 1; /* one futex wake per batch, not one per token */
+    pthread_cond_signal(&outbox.readable);
+  }
   pthread_mutex_unlock(&outbox.mu);
   return 0;
 }
@@ -183,9 +187,12 @@ static void outbox_close(void) {
   pthread_mutex_unlock(&outbox.mu);
 }
 
-int64_t shim_poll(uint8_t *dst, int64_t cap, int32_t timeout_ms) {
+static uint8_t *polled; /* the buffer last handed to Go */
+
+int64_t shim_poll(int32_t timeout_ms) {
   pthread_mutex_lock(&outbox.mu);
-  if (outbox.used == 0 && !outbox.closed && timeout_ms != 0) {
+  outbox.lens[1 - outbox.w] = 0; /* Go is done with the buffer it had */
+  if (outbox.lens[outbox.w] == 0 && !outbox.closed && timeout_ms != 0) {
     struct timespec deadline;
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_sec += timeout_ms / 1000;
@@ -194,30 +201,28 @@ int64_t shim_poll(uint8_t *dst, int64_t cap, int32_t timeout_ms) {
       deadline.tv_sec++;
       deadline.tv_nsec -= 1000000000L;
     }
-    while (outbox.used == 0 && !outbox.closed) {
+    while (outbox.lens[outbox.w] == 0 && !outbox.closed) {
       outbox.pollers_waiting++;
       int rc = timeout_ms < 0 ? pthread_cond_wait(&outbox.readable, &outbox.mu)
                               : pthread_cond_timedwait(&outbox.readable, &outbox.mu, &deadline);
       outbox.pollers_waiting--;
+      outbox.woken = 0;
       if (rc == ETIMEDOUT) break;
     }
   }
-  int64_t n = 0;
-  while (outbox.used > 0) {
-    uint32_t body = ring_peek_u32();
-    int64_t rec = 4 + (int64_t)body;
-    if (n + rec > cap) {
-      if (n == 0) n = -rec - 1; /* tell Go the buffer it needs */
-      break;
-    }
-    ring_read(dst + n, (size_t)rec);
-    n += rec;
+  int64_t n = (int64_t)outbox.lens[outbox.w];
+  if (n > 0) {
+    polled = outbox.bufs[outbox.w];
+    outbox.w = 1 - outbox.w;
+    if (outbox.emitters_waiting) pthread_cond_broadcast(&outbox.writable);
+  } else if (outbox.closed) {
+    n = -1;
   }
-  if (n > 0 && outbox.emitters_waiting) pthread_cond_broadcast(&outbox.writable);
-  if (n == 0 && outbox.used == 0 && outbox.closed) n = -1;
   pthread_mutex_unlock(&outbox.mu);
   return n;
 }
+
+uint8_t *shim_polled(void) { return polled; }
 
 /* ---------------------------------------------------------------- inbox */
 
@@ -437,13 +442,14 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
     set_error("shim_init: the interpreter is already initialized in this process");
     return -1;
   }
-  if (queue_bytes < (1 << 16)) queue_bytes = 1 << 16;
-  outbox.buf = malloc((size_t)queue_bytes);
-  if (outbox.buf == NULL) {
+  if (queue_bytes < (1 << 17)) queue_bytes = 1 << 17;
+  outbox.cap = (size_t)queue_bytes / 2;
+  outbox.bufs[0] = malloc(outbox.cap);
+  outbox.bufs[1] = malloc(outbox.cap);
+  if (outbox.bufs[0] == NULL || outbox.bufs[1] == NULL) {
     set_error("shim_init: out of memory for the event queue");
     return -1;
   }
-  outbox.cap = (size_t)queue_bytes;
   inbox_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (inbox_fd < 0) {
     set_error("shim_init: eventfd failed");
@@ -483,17 +489,7 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
 
 static PyThreadState *main_ts; /* the main thread's state between runs */
 
-int32_t shim_run(const char *code) {
-  int32_t rc = 0;
-  if (!initialized) {
-    set_error("shim_run: shim_init has not succeeded");
-    return -1;
-  }
-  if (main_ts != NULL) {
-    PyEval_RestoreThread(main_ts); /* a later run: take the GIL back */
-    main_ts = NULL;
-  }
-  /* (Re)open the queues; a previous run closed them and its poller has drained them. */
+void shim_open(void) {
   pthread_mutex_lock(&inbox_mu);
   while (inbox_head != NULL) {
     cmd_t *next = inbox_head->next;
@@ -505,8 +501,20 @@ int32_t shim_run(const char *code) {
   pthread_mutex_unlock(&inbox_mu);
   pthread_mutex_lock(&outbox.mu);
   outbox.closed = 0;
-  outbox.head = outbox.used = 0;
+  outbox.lens[0] = outbox.lens[1] = 0;
   pthread_mutex_unlock(&outbox.mu);
+}
+
+int32_t shim_run(const char *code) {
+  int32_t rc = 0;
+  if (!initialized) {
+    set_error("shim_run: shim_init has not succeeded");
+    return -1;
+  }
+  if (main_ts != NULL) {
+    PyEval_RestoreThread(main_ts); /* a later run: take the GIL back */
+    main_ts = NULL;
+  }
   PyObject *compiled = Py_CompileString(code, "<govllm-boot>", Py_file_input);
   if (compiled == NULL) {
     set_error_from_python("shim_run: compile");

@@ -21,6 +21,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 )
 
 // Config says which model to serve, with which engine, in which interpreter.
@@ -136,6 +137,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		pollerDone: make(chan struct{}),
 	}
 	e.log.Info("engine: starting", "engine", cfg.Engine, "model", cfg.Model, "python", py.Executable, "python_version", py.Version)
+	it.api.open()
 	done := make(chan error, 1)
 	it.jobs <- runJob{boot: boot, done: done}
 	go func() {
@@ -248,13 +250,12 @@ func orDefault(s, d string) string {
 // poll drains event batches from the shim and routes them; it ends when the shim closes.
 func (e *Engine) poll() {
 	defer close(e.pollerDone)
-	buf := make([]byte, 1<<20)
 	for {
-		n := e.api.poll(&buf[0], int64(len(buf)), 200)
+		n := e.api.poll(200)
 		switch {
 		case n == 0:
 			continue
-		case n == -1:
+		case n < 0:
 			<-e.runDone
 			err := e.runErr
 			if err == nil {
@@ -262,11 +263,10 @@ func (e *Engine) poll() {
 			}
 			e.die(err)
 			return
-		case n < -1:
-			buf = make([]byte, int(-n-1)+len(buf))
-			continue
 		}
-		if err := decodeEvents(buf[:n], e.handle); err != nil {
+		// The batch is C memory that stays ours until the next poll; handle copies what it keeps.
+		buf := unsafe.Slice((*byte)(e.api.polled()), n)
+		if err := decodeEvents(buf, e.handle); err != nil {
 			e.log.Error("engine: corrupt event batch", "err", err)
 			e.die(err)
 		}

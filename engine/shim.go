@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"unsafe"
 
 	"github.com/ebitengine/purego"
 )
@@ -27,9 +28,11 @@ var pythonPackage embed.FS
 // shimAPI holds the C entry points of cshim/shim.h.
 type shimAPI struct {
 	init      func(programName, pythonHome string, queueBytes int64) int32
+	open      func()
 	run       func(code string) int32
 	send      func(kind int32, reqID int64, data *byte, n int64) int32
-	poll      func(dst *byte, capacity int64, timeoutMS int32) int64
+	poll      func(timeoutMS int32) int64
+	polled    func() unsafe.Pointer
 	lastError func() string
 }
 
@@ -128,8 +131,10 @@ func loadShim(libpython, shimPath string) (*shimAPI, error) {
 	api := &shimAPI{}
 	purego.RegisterLibFunc(&api.init, h, "shim_init")
 	purego.RegisterLibFunc(&api.run, h, "shim_run")
+	purego.RegisterLibFunc(&api.open, h, "shim_open")
 	purego.RegisterLibFunc(&api.send, h, "shim_send")
 	purego.RegisterLibFunc(&api.poll, h, "shim_poll")
+	purego.RegisterLibFunc(&api.polled, h, "shim_polled")
 	purego.RegisterLibFunc(&api.lastError, h, "shim_last_error")
 	return api, nil
 }
