@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 SHIM := engine/shim/libgovllm_shim.so
-GO_TEST_FLAGS ?= -race -count=1
+GO_TEST_FLAGS ?= -race -count=1 -timeout 30m
 export CGO_ENABLED := 1
 
 .PHONY: all bootstrap shim build run test test-go test-python test-e2e bench clean
