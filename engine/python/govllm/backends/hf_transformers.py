@@ -41,11 +41,20 @@ Per-request sampling (the layer this module adds)
 Configuration (``EngineConfig``)
     max_num_seqs -> ``max_requests_per_batch`` (default 256 on CUDA, 64 on CPU); max_model_len (default:
     the model's, capped by the KV cache); dtype ("auto": bfloat16 on CUDA, float32 on CPU); device
-    ("": cuda when available); seed. ``extra`` keys: num_blocks, page_size (alias block_size),
-    max_batch_tokens, gpu_memory_utilization (-> max_memory_percent), kv_cache_gib (CPU cache size
-    when num_blocks is not given, default 1), attn_implementation, allow_block_sharing (prefix
-    caching), use_cuda_graph, use_async_batching, default_compile_level, scheduler_type,
-    num_threads (torch intra-op threads on CPU).
+    ("": cuda when available); seed (unseeded requests, and the manager's own seed). ``extra`` keys
+    (unknown ones are ignored): num_blocks; page_size (alias block_size; default 64 on CPU, 256 on
+    CUDA); max_batch_tokens (tokens per forward pass, default 512 on CPU, transformers' choice on
+    CUDA); gpu_memory_utilization (-> max_memory_percent, default 0.8); kv_cache_gib (CPU cache size
+    when num_blocks is not given, default 1 GiB); attn_implementation; allow_block_sharing (prefix
+    caching); use_cuda_graph; use_async_batching; default_compile_level; scheduler_type;
+    max_blocks_per_request; auto_switch_to_flash; num_threads (torch intra-op threads on CPU).
+    The cache always holds at least one max_model_len request: a request that cannot fit would
+    kill the manager's loop ("No requests can be scheduled and no requests can be offloaded").
+
+Numerics
+    On CPU in float32 with paged SDPA, a greedy request gives the same tokens alone and among 64
+    concurrent requests (tested). Batch composition still changes matmul shapes, so bit-identical
+    logits are not guaranteed in general, and in bfloat16 on CUDA near-ties can flip.
 """
 
 from __future__ import annotations
@@ -57,7 +66,6 @@ import logging
 import math
 import os
 import random
-import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -204,12 +212,19 @@ def _build_sampler_class():
 
         def __call__(self, input_ids, scores: torch.FloatTensor, logits_processor_args: torch.Tensor):
             capturing = scores.is_cuda and torch.cuda.is_current_stream_capturing()
-            if not capturing and not self._any_sampled:
+            if capturing:  # a CUDA graph replays this for any batch: no host-side shortcuts
+                return self.sample(scores, logits_processor_args, filtered=True, exact=True)
+            if not self._any_sampled:
                 return scores
-            return self.sample(scores, logits_processor_args, filtered=capturing or self._any_filtered)
+            return self.sample(scores, logits_processor_args, filtered=self._any_filtered)
 
         @staticmethod
-        def sample(scores: torch.Tensor, args: torch.Tensor, filtered: bool = True) -> torch.Tensor:
+        def sample(scores: torch.Tensor, args: torch.Tensor, filtered: bool = True, exact: bool = False):
+            """Returns scores that are -inf except at each row's chosen token.
+
+            ``filtered``: some row may use top-k/top-p. ``exact``: sort the whole vocabulary instead of
+            growing a top-k candidate set (no host synchronisation; used under graph capture).
+            """
             num_rows, vocab = scores.shape
             args = args[:, :num_rows]
             temperature = args[0].view(torch.float32)
@@ -219,22 +234,40 @@ def _build_sampler_class():
             sampled = temperature > 0
             logits = scores.float() / torch.where(sampled, temperature, 1.0).unsqueeze(-1)
             target = _uniform(key, position).unsqueeze(-1)  # [B, 1] in [0, 1)
+            log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+
+            # Plain temperature sampling: inverse CDF over the vocabulary in its own order.
+            cdf = (logits - log_total).exp_().cumsum_(dim=-1)
+            pick = torch.searchsorted(cdf, target * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+
             if filtered:
-                logits, order = torch.sort(logits, dim=-1, descending=True)
-                probs = torch.softmax(logits, dim=-1)
-                ranks = torch.arange(vocab, device=scores.device).unsqueeze(0)
+                # Top-k / top-p: inverse CDF over the candidates in descending order. The candidate set
+                # grows until it holds every row's kept tokens, so that the full sort is rare.
+                row_filtered = (top_k > 0) | (top_p < 1.0)
+                candidates = vocab if exact else min(256, vocab)
+                while True:
+                    values, order = torch.topk(logits, candidates, dim=-1, sorted=True)
+                    probs = (values - log_total).exp_()
+                    cumulative = probs.cumsum(dim=-1)
+                    if candidates == vocab:
+                        break
+                    within = (
+                        ~row_filtered
+                        | ((top_k > 0) & (top_k <= candidates))
+                        | (cumulative[:, -1] >= top_p)
+                    )
+                    if bool(within.all()):
+                        break
+                    candidates = min(candidates * 16, vocab)
+                ranks = torch.arange(candidates, device=scores.device).unsqueeze(0)
                 k = torch.where(top_k > 0, top_k, vocab).unsqueeze(-1)
-                cumulative = probs.cumsum(dim=-1)
                 # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
                 drop = (ranks >= k) | ((cumulative - probs) >= top_p.unsqueeze(-1))
-                probs = probs.masked_fill(drop, 0.0)
-            else:
-                order = None
-                probs = torch.softmax(logits, dim=-1)
-            cdf = probs.cumsum(dim=-1)
-            pick = torch.searchsorted(cdf, target * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
-            if order is not None:
-                pick = order.gather(-1, pick)
+                kept_cdf = probs.masked_fill_(drop, 0.0).cumsum_(dim=-1)
+                kept = torch.searchsorted(kept_cdf, target * kept_cdf[:, -1:], right=True)
+                kept = order.gather(-1, kept.clamp_(max=candidates - 1))
+                pick = torch.where(row_filtered.unsqueeze(-1), kept, pick)
+
             chosen = torch.where(sampled.unsqueeze(-1), pick, scores.argmax(dim=-1, keepdim=True))
             return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
@@ -294,6 +327,24 @@ def _text_content(content: Any) -> Any:
     return content
 
 
+def _host_memory() -> tuple[int, int]:
+    """(total, available) host memory in bytes: /proc/meminfo's MemAvailable, else sysconf."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                info[name] = int(rest.split()[0]) * 1024
+        return info["MemTotal"], info.get("MemAvailable", info.get("MemFree", 0))
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40, 1 << 40
+
+
 @contextlib.contextmanager
 def _host_memory_for_cpu_cache(device: str) -> Iterator[None]:
     """Make the manager's memory probe report host memory while a CPU cache is sized.
@@ -316,11 +367,7 @@ def _host_memory_for_cpu_cache(device: str) -> Iterator[None]:
     def probe():
         import torch
 
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            total, free = 1 << 40, 1 << 40
+        total, free = _host_memory()
         used = max(0, total - free)
         return torch.device("cpu"), total, used, used
 
@@ -446,11 +493,14 @@ class TransformersBackend:
             # Always room for one full-length request, or the manager's loop dies on it.
             num_blocks = max(int(num_blocks), math.ceil(max_len / page_size) + 1)
             cb_kwargs["num_blocks"] = num_blocks
-        max_batch_tokens = extra.get("max_batch_tokens") or (1024 if on_cpu else None)
+        max_batch_tokens = extra.get("max_batch_tokens") or (512 if on_cpu else None)
         if max_batch_tokens:
             cb_kwargs["max_batch_tokens"] = int(max_batch_tokens)
         if extra.get("gpu_memory_utilization"):
             cb_kwargs["max_memory_percent"] = float(extra["gpu_memory_utilization"])
+        elif not on_cpu:
+            # transformers picks 0.9 when it sees no logits processing; ours needs vocabulary-sized temporaries.
+            cb_kwargs["max_memory_percent"] = 0.8
         for key in ("allow_block_sharing", "use_cuda_graph", "use_async_batching", "default_compile_level",
                     "scheduler_type", "max_memory_percent", "max_blocks_per_request", "auto_switch_to_flash"):
             if key in extra and extra[key] is not None:
@@ -466,7 +516,10 @@ class TransformersBackend:
         manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
         # Our sampling layer replaces the manager's (global) logits processing; see the module docstring.
         manager.logit_processor = _build_sampler_class()()
-        with _host_memory_for_cpu_cache(self.device):
+        device_scope = (
+            torch.cuda.device(torch.device(self.device)) if self.device.startswith("cuda") else contextlib.nullcontext()
+        )
+        with device_scope, _host_memory_for_cpu_cache(self.device):
             manager.warmup()  # creates the cache and batch processor here (and captures CUDA graphs if on)
         processor = manager.batch_processor
         cache = processor.cache
@@ -506,6 +559,7 @@ class TransformersBackend:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             if self._closed:
                 return
+            self._drain_orphans()
             reason = self._death_reason()
             if reason is not None:
                 self._dead = reason
@@ -513,6 +567,21 @@ class TransformersBackend:
                 for active in list(self._active.values()):
                     active.queue.put_nowait((None, _DEAD))
                 return
+
+    def _drain_orphans(self) -> None:
+        """Drops outputs the manager produced for requests we cancelled before it noticed.
+
+        Every request here has a result handler; once a cancelled request's handler is removed,
+        the step that was already running delivers its output to the manager's shared queue,
+        which nothing reads: without this, each cancellation would leak an output or two.
+        """
+        router = getattr(self.manager, "output_router", None)
+        orphans = getattr(router, "output_queue", None)
+        if orphans is None:
+            return
+        with contextlib.suppress(Exception):
+            while not orphans.empty():
+                orphans.get_nowait()
 
     def _death_reason(self) -> str | None:
         manager = self.manager
@@ -522,6 +591,9 @@ class TransformersBackend:
         fatal = getattr(status, "fatal_error", None)
         if fatal is not None:
             return f"the generation loop failed: {type(fatal).__name__}: {fatal}"
+        if getattr(status, "local_status", 0) >= 2 and not self._closed:
+            # HARD_STOP: the loop is failing every request before it records the error (we never hard-stop it).
+            return "the generation loop is failing"
         if not manager.is_running():
             return "the generation loop exited"
         return None
