@@ -15,10 +15,10 @@ import (
 )
 
 // run collects a greedy generation's token ids and text.
-func run(ctx context.Context, prompt string, maxTokens int) ([]int32, string, error) {
+func run(ctx context.Context, prompt string, maxTokens int, ignoreEOS bool) ([]int32, string, error) {
 	s, err := lib.Generate(ctx, engine.Request{
 		Messages: []engine.Message{{Role: "user", Content: prompt}},
-		Sampling: engine.SamplingParams{MaxTokens: maxTokens, Temperature: new(float64)},
+		Sampling: engine.SamplingParams{MaxTokens: maxTokens, Temperature: new(float64), IgnoreEOS: ignoreEOS},
 	})
 	if err != nil {
 		return nil, "", err
@@ -56,7 +56,7 @@ func TestLibraryConcurrentGreedyMatchesSolo(t *testing.T) {
 	defer cancel()
 	solo := make([][]int32, streams)
 	for i, p := range prompts {
-		ids, _, err := run(ctx, p, compare)
+		ids, _, err := run(ctx, p, compare, true)
 		require.NoError(t, err)
 		require.Len(t, ids, compare, "prompt %q", p)
 		solo[i] = ids
@@ -68,7 +68,7 @@ func TestLibraryConcurrentGreedyMatchesSolo(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			together[i], _, errs[i] = run(ctx, p, compare)
+			together[i], _, errs[i] = run(ctx, p, compare, true)
 		}()
 	}
 	wg.Wait()
@@ -98,7 +98,7 @@ func TestLibraryAbortOnCancel(t *testing.T) {
 	require.Eventually(t, func() bool { return lib.Running() == 0 }, 10*time.Second, 20*time.Millisecond,
 		"the backend confirms the abort")
 	// The engine serves on.
-	_, text, err := run(context.Background(), "What is the capital of France?", 8)
+	_, text, err := run(context.Background(), "What is the capital of France?", 8, false)
 	require.NoError(t, err)
 	require.Contains(t, text, "Paris")
 }
