@@ -189,9 +189,10 @@ static void outbox_close(void) {
 
 static uint8_t *polled; /* the buffer last handed to Go */
 
-int64_t shim_poll(int32_t timeout_ms) {
+int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
   pthread_mutex_lock(&outbox.mu);
   outbox.lens[1 - outbox.w] = 0; /* Go is done with the buffer it had */
+  int waited = 0;
   if (outbox.lens[outbox.w] == 0 && !outbox.closed && timeout_ms != 0) {
     struct timespec deadline;
     clock_gettime(CLOCK_REALTIME, &deadline);
@@ -207,8 +208,19 @@ int64_t shim_poll(int32_t timeout_ms) {
                               : pthread_cond_timedwait(&outbox.readable, &outbox.mu, &deadline);
       outbox.pollers_waiting--;
       outbox.woken = 0;
+      waited = 1;
       if (rc == ETIMEDOUT) break;
     }
+  }
+  if (waited && coalesce_us > 0 && outbox.lens[outbox.w] > 0 && outbox.lens[outbox.w] < outbox.cap / 4 &&
+      !outbox.closed) {
+    /* Woken by the first event of a burst (an engine step emits one per running request): let
+     * the rest arrive before taking the batch, so that a producer slower than the poller does not
+     * pay a futex wake per event. Emitters do not signal while no poller waits. */
+    pthread_mutex_unlock(&outbox.mu);
+    struct timespec pause = {0, (long)coalesce_us * 1000L};
+    nanosleep(&pause, NULL);
+    pthread_mutex_lock(&outbox.mu);
   }
   int64_t n = (int64_t)outbox.lens[outbox.w];
   if (n > 0) {
@@ -277,27 +289,6 @@ int32_t shim_send(int32_t kind, int64_t req_id, const char *data, int64_t len) {
 
 enum { MAX_TOKENS_PER_EVENT = 1 << 16 };
 
-static int tokens_from(PyObject *seq, int32_t *out, size_t *n) {
-  int is_list = PyList_Check(seq);
-  if (!is_list && !PyTuple_Check(seq)) {
-    PyErr_SetString(PyExc_TypeError, "tokens must be a list or tuple of ints");
-    return -1;
-  }
-  Py_ssize_t len = is_list ? PyList_Size(seq) : PyTuple_Size(seq);
-  if (len > MAX_TOKENS_PER_EVENT) {
-    PyErr_SetString(PyExc_ValueError, "too many tokens in one event");
-    return -1;
-  }
-  for (Py_ssize_t i = 0; i < len; i++) {
-    PyObject *item = is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i);
-    long v = PyLong_AsLong(item);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    out[i] = (int32_t)v;
-  }
-  *n = (size_t)len;
-  return 0;
-}
-
 static void put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
 static void put_u32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 static void put_u64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
@@ -334,13 +325,28 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
   if (finish == -1 && PyErr_Occurred()) return NULL;
   int32_t small[64];
   int32_t *toks = small;
-  Py_ssize_t want = PyList_Check(args[2]) ? PyList_Size(args[2]) : PyTuple_Check(args[2]) ? PyTuple_Size(args[2]) : 0;
+  size_t ntok = 0;
+  PyObject *seq = args[2];
+  int is_list = PyList_Check(seq);
+  if (!is_list && !PyTuple_Check(seq)) {
+    PyErr_SetString(PyExc_TypeError, "tokens must be a list or tuple of ints");
+    return NULL;
+  }
+  Py_ssize_t want = is_list ? PyList_Size(seq) : PyTuple_Size(seq);
+  if (want > MAX_TOKENS_PER_EVENT) {
+    PyErr_SetString(PyExc_ValueError, "too many tokens in one event");
+    return NULL;
+  }
   if (want > 64) {
-    toks = malloc(sizeof(int32_t) * (size_t)(want > MAX_TOKENS_PER_EVENT ? 1 : want));
+    toks = malloc(sizeof(int32_t) * (size_t)want);
     if (!toks) return PyErr_NoMemory();
   }
-  size_t ntok = 0;
-  if (tokens_from(args[2], toks, &ntok) < 0) goto fail;
+  for (Py_ssize_t i = 0; i < want; i++) {
+    long v = PyLong_AsLong(is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i));
+    if (v == -1 && PyErr_Occurred()) goto fail;
+    toks[i] = (int32_t)v;
+  }
+  ntok = (size_t)want;
   Py_ssize_t tlen = 0;
   const char *text = "";
   if (args[3] != Py_None) {

@@ -53,8 +53,12 @@ type Config struct {
 	// delta) before the request is aborted with ErrSlowConsumer; 0 means 65536. Unread deltas
 	// of a choice are merged, so a reader that falls behind gets fewer, larger deltas.
 	MaxPendingTokens int
-	// QueueBytes sizes the shim's Python-to-Go event ring; 0 means 8 MiB.
+	// QueueBytes sizes the shim's Python-to-Go event buffers (two of half this size); 0 means
+	// 8 MiB.
 	QueueBytes int64
+	// PollCoalesce is how long the poller, woken by a first event, lets a burst gather before
+	// taking it: fewer wakeups per token for a little latency. 0 means 100µs; negative, none.
+	PollCoalesce time.Duration
 	// Logger receives the engine's and the bridge's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -73,6 +77,11 @@ type Engine struct {
 	streams map[int64]*Stream
 	closed  bool
 	dead    error // set once when the engine dies
+
+	// Poller-only state for the batch being handled.
+	lastID  int64
+	last    *Stream
+	touched []*Stream
 
 	ready      chan error    // the bridge's READY (nil) or startup failure
 	runDone    chan struct{} // the interpreter's main thread returned
@@ -101,6 +110,9 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	}
 	if cfg.MaxPendingTokens <= 0 {
 		cfg.MaxPendingTokens = 1 << 20
+	}
+	if cfg.PollCoalesce == 0 {
+		cfg.PollCoalesce = 100 * time.Microsecond
 	}
 	if cfg.QueueBytes <= 0 {
 		cfg.QueueBytes = 8 << 20
@@ -251,7 +263,7 @@ func orDefault(s, d string) string {
 func (e *Engine) poll() {
 	defer close(e.pollerDone)
 	for {
-		n := e.api.poll(200)
+		n := e.api.poll(200, int32(e.cfg.PollCoalesce/time.Microsecond))
 		switch {
 		case n == 0:
 			continue
@@ -266,7 +278,14 @@ func (e *Engine) poll() {
 		}
 		// The batch is C memory that stays ours until the next poll; handle copies what it keeps.
 		buf := unsafe.Slice((*byte)(e.api.polled()), n)
-		if err := decodeEvents(buf, e.handle); err != nil {
+		err := decodeEvents(buf, e.handle)
+		for _, s := range e.touched {
+			s.touched = false
+			s.wake()
+		}
+		e.touched = e.touched[:0]
+		e.last = nil
+		if err != nil {
 			e.log.Error("engine: corrupt event batch", "err", err)
 			e.die(err)
 		}
@@ -277,19 +296,33 @@ func (e *Engine) poll() {
 func (e *Engine) handle(ev *event) {
 	switch ev.kind {
 	case evDelta, evEnd, evError:
-		e.mu.Lock()
-		s := e.streams[ev.reqID]
-		if s != nil && ev.kind != evDelta {
-			delete(e.streams, ev.reqID)
+		var s *Stream
+		if ev.kind == evDelta && ev.reqID == e.lastID && e.last != nil {
+			s = e.last // consecutive events of one request skip the table
+		} else {
+			e.mu.Lock()
+			s = e.streams[ev.reqID]
+			if s != nil && ev.kind != evDelta {
+				delete(e.streams, ev.reqID)
+			}
+			e.mu.Unlock()
+			e.lastID, e.last = ev.reqID, s
+			if ev.kind != evDelta {
+				e.last = nil
+			}
 		}
-		e.mu.Unlock()
 		if s == nil {
 			return // already closed by its reader
 		}
 		switch ev.kind {
 		case evDelta:
-			if !s.push(Delta{Index: int(ev.index), TokenIDs: ev.tokenIDs(), Text: string(ev.text), FinishReason: ev.finishReason()}) {
+			if !s.pushEvent(ev) {
 				e.abort(s.id)
+			}
+			if !s.touched {
+				// Readers are woken once per batch, not once per event.
+				s.touched = true
+				e.touched = append(e.touched, s)
 			}
 		case evEnd:
 			var m struct {

@@ -66,21 +66,22 @@ func decodeEvents(buf []byte, fn func(*event)) error {
 	return nil
 }
 
-// tokenIDs copies the event's tokens out of the poll buffer.
-func (ev *event) tokenIDs() []int32 {
+// appendTokenIDs appends the event's tokens, copied out of the poll buffer, to dst.
+func (ev *event) appendTokenIDs(dst []int32) []int32 {
 	n := len(ev.tokens) / 4
 	if n == 0 {
-		return nil
+		return dst
 	}
-	out := make([]int32, n)
+	start := len(dst)
+	dst = append(dst, make([]int32, n)...)
 	if nativeLittleEndian {
-		copy(unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 4*n), ev.tokens)
-		return out
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&dst[start])), 4*n), ev.tokens)
+		return dst
 	}
-	for i := range out {
-		out[i] = int32(binary.LittleEndian.Uint32(ev.tokens[4*i:]))
+	for i := 0; i < n; i++ {
+		dst[start+i] = int32(binary.LittleEndian.Uint32(ev.tokens[4*i:]))
 	}
-	return out
+	return dst
 }
 
 func (ev *event) finishReason() string {

@@ -31,7 +31,7 @@ type shimAPI struct {
 	open      func()
 	run       func(code string) int32
 	send      func(kind int32, reqID int64, data *byte, n int64) int32
-	poll      func(timeoutMS int32) int64
+	poll      func(timeoutMS, coalesceUS int32) int64
 	polled    func() unsafe.Pointer
 	lastError func() string
 }

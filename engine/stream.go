@@ -13,8 +13,9 @@ type Stream struct {
 	id  int64
 	max int
 
-	notify chan struct{} // capacity 1: "something changed"
-	stop   func() bool   // unregisters the ctx watcher
+	notify  chan struct{} // capacity 1: "something changed"
+	stop    func() bool   // unregisters the ctx watcher
+	touched bool          // poller-only: already in this batch's wake list
 
 	mu      sync.Mutex
 	pending []pendingDelta
@@ -64,43 +65,41 @@ func (s *Stream) wake() {
 	}
 }
 
-// push queues a delta from the poller; false means the reader fell too far behind, and the
-// stream has been failed with ErrSlowConsumer (the caller aborts the request).
-func (s *Stream) push(d Delta) bool {
+// pushEvent queues a delta event from the poller without waking the reader (the poller wakes
+// each touched stream once per batch). False means the reader fell too far behind: the stream
+// has been failed with ErrSlowConsumer and the caller aborts the request.
+func (s *Stream) pushEvent(ev *event) bool {
 	s.mu.Lock()
 	if s.done {
 		s.mu.Unlock()
 		return true
 	}
-	// A reader that falls behind gets bigger deltas, not more of them (as vLLM's output
-	// collector merges DELTA outputs): merge into the last unread delta of the same choice.
-	if n := len(s.pending); n > s.head {
-		last := &s.pending[n-1]
-		if last.Index == d.Index && last.FinishReason == "" {
-			last.TokenIDs = append(last.TokenIDs, d.TokenIDs...)
-			last.more = append(last.more, d.Text...)
-			last.FinishReason = d.FinishReason
-			s.backlog += len(d.TokenIDs) + 1
-			if s.backlog <= s.max {
-				s.mu.Unlock()
-				s.wake()
-				return true
-			}
-		}
-	}
-	if s.backlog >= s.max {
+	ntok := len(ev.tokens) / 4
+	s.backlog += ntok + 1
+	if s.backlog > s.max {
 		s.done = true
 		s.err = ErrSlowConsumer
 		s.pending, s.head, s.backlog = nil, 0, 0
 		s.mu.Unlock()
 		s.e.forget(s.id)
-		s.wake()
 		return false
 	}
-	s.pending = append(s.pending, pendingDelta{Delta: d})
-	s.backlog += len(d.TokenIDs) + 1
+	// A reader that falls behind gets bigger deltas, not more of them (as vLLM's output
+	// collector merges DELTA outputs): merge into the last unread delta of the same choice.
+	if n := len(s.pending); n > s.head {
+		last := &s.pending[n-1]
+		if last.Index == int(ev.index) && last.FinishReason == "" {
+			last.TokenIDs = ev.appendTokenIDs(last.TokenIDs)
+			last.more = append(last.more, ev.text...)
+			last.FinishReason = ev.finishReason()
+			s.mu.Unlock()
+			return true
+		}
+	}
+	s.pending = append(s.pending, pendingDelta{Delta: Delta{
+		Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text), FinishReason: ev.finishReason(),
+	}})
 	s.mu.Unlock()
-	s.wake()
 	return true
 }
 

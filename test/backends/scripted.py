@@ -14,6 +14,9 @@ The prompt (a completion prompt, or the last chat message) is one command:
   stats              reply with JSON counters: aborts, running, started
   flood:N            call the shim's emit N times in a tight loop (the shim benchmark)
   floodnull:N        the same loop calling emit_null, which does nothing (its baseline)
+  stream:N           the bridge's own loop shape: an async generator yields N Delta objects and
+                     an async for emits each (what a backend's per-token Python costs at least)
+  streamnull:N       the same loop calling emit_null
 """
 
 from __future__ import annotations
@@ -108,6 +111,19 @@ class ScriptedBackend:
         elif op == "stats":
             text = json.dumps({"aborts": self.aborts, "running": len(self.running) - 1, "started": self.started})
             yield Delta(0, [0], text, "stop")
+        elif op in ("stream", "streamnull"):
+            import _govllm_shim as shim
+
+            emit = shim.emit if op == "stream" else shim.emit_null
+            rid = int(request_id)
+
+            async def deltas(n: int) -> AsyncIterator[Delta]:
+                for i in range(n):
+                    yield Delta(0, [i], "x", None)
+
+            async for d in deltas(int(arg)):
+                emit(rid, d.index, d.token_ids, d.text, 0)
+            yield Delta(0, [], "", "stop")
         elif op in ("flood", "floodnull"):
             import _govllm_shim as shim
 
