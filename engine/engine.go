@@ -73,10 +73,11 @@ type Engine struct {
 
 	nextID atomic.Int64
 
-	mu      sync.Mutex
-	streams map[int64]*Stream
-	closed  bool
-	dead    error // set once when the engine dies
+	mu        sync.Mutex
+	streams   map[int64]*Stream
+	statsWait map[int64]chan Stats
+	closed    bool
+	dead      error // set once when the engine dies
 
 	// Poller-only state for the batch being handled.
 	lastID  int64
@@ -87,6 +88,8 @@ type Engine struct {
 	runDone    chan struct{} // the interpreter's main thread returned
 	runErr     error         // what shim_run reported (valid after runDone)
 	pollerDone chan struct{}
+	stopped    chan struct{} // closed when the engine died or was closed
+	stopOnce   sync.Once
 	closeOnce  sync.Once
 }
 
@@ -144,9 +147,11 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		api:        it.api,
 		python:     py,
 		streams:    make(map[int64]*Stream),
+		statsWait:  make(map[int64]chan Stats),
 		ready:      make(chan error, 1),
 		runDone:    make(chan struct{}),
 		pollerDone: make(chan struct{}),
+		stopped:    make(chan struct{}),
 	}
 	e.log.Info("engine: starting", "engine", cfg.Engine, "model", cfg.Model, "python", py.Executable, "python_version", py.Version)
 	it.api.open()
@@ -364,6 +369,16 @@ func (e *Engine) handle(ev *event) {
 		default:
 		}
 		e.die(err)
+	case evStats:
+		e.mu.Lock()
+		ch := e.statsWait[ev.reqID]
+		delete(e.statsWait, ev.reqID)
+		e.mu.Unlock()
+		if ch != nil {
+			var st Stats
+			_ = json.Unmarshal(ev.meta, &st)
+			ch <- st
+		}
 	case evLog:
 		var m struct {
 			Level   string `json:"level"`
@@ -393,6 +408,7 @@ func (e *Engine) die(err error) {
 	e.streams = map[int64]*Stream{}
 	dead := e.dead
 	e.mu.Unlock()
+	e.stopOnce.Do(func() { close(e.stopped) })
 	select {
 	case e.ready <- fmt.Errorf("engine: start failed: %w", err):
 	default:
@@ -449,6 +465,45 @@ func (e *Engine) forget(id int64) {
 	e.mu.Unlock()
 }
 
+// Stats is the engine's own view of its load, asked of the backend.
+type Stats struct {
+	// BackendRunning is the number of requests the backend engine itself holds (running or
+	// waiting), or -1 when the backend cannot tell.
+	BackendRunning int `json:"backend_running"`
+	// BridgeRequests is the number of requests the Python bridge is serving.
+	BridgeRequests int `json:"bridge_requests"`
+	// Unhealthy is the backend's health error, empty when healthy.
+	Unhealthy string `json:"healthy"`
+}
+
+// Stats asks the backend for its load; it waits for the answer until ctx ends.
+func (e *Engine) Stats(ctx context.Context) (Stats, error) {
+	if err := e.Health(); err != nil {
+		return Stats{}, err
+	}
+	id := e.nextID.Add(1)
+	ch := make(chan Stats, 1)
+	e.mu.Lock()
+	e.statsWait[id] = ch
+	e.mu.Unlock()
+	defer func() {
+		e.mu.Lock()
+		delete(e.statsWait, id)
+		e.mu.Unlock()
+	}()
+	if rc := e.api.send(cmdStats, id, nil, 0); rc != 0 {
+		return Stats{}, fmt.Errorf("%w: stats: %s", ErrEngineDead, e.api.lastError())
+	}
+	select {
+	case st := <-ch:
+		return st, nil
+	case <-ctx.Done():
+		return Stats{}, fmt.Errorf("engine: stats: %w", ctx.Err())
+	case <-e.pollerDone:
+		return Stats{}, ErrClosed
+	}
+}
+
 // Model describes the model being served.
 func (e *Engine) Model() ModelInfo { return e.info }
 
@@ -472,8 +527,8 @@ func (e *Engine) Running() int {
 	return len(e.streams)
 }
 
-// Done is closed when the engine has stopped, after Close or when it died.
-func (e *Engine) Done() <-chan struct{} { return e.pollerDone }
+// Done is closed when the engine stops serving: it died (Health then says why) or was closed.
+func (e *Engine) Done() <-chan struct{} { return e.stopped }
 
 // Close aborts every request, shuts the backend down and waits (up to a minute) for the
 // interpreter's loop to end. The interpreter itself stays loaded until the process exits.
@@ -482,6 +537,7 @@ func (e *Engine) Close() error {
 		e.mu.Lock()
 		e.closed = true
 		e.mu.Unlock()
+		e.stopOnce.Do(func() { close(e.stopped) })
 		e.api.send(cmdShutdown, 0, nil, 0)
 		select {
 		case <-e.pollerDone:

@@ -204,6 +204,9 @@ func TestAbortOnContextCancel(t *testing.T) {
 		aborts, running := stats(t, shared)
 		return aborts == before+1 && running == 0 && shared.Running() == 0
 	}, 5*time.Second, 20*time.Millisecond, "the backend must see the abort")
+	st, err := shared.Stats(context.Background())
+	require.NoError(t, err)
+	require.Equal(t, engine.Stats{BackendRunning: 0, BridgeRequests: 0}, st)
 }
 
 func TestStreamCloseAborts(t *testing.T) {
@@ -314,6 +317,28 @@ func TestEngineLifecycle(t *testing.T) {
 	require.ErrorIs(t, err, engine.ErrEngineDead, "open streams fail when the engine dies")
 	require.ErrorIs(t, e.Health(), engine.ErrEngineDead)
 	require.ErrorContains(t, e.Health(), "core process killed")
+	select {
+	case <-e.Done():
+	case <-time.After(time.Second):
+		t.Fatal("Done is not closed after the engine died")
+	}
 	_, err = e.Generate(context.Background(), chat("count:1", 0))
 	require.ErrorIs(t, err, engine.ErrEngineDead)
+	require.NoError(t, e.Close())
+
+	// Death while idle (no request to fail) is noticed by the bridge's health watchdog.
+	e, err = engine.Open(context.Background(), scriptedConfig())
+	require.NoError(t, err)
+	defer e.Close()
+	s, err = e.Generate(context.Background(), chat("sick:engine core killed", 0))
+	require.NoError(t, err)
+	text, _, err := collect(t, s)
+	require.NoError(t, err)
+	require.Equal(t, "ok", text)
+	select {
+	case <-e.Done():
+	case <-time.After(time.Second):
+		t.Fatal("an engine that died while idle was not noticed within a second")
+	}
+	require.ErrorContains(t, e.Health(), "engine core killed")
 }

@@ -14,6 +14,7 @@ const (
 	evReady = 4 // the engine started; meta: model info
 	evFatal = 5 // the engine died; meta: {"message"}
 	evLog   = 6 // a log line; meta: {"level", "message"}
+	evStats = 7 // the answer to a stats command; meta: Stats
 )
 
 // finishReasons maps the shim's finish codes to OpenAI's names.

@@ -41,6 +41,7 @@ const (
 	cmdSubmit   = 1
 	cmdAbort    = 2
 	cmdShutdown = 3
+	cmdStats    = 4
 )
 
 // interpreter is the process's one embedded CPython. Its main thread is a goroutine locked to

@@ -97,6 +97,9 @@ func TestLibraryAbortOnCancel(t *testing.T) {
 	require.ErrorIs(t, last, context.Canceled)
 	require.Eventually(t, func() bool { return lib.Running() == 0 }, 10*time.Second, 20*time.Millisecond,
 		"the backend confirms the abort")
+	st, err := lib.Stats(context.Background())
+	require.NoError(t, err)
+	require.Equal(t, 0, st.BackendRunning, "transformers' manager no longer holds the request")
 	// The engine serves on.
 	_, text, err := run(context.Background(), "What is the capital of France?", 8, false)
 	require.NoError(t, err)

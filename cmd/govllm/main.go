@@ -104,6 +104,7 @@ func serve(args []string, stderr io.Writer) int {
 		apiKey      = fs.String("api-key", os.Getenv("GOVLLM_API_KEY"), "require this Bearer key on /v1/ routes (default: $GOVLLM_API_KEY)")
 		maxBody     = fs.Int64("max-body-bytes", server.DefaultMaxBodyBytes, "request body limit")
 		drain       = fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long in-flight requests may take to finish")
+		exitOnDeath = fs.Bool("exit-on-engine-death", false, "exit non-zero when the engine dies (for a supervisor to restart); otherwise keep answering 503")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	if err := fs.Parse(args); err != nil {
@@ -158,14 +159,22 @@ func serve(args []string, stderr io.Writer) int {
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("govllm: serving", "addr", "http://"+ln.Addr().String(), "model", e.Model().ID, "engine", e.Model().Backend)
 
-	select {
-	case err := <-serveErr:
-		log.Error("govllm: server stopped", "err", err)
-		return 1
-	case <-e.Done():
-		log.Error("govllm: engine stopped", "err", e.Health())
-		return 1
-	case <-ctx.Done():
+	engineDone := e.Done()
+	for waiting := true; waiting; {
+		select {
+		case err := <-serveErr:
+			log.Error("govllm: server stopped", "err", err)
+			return 1
+		case <-engineDone:
+			if *exitOnDeath {
+				log.Error("govllm: engine died, exiting (--exit-on-engine-death)", "err", e.Health())
+				return 3
+			}
+			log.Error("govllm: engine died; answering 503 until restarted", "err", e.Health())
+			engineDone = nil
+		case <-ctx.Done():
+			waiting = false
+		}
 	}
 	log.Info("govllm: shutting down", "drain_timeout", drain.String())
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), *drain)

@@ -11,6 +11,8 @@ The prompt (a completion prompt, or the last chat message) is one command:
   raise:MSG          raise RuntimeError(MSG) inside generate (500 for this request only)
   badrequest:MSG     raise RequestError(MSG) (400)
   die                raise EngineDeadError: the engine is dead from then on
+  sick:MSG           finish normally, but health() fails from then on (as when a vLLM engine
+                     core is killed while idle): the bridge's watchdog must notice
   stats              reply with JSON counters: aborts, running, started
   flood:N            call the shim's emit N times in a tight loop (the shim benchmark)
   floodnull:N        the same loop calling emit_null, which does nothing (its baseline)
@@ -55,6 +57,9 @@ class ScriptedBackend:
     def health(self) -> None:
         if self.dead:
             raise EngineDeadError(self.dead)
+
+    def num_running(self) -> int:
+        return len(self.running)
 
     async def abort(self, request_id: str) -> None:
         self.aborts += 1
@@ -108,6 +113,9 @@ class ScriptedBackend:
         elif op == "die":
             self.dead = arg or "scripted engine death"
             raise EngineDeadError(self.dead)
+        elif op == "sick":
+            self.dead = arg or "scripted engine death while idle"
+            yield Delta(0, [0], "ok", "stop")
         elif op == "stats":
             text = json.dumps({"aborts": self.aborts, "running": len(self.running) - 1, "started": self.started})
             yield Delta(0, [0], text, "stop")

@@ -128,5 +128,8 @@ class Backend(Protocol):
     def health(self) -> None:
         """Raise EngineDeadError when the engine cannot serve."""
 
+    def num_running(self) -> int:
+        """Requests the engine itself still holds (running or waiting): what an abort must free."""
+
     async def shutdown(self) -> None:
         """Stop the engine and free its resources."""

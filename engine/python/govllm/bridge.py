@@ -20,14 +20,15 @@ import _govllm_shim as shim  # created by the C shim before this module is impor
 from .backend import Backend, EngineConfig, EngineDeadError, RequestError, SamplingParams
 
 # Commands from Go (cshim/shim.h, engine/shim.go).
-CMD_SUBMIT, CMD_ABORT, CMD_SHUTDOWN = 1, 2, 3
+CMD_SUBMIT, CMD_ABORT, CMD_SHUTDOWN, CMD_STATS = 1, 2, 3, 4
 # Event kinds to Go (engine/event.go).
-EV_END, EV_ERROR, EV_READY, EV_FATAL, EV_LOG = 2, 3, 4, 5, 6
+EV_END, EV_ERROR, EV_READY, EV_FATAL, EV_LOG, EV_STATS = 2, 3, 4, 5, 6, 7
 FINISH_CODES = {None: 0, "stop": 1, "length": 2, "abort": 3}
+HEALTH_INTERVAL = 0.25  # seconds between backend health checks
 
 BACKENDS = {
     "transformers": "govllm.backends.hf_transformers:create",
-    "vllm": "govllm.backends.vllm:create",
+    "vllm": "govllm.backends.vllm_engine:create",
 }
 
 log = logging.getLogger("govllm")
@@ -84,10 +85,25 @@ class Bridge:
         }))
         fd = shim.inbox_fd()
         self.loop.add_reader(fd, self._on_inbox)
+        watchdog = self.loop.create_task(self._watch_health())
         try:
             await self.stopped
         finally:
+            watchdog.cancel()
             self.loop.remove_reader(fd)
+
+    async def _watch_health(self) -> None:
+        """Report engine death within HEALTH_INTERVAL even when no request is running (a killed
+        vLLM engine core, a crashed generation thread), so Go answers 503 and may exit."""
+        assert self.backend is not None
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            try:
+                self.backend.health()
+            except Exception as exc:
+                log.error("engine died: %s: %s", type(exc).__name__, exc)
+                shim.emit_event(0, EV_FATAL, _meta({"message": f"{type(exc).__name__}: {exc}"}))
+                return
 
     def _on_inbox(self) -> None:
         for kind, req_id, data in shim.take():
@@ -99,6 +115,12 @@ class Bridge:
                 task = self.tasks.get(req_id)
                 if task is not None:
                     task.cancel()
+            elif kind == CMD_STATS:
+                shim.emit_event(req_id, EV_STATS, _meta({
+                    "backend_running": self._backend_running(),
+                    "bridge_requests": len(self.tasks),
+                    "healthy": self._healthy(),
+                }))
             elif kind == CMD_SHUTDOWN:
                 self.loop.create_task(self._shutdown())
 
@@ -164,7 +186,23 @@ class Bridge:
         shim.emit_event(req_id, EV_END, _meta({
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
             "aborted": aborted,
+            "backend_running": self._backend_running(),
         }))
+
+    def _healthy(self) -> str:
+        try:
+            if self.backend is not None:
+                self.backend.health()
+            return ""
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    def _backend_running(self) -> int:
+        num_running = getattr(self.backend, "num_running", None)
+        try:
+            return int(num_running()) if num_running is not None else -1
+        except Exception:
+            return -1
 
     def _fail(self, req_id: int, status: int, type_: str, message: str, param: str | None) -> None:
         shim.emit_event(req_id, EV_ERROR, _meta({"Status": status, "Type": type_, "Message": message, "Param": param or ""}))

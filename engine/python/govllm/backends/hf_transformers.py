@@ -864,3 +864,17 @@ class TransformersBackend:
         scheduler = processor.scheduler
         held = set(scheduler.active_requests) | set(scheduler.waiting_requests)
         return bool(ids & held)
+
+    def num_running(self) -> int:
+        """Requests the manager still holds: result handlers plus the scheduler's running and
+        waiting requests (an n>1 request counts once per choice)."""
+        manager = self.manager
+        if manager is None:
+            return 0
+        with manager.output_router._lock:
+            held = set(manager.output_router.result_handlers)
+        processor = manager.batch_processor
+        if processor is not None:
+            scheduler = processor.scheduler
+            held |= set(scheduler.active_requests) | set(scheduler.waiting_requests)
+        return len(held)
