@@ -106,6 +106,8 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer stream.Close()
+	s.running.Add(1)
+	defer s.running.Add(-1)
 
 	c := &chatCall{
 		id:          req.ID,

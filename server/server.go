@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -25,10 +26,12 @@ type Config struct {
 	MaxBodyBytes int64
 	// APIKey, when set, is required as "Authorization: Bearer <key>" on the /v1/ routes.
 	APIKey string
+	// Stats, when set, adds the backend's own load to /metrics.
+	Stats StatsFunc
 }
 
 // Server is an http.Handler serving the OpenAI-compatible API: POST /v1/chat/completions,
-// GET /v1/models and GET /health. Unknown paths get 404 and known paths with the wrong
+// GET /v1/models, GET /health and GET /metrics (Prometheus). Unknown paths get 404 and known paths with the wrong
 // method get 405, both with an OpenAI error body.
 type Server struct {
 	backend      Backend
@@ -37,6 +40,8 @@ type Server struct {
 	apiKey       []byte
 	created      int64 // unix time of New, the "created" of the model card
 	mux          *http.ServeMux
+	metrics      http.Handler
+	running      atomic.Int64 // requests between Generate and the end of their response
 
 	// Seams for tests.
 	now   func() time.Time
@@ -66,6 +71,7 @@ func New(cfg Config) *Server {
 		s.apiKey = []byte(cfg.APIKey)
 	}
 	s.created = s.now().Unix()
+	s.metrics = s.newMetrics(cfg.Stats)
 	s.routes()
 	return s
 }
@@ -85,6 +91,7 @@ func (s *Server) routes() {
 		{http.MethodPost, "/v1/chat/completions", true, s.handleChat},
 		{http.MethodGet, "/v1/models", true, s.handleModels},
 		{http.MethodGet, "/health", false, s.handleHealth},
+		{http.MethodGet, "/metrics", false, s.metrics.ServeHTTP},
 	}
 	allow := make(map[string][]string)
 	var paths []string

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -151,3 +152,16 @@ func TestFromEngine(t *testing.T) {
 
 // The real engine adapts without naming its stream type.
 var _ = func(e *engine.Engine) Backend { return FromEngine(e) }
+
+func TestMetrics(t *testing.T) {
+	fb := &fakeBackend{info: engine.ModelInfo{ID: "m"}}
+	srv := newTestServer(t, fb, func(c *Config) {
+		c.Stats = func(context.Context) (engine.Stats, error) { return engine.Stats{BackendRunning: 3}, nil }
+	})
+	rec := httptest.NewRecorder()
+	srv.ServeHTTP(rec, newRequest(http.MethodGet, "/metrics", ""))
+	require.Equal(t, http.StatusOK, rec.Code)
+	body := rec.Body.String()
+	require.Contains(t, body, `govllm:num_requests_running{model_name="m"} 0`)
+	require.Contains(t, body, `govllm:backend_num_requests_running{model_name="m"} 3`)
+}

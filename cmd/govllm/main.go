@@ -151,7 +151,9 @@ func serve(args []string, stderr io.Writer) int {
 	defer e.Close()
 
 	srv := &http.Server{
-		Handler:           server.New(server.Config{Backend: server.FromEngine(e), Logger: log, MaxBodyBytes: *maxBody, APIKey: *apiKey}),
+		Handler: server.New(server.Config{
+			Backend: server.FromEngine(e), Logger: log, MaxBodyBytes: *maxBody, APIKey: *apiKey, Stats: e.Stats,
+		}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
