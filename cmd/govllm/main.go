@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -85,6 +87,27 @@ func defaultModel() string {
 	return rel
 }
 
+// engineArgFlag collects --engine-arg KEY=VALUE pairs.
+type engineArgFlag map[string]any
+
+func (f *engineArgFlag) String() string { return fmt.Sprint(map[string]any(*f)) }
+
+func (f *engineArgFlag) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("want KEY=VALUE, got %q", s)
+	}
+	if *f == nil {
+		*f = engineArgFlag{}
+	}
+	var parsed any
+	if err := json.Unmarshal([]byte(v), &parsed); err != nil {
+		parsed = v // a plain string
+	}
+	(*f)[k] = parsed
+	return nil
+}
+
 func serve(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("govllm serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -104,9 +127,13 @@ func serve(args []string, stderr io.Writer) int {
 		apiKey      = fs.String("api-key", os.Getenv("GOVLLM_API_KEY"), "require this Bearer key on /v1/ routes (default: $GOVLLM_API_KEY)")
 		maxBody     = fs.Int64("max-body-bytes", server.DefaultMaxBodyBytes, "request body limit")
 		drain       = fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long in-flight requests may take to finish")
+		loadFormat  = fs.String("load-format", "", "weights format (vllm): auto, safetensors, dummy (random weights for a config.json), …")
+		tp          = fs.Int("tensor-parallel-size", 0, "GPUs per model replica (vllm)")
+		engineArgs  engineArgFlag
 		exitOnDeath = fs.Bool("exit-on-engine-death", false, "exit non-zero when the engine dies (for a supervisor to restart); otherwise keep answering 503")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 	)
+	fs.Var(&engineArgs, "engine-arg", "extra engine argument KEY=VALUE (VALUE parsed as JSON when it can be, e.g. enforce_eager=false); repeatable")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -139,10 +166,20 @@ func serve(args []string, stderr io.Writer) int {
 	if *pythonPath != "" {
 		extraPath = filepath.SplitList(*pythonPath)
 	}
+	extra := map[string]any{}
+	for k, v := range engineArgs {
+		extra[k] = v
+	}
+	if *loadFormat != "" {
+		extra["load_format"] = *loadFormat
+	}
+	if *tp > 0 {
+		extra["tensor_parallel_size"] = *tp
+	}
 	e, err := engine.Open(ctx, engine.Config{
 		Model: *model, Engine: *eng, Python: *python, PythonPath: extraPath,
 		ServedModelName: *served, MaxModelLen: *maxModelLen, MaxNumSeqs: *maxNumSeqs,
-		Dtype: *dtype, Device: *device, Seed: *seed, Logger: log,
+		Dtype: *dtype, Device: *device, Seed: *seed, Extra: extra, Logger: log,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
