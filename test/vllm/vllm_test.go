@@ -27,6 +27,9 @@ import (
 const maxModelLen = 1024
 
 var (
+	// deviceArgs are added to every serve command; gpu_test.go (-tags gpu) sets CUDA.
+	deviceArgs []string
+
 	srv *govtest.Server
 	bin string
 	dir string
@@ -34,7 +37,7 @@ var (
 
 func TestMain(m *testing.M) {
 	if err := exec.Command(govtest.VenvPython(), "-c", "import vllm").Run(); err != nil {
-		fmt.Println("test/vllm: skipped: the venv cannot import vllm (run scripts/bootstrap)")
+		fmt.Printf("test/vllm: skipped: %s cannot import vllm (run scripts/bootstrap, or set GOVLLM_PYTHON to a venv with vllm)\n", govtest.VenvPython())
 		os.Exit(0)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -50,8 +53,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "test/vllm:", err)
 		os.Exit(1)
 	}
-	srv, err = govtest.Start(ctx, bin, dir, "--engine", "vllm", "--model", govtest.Model("SmolLM2-135M-Instruct"),
-		"--python", govtest.VenvPython(), "--dtype", "float32", "--max-model-len", strconv.Itoa(maxModelLen))
+	srv, err = govtest.Start(ctx, bin, dir, append([]string{"--engine", "vllm", "--model", govtest.Model("SmolLM2-135M-Instruct"),
+		"--python", govtest.VenvPython(), "--dtype", "float32", "--max-model-len", strconv.Itoa(maxModelLen)}, deviceArgs...)...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "test/vllm: start govllm:", err)
 		os.Exit(1)
@@ -247,8 +250,8 @@ func TestEngineDeath(t *testing.T) {
 		t.Run(fmt.Sprintf("exit-on-engine-death=%v", exitOnDeath), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
-			args := []string{"--engine", "vllm", "--model", govtest.Model("tiny-llama-dummy"),
-				"--load-format", "dummy", "--python", govtest.VenvPython()}
+			args := append([]string{"--engine", "vllm", "--model", govtest.Model("tiny-llama-dummy"),
+				"--load-format", "dummy", "--python", govtest.VenvPython()}, deviceArgs...)
 			if exitOnDeath {
 				args = append(args, "--exit-on-engine-death")
 			}

@@ -21,8 +21,14 @@ func RepoRoot() string {
 	return filepath.Join(filepath.Dir(file), "..", "..", "..")
 }
 
-// VenvPython is the project venv's interpreter.
-func VenvPython() string { return filepath.Join(RepoRoot(), ".venv", "bin", "python") }
+// VenvPython is the interpreter the tests embed: $GOVLLM_PYTHON (a CUDA host's venv with
+// vllm, say), else the project venv's.
+func VenvPython() string {
+	if p := os.Getenv("GOVLLM_PYTHON"); p != "" {
+		return p
+	}
+	return filepath.Join(RepoRoot(), ".venv", "bin", "python")
+}
 
 // Model returns the path of a model directory under models/.
 func Model(name string) string { return filepath.Join(RepoRoot(), "models", name) }
