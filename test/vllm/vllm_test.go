@@ -172,14 +172,29 @@ func TestSeedReproducible(t *testing.T) {
 	require.NotEqual(t, a, ask(99), "another seed gives another sample")
 }
 
-func TestValidationErrorFromVLLM(t *testing.T) {
-	// Within our own limits, but prompt + max_tokens exceed the context: vLLM refuses it.
-	status, c := post(t, srv.URL, map[string]any{"messages": user(strings.Repeat("France is a country. ", 60)), "max_tokens": maxModelLen - 10})
-	require.Equal(t, http.StatusBadRequest, status)
-	require.NotNil(t, c.Error)
-	require.Contains(t, c.Error.Message, "maximum context length")
+func TestContextLengthErrors(t *testing.T) {
+	long := strings.Repeat("France is a country. ", 300) // about 1,500 tokens
+	tests := []struct {
+		name      string
+		content   string
+		maxTokens int
+		want      string
+	}{
+		// vLLM's own check: the prompt alone does not fit.
+		{"prompt longer than the context", long, 16, "maximum"},
+		// The frontend's check, as vllm serve words it.
+		{"prompt plus max_tokens over the context", "What is the capital of France?", maxModelLen - 10, "maximum context length"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			status, c := post(t, srv.URL, map[string]any{"messages": user(tt.content), "max_tokens": tt.maxTokens})
+			require.Equal(t, http.StatusBadRequest, status)
+			require.NotNil(t, c.Error)
+			require.Contains(t, c.Error.Message, tt.want)
+		})
+	}
 	// The engine serves on.
-	status, _ = post(t, srv.URL, map[string]any{"messages": user("Hi"), "max_tokens": 2})
+	status, _ := post(t, srv.URL, map[string]any{"messages": user("Hi"), "max_tokens": 2})
 	require.Equal(t, http.StatusOK, status)
 }
 
@@ -262,9 +277,10 @@ func TestEngineDeath(t *testing.T) {
 			require.Equal(t, http.StatusOK, status)
 			require.Equal(t, 8, c.Usage.CompletionTokens)
 
+			// vLLM names it VLLM::EngineCore (comm holds 15 bytes of it).
 			var core []int
 			for _, pid := range govtest.Children(dummy.Cmd.Process.Pid) {
-				if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.Contains(string(comm), "EngineCore") {
+				if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.HasPrefix(string(comm), "VLLM::EngineCor") {
 					core = append(core, pid)
 				}
 			}

@@ -98,6 +98,22 @@ class RequestError(Exception):
         self.param = param
 
 
+def context_length_error(max_len: int, prompt_len: int, max_tokens: int | None) -> RequestError:
+    """The 400 for a request that does not fit the context, worded as vLLM's server words it."""
+    if max_tokens is None:
+        return RequestError(
+            f"This model's maximum context length is {max_len} tokens. However, your request has "
+            f"{prompt_len} input tokens. Please reduce the length of the input messages.",
+            param="messages",
+        )
+    return RequestError(
+        f"This model's maximum context length is {max_len} tokens. However, you requested "
+        f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+        "Please reduce the length of the messages or completion.",
+        param="max_tokens",
+    )
+
+
 class EngineDeadError(Exception):
     """The engine can serve no more requests; the Go side reports 503 and may exit."""
 

