@@ -67,6 +67,7 @@ class Bridge:
         self.backend: Backend | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.stopped: asyncio.Future[None] = loop.create_future()
+        self.watchdog: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         try:
@@ -85,11 +86,11 @@ class Bridge:
         }))
         fd = shim.inbox_fd()
         self.loop.add_reader(fd, self._on_inbox)
-        watchdog = self.loop.create_task(self._watch_health())
+        self.watchdog = self.loop.create_task(self._watch_health())
         try:
             await self.stopped
         finally:
-            watchdog.cancel()
+            self.watchdog.cancel()
             self.loop.remove_reader(fd)
 
     async def _watch_health(self) -> None:
@@ -132,6 +133,8 @@ class Bridge:
             shim.emit_event(req_id, EV_END, _meta({"usage": {"prompt_tokens": 0, "completion_tokens": 0}, "aborted": True}))
 
     async def _shutdown(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()  # a backend shutting down is not a backend dying
         for task in list(self.tasks.values()):
             task.cancel()
         if self.tasks:
