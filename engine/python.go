@@ -180,6 +180,17 @@ func FindPython(ctx context.Context, explicit string, modules ...string) (*Pytho
 
 // projectVenvs lists .venv/bin/python candidates above the executable and the working directory.
 func projectVenvs() []string {
+	var out []string
+	for _, d := range SearchDirs() {
+		out = append(out, filepath.Join(d, ".venv", "bin", "python"))
+	}
+	return out
+}
+
+// SearchDirs lists the directory of the running executable and the working directory, each
+// followed by its ancestors, without repeats: where govllm looks for the project's .venv and
+// models/ when none is named.
+func SearchDirs() []string {
 	var starts []string
 	if exe, err := os.Executable(); err == nil {
 		if r, err := filepath.EvalSymlinks(exe); err == nil {
@@ -194,10 +205,9 @@ func projectVenvs() []string {
 	var out []string
 	for _, dir := range starts {
 		for d := dir; ; d = filepath.Dir(d) {
-			p := filepath.Join(d, ".venv", "bin", "python")
-			if !seen[p] {
-				seen[p] = true
-				out = append(out, p)
+			if !seen[d] {
+				seen[d] = true
+				out = append(out, d)
 			}
 			if filepath.Dir(d) == d {
 				break

@@ -63,25 +63,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 // defaultModel is the bootstrap's model directory, found above the binary or the working dir.
 func defaultModel() string {
 	const rel = "models/SmolLM2-135M-Instruct"
-	var starts []string
-	if exe, err := os.Executable(); err == nil {
-		if r, err := filepath.EvalSymlinks(exe); err == nil {
-			exe = r
-		}
-		starts = append(starts, filepath.Dir(exe))
-	}
-	if wd, err := os.Getwd(); err == nil {
-		starts = append(starts, wd)
-	}
-	for _, dir := range starts {
-		for d := dir; ; d = filepath.Dir(d) {
-			p := filepath.Join(d, rel)
-			if st, err := os.Stat(p); err == nil && st.IsDir() {
-				return p
-			}
-			if filepath.Dir(d) == d {
-				break
-			}
+	for _, d := range engine.SearchDirs() {
+		p := filepath.Join(d, rel)
+		if st, err := os.Stat(p); err == nil && st.IsDir() {
+			return p
 		}
 	}
 	return rel

@@ -17,6 +17,7 @@ import pytest
 
 from govllm.backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams
 from govllm.backends import hf_transformers
+from helpers import _collect, collect, greedy
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 TOPICS = [
@@ -39,28 +40,6 @@ def backend(model_path, loop):
           f"attention {b.model.config._attn_implementation}, max_model_len {b.max_model_len()}")
     yield b
     loop.run_until_complete(b.shutdown())
-
-
-def collect(loop, backend, prompt, sampling, request_id):
-    return loop.run_until_complete(_collect(backend, prompt, sampling, request_id))
-
-
-async def _collect(backend, prompt, sampling, request_id) -> dict[int, dict]:
-    """Runs one request; returns {index: {"ids", "text", "finish", "deltas"}}."""
-    out: dict[int, dict] = {}
-    async for d in backend.generate(prompt, sampling, request_id):
-        assert isinstance(d, Delta)
-        c = out.setdefault(d.index, {"ids": [], "text": "", "finish": None, "deltas": 0})
-        assert c["finish"] is None, "delta after the finishing one"
-        c["ids"] += d.token_ids
-        c["text"] += d.text
-        c["finish"] = d.finish_reason
-        c["deltas"] += 1
-    return out
-
-
-def greedy(max_tokens, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
 def topic_prompt(backend, i):

@@ -32,6 +32,7 @@ psutil = pytest.importorskip("psutil")
 
 from govllm.backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams  # noqa: E402
 from govllm.backends import vllm_engine  # noqa: E402
+from helpers import _collect, collect, greedy
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_MODEL_LEN = 2048
@@ -83,29 +84,6 @@ def tiny_model_dir(model_path, tmp_path_factory) -> str:
 def tiny_config(path: str) -> EngineConfig:
     return EngineConfig(model=path, engine="vllm", dtype="float32", max_model_len=512,
                         extra={"load_format": "dummy", "kv_cache_gib": 0.25})
-
-
-def collect(loop, backend, prompt, sampling, request_id):
-    return loop.run_until_complete(_collect(backend, prompt, sampling, request_id))
-
-
-async def _collect(backend, prompt, sampling, request_id) -> dict[int, dict]:
-    """Runs one request; returns {index: {"ids", "text", "finish", "deltas"}}."""
-    out: dict[int, dict] = {}
-    async for d in backend.generate(prompt, sampling, request_id):
-        assert isinstance(d, Delta)
-        c = out.setdefault(d.index, {"ids": [], "text": "", "finish": None, "deltas": 0})
-        assert c["finish"] is None, "delta after the finishing one"
-        assert d.token_ids or d.text or d.finish_reason, "empty delta"
-        c["ids"] += d.token_ids
-        c["text"] += d.text
-        c["finish"] = d.finish_reason
-        c["deltas"] += 1
-    return out
-
-
-def greedy(max_tokens, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
 async def _wait_idle(backend, timeout=10.0) -> bool:

@@ -1,0 +1,28 @@
+"""Helpers shared by the backend tests."""
+
+from __future__ import annotations
+
+from govllm.backend import Delta, SamplingParams
+
+
+def collect(loop, backend, prompt, sampling, request_id):
+    return loop.run_until_complete(_collect(backend, prompt, sampling, request_id))
+
+
+async def _collect(backend, prompt, sampling, request_id) -> dict[int, dict]:
+    """Runs one request; returns {index: {"ids", "text", "finish", "deltas"}}."""
+    out: dict[int, dict] = {}
+    async for d in backend.generate(prompt, sampling, request_id):
+        assert isinstance(d, Delta)
+        c = out.setdefault(d.index, {"ids": [], "text": "", "finish": None, "deltas": 0})
+        assert c["finish"] is None, "delta after the finishing one"
+        assert d.token_ids or d.text or d.finish_reason, "empty delta"
+        c["ids"] += d.token_ids
+        c["text"] += d.text
+        c["finish"] = d.finish_reason
+        c["deltas"] += 1
+    return out
+
+
+def greedy(max_tokens, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
