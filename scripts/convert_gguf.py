@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMAT = "format 3"  # bump when the output changes; scripts/bootstrap reconverts older ones
 
 
 def find_gguf() -> pathlib.Path:
@@ -44,13 +45,17 @@ def convert(gguf: pathlib.Path, out: pathlib.Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    # The GGUF carries no sampling defaults. A 135M model answers best greedily, so requests that
+    # set no temperature decode greedily (govllm maps do_sample=False to temperature 0); clients
+    # that sample should follow SmolLM2's model card: temperature 0.2, top_p 0.9.
+    model.generation_config.do_sample = False
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename, so an interrupted run never leaves half a model.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / ".govllm-converted").write_text(f"converted from {GGUF_NAME}\n")
+        (tmp / ".govllm-converted").write_text(f"converted from {GGUF_NAME}, {FORMAT}\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import traceback
 from typing import Any
 
@@ -50,6 +51,26 @@ def _meta(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+# generation_config.json keys that become sampling defaults, as vllm serve applies them.
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")
+
+
+def generation_defaults(model_dir: str) -> dict[str, Any]:
+    """The model's recommended sampling (generation_config.json), for fields a request leaves unset."""
+    try:
+        with open(os.path.join(model_dir, "generation_config.json")) as f:
+            gc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if gc.get("do_sample") is False:
+        defaults: dict[str, Any] = {"temperature": 0.0}  # Hugging Face's meaning: greedy
+    else:
+        defaults = {k: gc[k] for k in GENERATION_DEFAULTS if gc.get(k) is not None}
+    if defaults:
+        log.info("sampling defaults from the model's generation_config.json: %s", defaults)
+    return defaults
+
+
 def load_backend(cfg: EngineConfig) -> Backend:
     target = BACKENDS.get(cfg.engine, cfg.engine)
     module_name, _, attr = target.partition(":")
@@ -68,6 +89,7 @@ class Bridge:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.stopped: asyncio.Future[None] = loop.create_future()
         self.watchdog: asyncio.Task[None] | None = None
+        self.sampling_defaults = generation_defaults(cfg.model)
 
     async def run(self) -> None:
         try:
@@ -164,7 +186,7 @@ class Bridge:
         aborted = False
         try:
             req = json.loads(data)
-            sampling = SamplingParams.from_dict(req.get("sampling") or {})
+            sampling = SamplingParams.from_dict({**self.sampling_defaults, **(req.get("sampling") or {})})
             ids = self._prompt_ids(req)
             prompt_tokens = len(ids)
             async for d in self.backend.generate(ids, sampling, str(req_id)):
