@@ -39,7 +39,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "test:", err)
 		os.Exit(1)
 	}
-	srv, err := govtest.Start(ctx, bin, dir, "--engine", "transformers", "--model", defaultModel(), "--python", govtest.VenvPython())
+	srv, err := govtest.Start(ctx, bin, dir, "--engine", "transformers", "--model", defaultModel(), "--python", govtest.VenvPython(),
+		"--device", device, "--dtype", dtype)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "test: start govllm:", err)
 		os.Exit(1)
@@ -49,6 +50,8 @@ func TestMain(m *testing.M) {
 		Model:  defaultModel(),
 		Engine: "transformers",
 		Python: govtest.VenvPython(),
+		Device: device,
+		Dtype:  dtype,
 	})
 	if err != nil {
 		srv.Stop(time.Minute)

@@ -105,22 +105,30 @@ func user(content string) []map[string]string {
 	return []map[string]string{{"role": "user", "content": content}}
 }
 
-func TestStreamingChat(t *testing.T) {
-	b, _ := json.Marshal(map[string]any{"messages": user("What is the capital of France?"), "stream": true,
-		"temperature": 0, "max_tokens": 32, "stream_options": map[string]any{"include_usage": true}})
-	resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", bytes.NewReader(b))
+// stream posts a streaming request and returns its SSE data lines.
+func stream(t *testing.T, url string, body map[string]any) []string {
+	t.Helper()
+	b, _ := json.Marshal(body)
+	resp, err := http.Post(url+"/v1/chat/completions", "application/json", bytes.NewReader(b))
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	require.Equal(t, http.StatusOK, resp.StatusCode)
-	var text strings.Builder
 	var lines []string
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
-		line, ok := strings.CutPrefix(sc.Text(), "data: ")
-		if !ok {
-			continue
+		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+			lines = append(lines, line)
 		}
-		lines = append(lines, line)
+	}
+	require.NoError(t, sc.Err())
+	return lines
+}
+
+func TestStreamingChat(t *testing.T) {
+	lines := stream(t, srv.URL, map[string]any{"messages": user("What is the capital of France?"), "stream": true,
+		"temperature": 0, "max_tokens": 32, "stream_options": map[string]any{"include_usage": true}})
+	var text strings.Builder
+	for _, line := range lines {
 		var c struct {
 			Choices []struct {
 				Delta struct {
@@ -276,6 +284,8 @@ func TestEngineDeath(t *testing.T) {
 			status, c := post(t, dummy.URL, map[string]any{"messages": user("Hello"), "max_tokens": 8, "ignore_eos": true})
 			require.Equal(t, http.StatusOK, status)
 			require.Equal(t, 8, c.Usage.CompletionTokens)
+			lines := stream(t, dummy.URL, map[string]any{"messages": user("Hello"), "max_tokens": 8, "ignore_eos": true, "stream": true})
+			require.Equal(t, "[DONE]", lines[len(lines)-1], "random weights stream too")
 
 			// vLLM names it VLLM::EngineCore (comm holds 15 bytes of it).
 			var core []int
