@@ -5,7 +5,7 @@ SHIM := engine/shim/libgovllm_shim.so
 GO_TEST_FLAGS ?= -race -count=1 -timeout 30m
 export CGO_ENABLED := 1
 
-.PHONY: all bootstrap shim build run test test-go test-python test-e2e bench clean
+.PHONY: all bootstrap shim build run test test-go test-python test-e2e fuzz bench clean
 
 all: build
 
@@ -36,6 +36,13 @@ test: bootstrap build
 
 test-go: $(SHIM)
 	go test $(GO_TEST_FLAGS) ./...
+	$(MAKE) fuzz
+
+# Bounded fuzzing of the request decoders (go test takes one -fuzz target per run).
+FUZZTIME ?= 20s
+fuzz:
+	go test -run '^$$' -fuzz '^FuzzDecodeChat$$' -fuzztime $(FUZZTIME) ./server/
+	go test -run '^$$' -fuzz '^FuzzDecodeCompletion$$' -fuzztime $(FUZZTIME) ./server/
 
 test-python:
 	$(PY) -m pytest -q engine/python/tests

@@ -224,6 +224,36 @@ func TestStreamCloseAborts(t *testing.T) {
 	}, 5*time.Second, 20*time.Millisecond)
 }
 
+func TestAbortKeepsStream(t *testing.T) {
+	// Abort stops the request in the backend but the stream goes on to its end: what was
+	// generated before, then io.EOF, with the usage counted.
+	before, _ := stats(t, shared)
+	s, err := shared.Generate(context.Background(), chat("slow:1000:5", 0))
+	require.NoError(t, err)
+	defer s.Close()
+	d, err := s.Recv()
+	require.NoError(t, err)
+	require.Equal(t, " 0", d.Text)
+	s.Abort()
+	n := 1
+	for {
+		d, err := s.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		require.NoError(t, err)
+		require.Empty(t, d.FinishReason)
+		n += len(d.TokenIDs)
+	}
+	require.Less(t, n, 1000)
+	require.Equal(t, engine.Usage{PromptTokens: len("slow:1000:5"), CompletionTokens: n}, s.Usage())
+	s.Abort() // after the end: nothing to do
+	require.Eventually(t, func() bool {
+		aborts, running := stats(t, shared)
+		return aborts == before+1 && running == 0 && shared.Running() == 0
+	}, 5*time.Second, 20*time.Millisecond)
+}
+
 func TestCloseBeforeStartIsReaped(t *testing.T) {
 	// Closed before the bridge ever ran it: the request still ends, and nothing lingers.
 	for i := 0; i < 20; i++ {

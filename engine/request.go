@@ -32,6 +32,19 @@ type SamplingParams struct {
 	IgnoreEOS bool `json:"ignore_eos,omitempty"`
 	// N is the number of choices; 0 means 1.
 	N int `json:"n,omitempty"`
+	// MinP drops tokens less likely than MinP times the most likely one; 0 means off.
+	MinP float64 `json:"min_p,omitempty"`
+	// PresencePenalty, in [-2, 2], is subtracted from the logit of every token already
+	// generated; 0 means off.
+	PresencePenalty float64 `json:"presence_penalty,omitempty"`
+	// FrequencyPenalty, in [-2, 2], is subtracted from a token's logit once per time it was
+	// generated; 0 means off.
+	FrequencyPenalty float64 `json:"frequency_penalty,omitempty"`
+	// RepetitionPenalty divides positive (multiplies negative) logits of tokens seen in the
+	// prompt or the output; 0 means unset, which is 1 (off).
+	RepetitionPenalty float64 `json:"repetition_penalty,omitempty"`
+	// MinTokens is the fewest tokens generated before EOS or a stop token may end a choice.
+	MinTokens int `json:"min_tokens,omitempty"`
 }
 
 // Request is one generation request. Exactly one of Messages, Prompt and PromptTokenIDs is set:

@@ -167,6 +167,19 @@ func (s *Stream) Usage() Usage {
 // ID returns the engine's number for this request.
 func (s *Stream) ID() int64 { return s.id }
 
+// Abort asks the backend to stop the request early, as Close does, but keeps the stream open:
+// Recv goes on returning what the backend sent before it stopped, then io.EOF, and Usage counts
+// the tokens generated until then. Choices cut short get no delta with a finish reason. Abort
+// does nothing once the stream has ended; Close must still be called.
+func (s *Stream) Abort() {
+	s.mu.Lock()
+	done := s.done
+	s.mu.Unlock()
+	if !done {
+		s.e.abort(s.id)
+	}
+}
+
 // Close abandons the stream: an unfinished request is aborted in the backend. It is safe to
 // call more than once and after the stream ended.
 func (s *Stream) Close() {

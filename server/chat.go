@@ -1,13 +1,7 @@
 package server
 
 import (
-	"errors"
-	"fmt"
-	"io"
-	"log/slog"
 	"net/http"
-	"strings"
-	"time"
 
 	"github.com/govllm/govllm/engine"
 )
@@ -20,6 +14,8 @@ type chatChunk struct {
 	Model   string        `json:"model"`
 	Choices []chunkChoice `json:"choices"`
 	Usage   *usage        `json:"usage,omitempty"`
+	// SystemFingerprint is set on the finish chunks, or on the usage chunk when there is one.
+	SystemFingerprint string `json:"system_fingerprint,omitempty"`
 }
 
 type chunkChoice struct {
@@ -71,18 +67,6 @@ type assistantMessage struct {
 
 const assistantRole = "assistant"
 
-// chatCall is one chat completion in flight.
-type chatCall struct {
-	id          string
-	created     int64
-	model       string
-	fingerprint string
-	params      chatParams
-	stream      TokenStream
-	log         *slog.Logger
-	start       time.Time
-}
-
 // handleChat serves POST /v1/chat/completions.
 func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	start := s.now()
@@ -98,32 +82,17 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	req.ID = s.newID("chatcmpl-")
-	log := s.log.With("request_id", req.ID)
-
-	stream, err := s.backend.Generate(r.Context(), req)
-	if err != nil {
-		s.reject(w, log, fmt.Errorf("server: generate: %w", err), toAPIError(err))
-		return
-	}
-	defer stream.Close()
-	s.running.Add(1)
-	defer s.running.Add(-1)
-
-	c := &chatCall{
+	c := &call{
 		id:          req.ID,
 		created:     start.Unix(),
 		model:       info.ID,
 		fingerprint: fingerprint(info),
 		params:      params,
-		stream:      stream,
-		log:         log,
+		log:         s.log.With("request_id", req.ID),
 		start:       start,
+		kind:        "chat",
 	}
-	if params.stream {
-		s.streamChat(w, c)
-	} else {
-		s.completeChat(w, c)
-	}
+	s.generate(w, r, req, c, chatFormat{})
 }
 
 // fingerprint is the system_fingerprint of responses: the engine that produced them.
@@ -134,191 +103,57 @@ func fingerprint(info engine.ModelInfo) string {
 	return "govllm-" + info.Backend
 }
 
-// choiceTracker checks the deltas of a request against its n choices.
-type choiceTracker struct {
-	finished []bool
-	left     int
-}
+// chatFormat writes chat completions: per choice a role chunk with its first output, content
+// chunks and a separate finish chunk. As in vLLM, system_fingerprint goes on the usage chunk
+// when there is one, else on the finish chunks.
+type chatFormat struct{}
 
-func newChoiceTracker(n int) choiceTracker {
-	return choiceTracker{finished: make([]bool, n), left: n}
-}
-
-// add records d and reports an error if the request cannot have produced it.
-func (t *choiceTracker) add(d engine.Delta) error {
-	if d.Index < 0 || d.Index >= len(t.finished) {
-		return fmt.Errorf("%w: choice index %d, want [0, %d)", errBadDelta, d.Index, len(t.finished))
+func (chatFormat) writeDelta(sw *sseWriter, c *call, d engine.Delta, first bool) {
+	chunk := chatChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model}
+	var one [1]chunkChoice
+	emit := func(delta chunkDelta, finish *string) {
+		one[0] = chunkChoice{Index: d.Index, Delta: delta, FinishReason: finish}
+		chunk.Choices = one[:]
+		sw.writeSSE(&chunk)
 	}
-	if t.finished[d.Index] {
-		return fmt.Errorf("%w: choice %d after its finish", errBadDelta, d.Index)
+	if first {
+		empty := ""
+		emit(chunkDelta{Role: assistantRole, Content: &empty}, nil)
+	}
+	if d.Text != "" {
+		emit(chunkDelta{Content: &d.Text}, nil)
 	}
 	if d.FinishReason != "" {
-		t.finished[d.Index] = true
-		t.left--
+		if !c.params.includeUsage {
+			chunk.SystemFingerprint = c.fingerprint
+		}
+		emit(chunkDelta{}, &d.FinishReason)
 	}
-	return nil
 }
 
-// done returns an error unless every choice has finished.
-func (t *choiceTracker) done() error {
-	if t.left > 0 {
-		return fmt.Errorf("%w: %d of %d choices unfinished", errIncompleteStream, t.left, len(t.finished))
+func (chatFormat) usageChunk(c *call, u usage) any {
+	return &chatChunk{
+		ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
+		Choices: []chunkChoice{}, Usage: &u, SystemFingerprint: c.fingerprint,
 	}
-	return nil
 }
 
-// completeChat collects the whole output and answers with one chat.completion object.
-func (s *Server) completeChat(w http.ResponseWriter, c *chatCall) {
-	n := c.params.n
-	texts := make([]strings.Builder, n)
-	reasons := make([]string, n)
-	track := newChoiceTracker(n)
-	for {
-		d, err := c.stream.Recv()
-		if errors.Is(err, io.EOF) {
-			err = track.done()
-			if err == nil {
-				break
-			}
-		} else if err == nil {
-			err = track.add(d)
-		}
-		if err != nil {
-			s.reject(w, c.log, fmt.Errorf("server: chat completion: %w", err), toAPIError(err))
-			return
-		}
-		texts[d.Index].WriteString(d.Text)
-		if d.FinishReason != "" {
-			reasons[d.Index] = d.FinishReason
-		}
-	}
-	u := toUsage(c.stream.Usage())
+func (chatFormat) response(c *call, texts []string, reasons []string, u usage) any {
 	resp := chatCompletion{
 		ID:                c.id,
 		Object:            "chat.completion",
 		Created:           c.created,
 		Model:             c.model,
-		Choices:           make([]completionChoice, n),
+		Choices:           make([]completionChoice, len(texts)),
 		Usage:             u,
 		SystemFingerprint: c.fingerprint,
 	}
 	for i := range resp.Choices {
 		resp.Choices[i] = completionChoice{
 			Index:        i,
-			Message:      assistantMessage{Role: assistantRole, Content: texts[i].String()},
+			Message:      assistantMessage{Role: assistantRole, Content: texts[i]},
 			FinishReason: reasons[i],
 		}
 	}
-	writeJSON(w, http.StatusOK, resp)
-	s.logDone(c, u)
-}
-
-// streamChat sends the output as server-sent events: per choice a role chunk with its first
-// output, content chunks, and a separate finish chunk; then the usage chunk if asked for, and
-// [DONE]. Deltas with no text and no finish reason are skipped.
-func (s *Server) streamChat(w http.ResponseWriter, c *chatCall) {
-	sw := newSSEWriter(w)
-	chunk := chatChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model}
-	var one [1]chunkChoice
-	emit := func(index int, delta chunkDelta, finish *string) {
-		one[0] = chunkChoice{Index: index, Delta: delta, FinishReason: finish}
-		chunk.Choices = one[:]
-		sw.writeSSE(&chunk)
-	}
-	empty := ""
-	sent := make([]bool, c.params.n) // whether the choice's role chunk went out
-	track := newChoiceTracker(c.params.n)
-	for {
-		d, err := c.stream.Recv()
-		if errors.Is(err, io.EOF) {
-			err = track.done()
-			if err == nil {
-				break
-			}
-		} else if err == nil {
-			err = track.add(d)
-		}
-		if err != nil {
-			s.failStream(w, sw, c, err)
-			return
-		}
-		if d.Text == "" && d.FinishReason == "" {
-			continue
-		}
-		if !sent[d.Index] {
-			sent[d.Index] = true
-			emit(d.Index, chunkDelta{Role: assistantRole, Content: &empty}, nil)
-		}
-		if d.Text != "" {
-			emit(d.Index, chunkDelta{Content: &d.Text}, nil)
-		}
-		if d.FinishReason != "" {
-			emit(d.Index, chunkDelta{}, &d.FinishReason)
-		}
-		if err := sw.flush(); err != nil {
-			c.log.Debug("client went away", "err", err)
-			return
-		}
-	}
-	u := toUsage(c.stream.Usage())
-	if c.params.includeUsage {
-		chunk.Choices = []chunkChoice{}
-		chunk.Usage = &u
-		sw.writeSSE(&chunk)
-	}
-	sw.writeDone()
-	if err := sw.flush(); err != nil {
-		c.log.Debug("client went away", "err", err)
-		return
-	}
-	s.logDone(c, u)
-}
-
-// failStream answers err: with an error status if nothing was sent yet, else with an SSE error
-// event followed by [DONE].
-func (s *Server) failStream(w http.ResponseWriter, sw *sseWriter, c *chatCall, err error) {
-	e := toAPIError(err)
-	err = fmt.Errorf("server: chat completion stream: %w", err)
-	if !sw.started {
-		s.reject(w, c.log, err, e)
-		return
-	}
-	s.logFailure(c.log, err, e)
-	if e == nil {
-		return
-	}
-	sw.writeSSE(e.body())
-	sw.writeDone()
-	if err := sw.flush(); err != nil {
-		c.log.Debug("client went away", "err", err)
-	}
-}
-
-// reject logs err and answers with e; a nil e means the client is gone and gets no answer.
-func (s *Server) reject(w http.ResponseWriter, log *slog.Logger, err error, e *apiError) {
-	s.logFailure(log, err, e)
-	if e != nil {
-		writeError(w, e)
-	}
-}
-
-// logFailure logs a failed request: server-side failures as errors, the rest for debugging.
-func (s *Server) logFailure(log *slog.Logger, err error, e *apiError) {
-	switch {
-	case e == nil:
-		log.Debug("client went away", "err", err)
-	case e.Status >= 500:
-		log.Error("request failed", "status", e.Status, "err", err)
-	default:
-		log.Debug("request rejected", "status", e.Status, "err", err)
-	}
-}
-
-func (s *Server) logDone(c *chatCall, u usage) {
-	c.log.Debug("chat completion done",
-		"stream", c.params.stream,
-		"n", c.params.n,
-		"prompt_tokens", u.PromptTokens,
-		"completion_tokens", u.CompletionTokens,
-		"duration", s.now().Sub(c.start))
+	return &resp
 }

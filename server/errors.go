@@ -20,6 +20,8 @@ var (
 	errIncompleteStream = errors.New("server: stream ended before every choice finished")
 	// errBadDelta means the backend sent a delta the request cannot have produced.
 	errBadDelta = errors.New("server: unexpected delta from backend")
+	// errNotAdmitted means a request was refused a slot to run, or its client left the queue.
+	errNotAdmitted = errors.New("server: request not admitted")
 )
 
 // apiError is an error the client sees: an OpenAI error body and the HTTP status carrying it.

@@ -158,12 +158,23 @@ func textChunk(index int, text string) string {
 	return chunk(index, `{"content":`+strings.TrimSuffix(b.String(), "\n")+`}`, "null")
 }
 
-func finishChunk(index int, reason string) string { return chunk(index, `{}`, `"`+reason+`"`) }
+// testFingerprint is the system_fingerprint of testInfo's responses.
+const testFingerprint = "govllm-fake"
+
+// finishChunk is a choice's finish chunk in a stream without usage: it carries the fingerprint.
+func finishChunk(index int, reason string) string {
+	c := chunk(index, `{}`, `"`+reason+`"`)
+	return strings.TrimSuffix(c, "}\n\n") + `,"system_fingerprint":"` + testFingerprint + `"}` + "\n\n"
+}
+
+// finishChunkU is a choice's finish chunk in a stream with usage, whose usage chunk carries the
+// fingerprint.
+func finishChunkU(index int, reason string) string { return chunk(index, `{}`, `"`+reason+`"`) }
 
 func usageChunk(prompt, completion int) string {
 	return fmt.Sprintf(`data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":"%s",`+
-		`"choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}`+"\n\n",
-		testID, testCreated, testModel, prompt, completion, prompt+completion)
+		`"choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d},"system_fingerprint":"%s"}`+"\n\n",
+		testID, testCreated, testModel, prompt, completion, prompt+completion, testFingerprint)
 }
 
 const doneEvent = "data: [DONE]\n\n"

@@ -3,14 +3,16 @@
 package server
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
 	"log/slog"
 	"net/http"
 	"strings"
-	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // DefaultMaxBodyBytes is the request body limit when [Config.MaxBodyBytes] is zero.
@@ -28,10 +30,34 @@ type Config struct {
 	APIKey string
 	// Stats, when set, adds the backend's own load to /metrics.
 	Stats StatsFunc
+	// Collectors are registered on /metrics next to the server's own metrics (for example the
+	// GPU gauges of gpu.Monitor).
+	Collectors []prometheus.Collector
+	// HealthChecks are consulted by GET /health after the backend: the first error makes it
+	// answer 503 with that error's message (for example gpu.Monitor after an XID error).
+	HealthChecks []HealthChecker
+
+	// MaxConcurrent bounds the completions that run at once; 0 means no bound. Requests
+	// beyond it wait, in arrival order, in a queue of MaxQueue; beyond that they get 429 with
+	// Retry-After.
+	MaxConcurrent int
+	// MaxQueue is how many requests may wait for one of MaxConcurrent slots.
+	MaxQueue int
+	// RequestTimeout bounds a completion from its arrival, queueing included; 0 means none.
+	// Past it the request is aborted in the engine and answered with what it generated, its
+	// unfinished choices ending with finish_reason "abort" (a request still queued gets 503).
+	RequestTimeout time.Duration
+	// WriteTimeout bounds each write to a client; a client that reads too slowly for it loses
+	// its connection and its request is aborted, so it never holds up others. Zero means
+	// DefaultWriteTimeout; negative, none.
+	WriteTimeout time.Duration
 }
 
+// DefaultWriteTimeout is the per-write limit when [Config.WriteTimeout] is zero.
+const DefaultWriteTimeout = 30 * time.Second
+
 // Server is an http.Handler serving the OpenAI-compatible API: POST /v1/chat/completions,
-// GET /v1/models, GET /health and GET /metrics (Prometheus). Unknown paths get 404 and known paths with the wrong
+// POST /v1/completions, GET /v1/models, GET /health and GET /metrics (Prometheus). Unknown paths get 404 and known paths with the wrong
 // method get 405, both with an OpenAI error body.
 type Server struct {
 	backend      Backend
@@ -40,8 +66,14 @@ type Server struct {
 	apiKey       []byte
 	created      int64 // unix time of New, the "created" of the model card
 	mux          *http.ServeMux
-	metrics      http.Handler
-	running      atomic.Int64 // requests between Generate and the end of their response
+	metrics      *metrics
+	admission    *admission
+	healthChecks []HealthChecker
+
+	requestTimeout time.Duration
+	writeTimeout   time.Duration
+	abortCtx       context.Context // cancelled by AbortRequests
+	abortAll       context.CancelFunc
 
 	// Seams for tests.
 	now   func() time.Time
@@ -60,6 +92,14 @@ func New(cfg Config) *Server {
 		now:          time.Now,
 		newID:        randomID,
 		mux:          http.NewServeMux(),
+		admission:    newAdmission(cfg.MaxConcurrent, cfg.MaxQueue),
+
+		requestTimeout: cfg.RequestTimeout,
+		writeTimeout:   cfg.WriteTimeout,
+	}
+	s.abortCtx, s.abortAll = context.WithCancel(context.Background())
+	if s.writeTimeout == 0 {
+		s.writeTimeout = DefaultWriteTimeout
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -72,13 +112,26 @@ func New(cfg Config) *Server {
 	}
 	s.created = s.now().Unix()
 	s.metrics = s.newMetrics(cfg.Stats)
+	s.metrics.registry.MustRegister(cfg.Collectors...)
+	s.healthChecks = cfg.HealthChecks
 	s.routes()
 	return s
 }
 
 // ServeHTTP answers one request.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if s.writeTimeout > 0 {
+		w = newDeadlineWriter(w, s.writeTimeout)
+	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// AbortRequests ends every completion in flight, for a shutdown whose drain time is over: each
+// is aborted in the engine and answered with what it generated so far, its unfinished choices
+// ending with finish_reason "abort" (streams then end with [DONE] as usual). Queued and later
+// requests get 503.
+func (s *Server) AbortRequests() {
+	s.abortAll()
 }
 
 // routes registers the handlers, a 405 answer for each known path and a 404 for the rest.
@@ -89,6 +142,7 @@ func (s *Server) routes() {
 		h            http.HandlerFunc
 	}{
 		{http.MethodPost, "/v1/chat/completions", true, s.handleChat},
+		{http.MethodPost, "/v1/completions", true, s.handleCompletions},
 		{http.MethodGet, "/v1/models", true, s.handleModels},
 		{http.MethodGet, "/health", false, s.handleHealth},
 		{http.MethodGet, "/metrics", false, s.metrics.ServeHTTP},

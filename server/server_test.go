@@ -162,6 +162,6 @@ func TestMetrics(t *testing.T) {
 	srv.ServeHTTP(rec, newRequest(http.MethodGet, "/metrics", ""))
 	require.Equal(t, http.StatusOK, rec.Code)
 	body := rec.Body.String()
-	require.Contains(t, body, `govllm:num_requests_running{model_name="m"} 0`)
-	require.Contains(t, body, `govllm:backend_num_requests_running{model_name="m"} 3`)
+	require.Contains(t, body, `govllm:num_requests_running{engine="0",model_name="m"} 0`)
+	require.Contains(t, body, `govllm:backend_num_requests_running{engine="0",model_name="m"} 3`)
 }

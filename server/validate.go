@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"reflect"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/govllm/govllm/engine"
 )
@@ -19,6 +20,9 @@ const (
 	maxChoices = 16
 	// maxStopStrings is the most stop strings a request may carry (OpenAI allows 4, vLLM any).
 	maxStopStrings = 64
+	// maxRepetitionPenalty bounds repetition_penalty; vLLM only requires it positive, but
+	// beyond this it only turns logits into infinities.
+	maxRepetitionPenalty = 100
 )
 
 // chatRequest is the body of POST /v1/chat/completions. Fields the server does not know are
@@ -28,19 +32,39 @@ type chatRequest struct {
 	Messages            []chatMessage   `json:"messages"`
 	MaxTokens           *int            `json:"max_tokens"`
 	MaxCompletionTokens *int            `json:"max_completion_tokens"`
-	Temperature         *float64        `json:"temperature"`
-	TopP                *float64        `json:"top_p"`
-	TopK                *int            `json:"top_k"`
-	N                   *int            `json:"n"`
-	Stop                json.RawMessage `json:"stop"`
-	StopTokenIDs        []int32         `json:"stop_token_ids"`
-	Seed                *int64          `json:"seed"`
-	Stream              bool            `json:"stream"`
-	StreamOptions       *streamOptions  `json:"stream_options"`
-	IgnoreEOS           bool            `json:"ignore_eos"`
 	Logprobs            bool            `json:"logprobs"`
 	TopLogprobs         *int            `json:"top_logprobs"`
 	Tools               json.RawMessage `json:"tools"`
+	samplingRequest
+}
+
+// samplingRequest holds the fields that chat and text completions share.
+type samplingRequest struct {
+	Temperature       *float64        `json:"temperature"`
+	TopP              *float64        `json:"top_p"`
+	TopK              *int            `json:"top_k"`
+	MinP              *float64        `json:"min_p"`
+	PresencePenalty   *float64        `json:"presence_penalty"`
+	FrequencyPenalty  *float64        `json:"frequency_penalty"`
+	RepetitionPenalty *float64        `json:"repetition_penalty"`
+	MinTokens         *int            `json:"min_tokens"`
+	N                 *int            `json:"n"`
+	Stop              json.RawMessage `json:"stop"`
+	StopTokenIDs      []int32         `json:"stop_token_ids"`
+	Seed              *int64          `json:"seed"`
+	IgnoreEOS         bool            `json:"ignore_eos"`
+	Stream            bool            `json:"stream"`
+	StreamOptions     *streamOptions  `json:"stream_options"`
+	// User is accepted and ignored, as vLLM does; its type is still checked.
+	User           string          `json:"user"`
+	LogitBias      json.RawMessage `json:"logit_bias"`
+	ResponseFormat *responseFormat `json:"response_format"`
+	UseBeamSearch  bool            `json:"use_beam_search"`
+}
+
+// responseFormat is "response_format": only {"type":"text"} is supported.
+type responseFormat struct {
+	Type string `json:"type"`
 }
 
 type streamOptions struct {
@@ -72,6 +96,9 @@ func readJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) *apiEr
 	if len(bytes.TrimSpace(data)) == 0 {
 		return badRequest("", "The request body is empty; expected a JSON object.")
 	}
+	if !utf8.Valid(data) {
+		return badRequest("", "The request body is not valid UTF-8.")
+	}
 	if err := json.Unmarshal(data, v); err != nil {
 		if se, ok := errors.AsType[*json.SyntaxError](err); ok {
 			return badRequest("", "Malformed JSON body at offset %d: %v.", se.Offset, se)
@@ -80,6 +107,8 @@ func readJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) *apiEr
 			if te.Field == "" {
 				return badRequest("", "The request body must be a JSON object, got JSON %s.", te.Value)
 			}
+			// Fields of the embedded samplingRequest are named as the client spells them.
+			te.Field = strings.TrimPrefix(te.Field, "samplingRequest.")
 			return badRequest(te.Field, "Invalid type for `%s`: expected %s, got JSON %s.",
 				te.Field, describeType(te.Type), te.Value)
 		}
@@ -111,20 +140,27 @@ func describeType(t reflect.Type) string {
 	return t.String()
 }
 
-// chatParams are the settings of a chat request that the server itself acts on.
-type chatParams struct {
+// callParams are the settings of a request that the server itself acts on.
+type callParams struct {
 	n            int
 	stream       bool
 	includeUsage bool
 }
 
-// toEngine validates c against the served model and converts it into an engine request.
-func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, chatParams, *apiError) {
-	var req engine.Request
-	p := chatParams{n: 1, stream: c.Stream}
+// checkModel answers 404 unless name is empty or the served model.
+func checkModel(name string, m engine.ModelInfo) *apiError {
+	if name != "" && name != m.ID {
+		return errorf(http.StatusNotFound, "model", "The model `%s` does not exist.", name)
+	}
+	return nil
+}
 
-	if c.Model != "" && c.Model != m.ID {
-		return req, p, errorf(http.StatusNotFound, "model", "The model `%s` does not exist.", c.Model)
+// toEngine validates c against the served model and converts it into an engine request.
+func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, callParams, *apiError) {
+	var req engine.Request
+	p := callParams{n: 1, stream: c.Stream}
+	if err := checkModel(c.Model, m); err != nil {
+		return req, p, err
 	}
 
 	if len(c.Messages) == 0 {
@@ -156,56 +192,8 @@ func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, chatParams, 
 			return req, p, err
 		}
 	}
-
-	if t := c.Temperature; t != nil {
-		if *t < 0 || *t > 2 {
-			return req, p, badRequest("temperature", "temperature must be in [0, 2], got %v.", *t)
-		}
-		sp.Temperature = t
-	}
-	if t := c.TopP; t != nil {
-		if *t <= 0 || *t > 1 {
-			return req, p, badRequest("top_p", "top_p must be in (0, 1], got %v.", *t)
-		}
-		sp.TopP = t
-	}
-	if k := c.TopK; k != nil {
-		switch {
-		case *k == -1:
-			// -1 disables top-k, like 0.
-		case *k < 0:
-			return req, p, badRequest("top_k", "top_k must be 0 or -1 (disable), or at least 1, got %d.", *k)
-		default:
-			sp.TopK = *k
-		}
-	}
-	if c.N != nil {
-		if *c.N < 1 || *c.N > maxChoices {
-			return req, p, badRequest("n", "n must be between 1 and %d, got %d.", maxChoices, *c.N)
-		}
-		p.n = *c.N
-	}
-	sp.N = p.n
-
-	stop, err := parseStop(c.Stop)
-	if err != nil {
+	if err := c.samplingRequest.apply(sp, &p); err != nil {
 		return req, p, err
-	}
-	sp.Stop = stop
-	for _, id := range c.StopTokenIDs {
-		if id < 0 {
-			return req, p, badRequest("stop_token_ids", "stop_token_ids must be non-negative, got %d.", id)
-		}
-	}
-	sp.StopTokenIDs = c.StopTokenIDs
-	sp.Seed = c.Seed
-	sp.IgnoreEOS = c.IgnoreEOS
-
-	if c.StreamOptions != nil {
-		if !c.Stream {
-			return req, p, badRequest("stream_options", "Stream options can only be defined when `stream=True`.")
-		}
-		p.includeUsage = c.StreamOptions.IncludeUsage
 	}
 	if c.Logprobs || (c.TopLogprobs != nil && *c.TopLogprobs != 0) {
 		param := "logprobs"
@@ -218,6 +206,108 @@ func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, chatParams, 
 		return req, p, badRequest("tools", "tools are not supported.")
 	}
 	return req, p, nil
+}
+
+// apply validates the shared fields into sp and p; sp.MaxTokens must be set already.
+func (c *samplingRequest) apply(sp *engine.SamplingParams, p *callParams) *apiError {
+	if t := c.Temperature; t != nil {
+		if *t < 0 || *t > 2 {
+			return badRequest("temperature", "temperature must be in [0, 2], got %v.", *t)
+		}
+		sp.Temperature = t
+	}
+	if t := c.TopP; t != nil {
+		if *t <= 0 || *t > 1 {
+			return badRequest("top_p", "top_p must be in (0, 1], got %v.", *t)
+		}
+		sp.TopP = t
+	}
+	if k := c.TopK; k != nil {
+		switch {
+		case *k == -1:
+			// -1 disables top-k, like 0.
+		case *k < 0:
+			return badRequest("top_k", "top_k must be 0 or -1 (disable), or at least 1, got %d.", *k)
+		default:
+			sp.TopK = *k
+		}
+	}
+	if v := c.MinP; v != nil {
+		if *v < 0 || *v > 1 {
+			return badRequest("min_p", "min_p must be in [0, 1], got %v.", *v)
+		}
+		sp.MinP = *v
+	}
+	for _, pen := range []struct {
+		name string
+		v    *float64
+		dst  *float64
+	}{
+		{"presence_penalty", c.PresencePenalty, &sp.PresencePenalty},
+		{"frequency_penalty", c.FrequencyPenalty, &sp.FrequencyPenalty},
+	} {
+		if pen.v != nil {
+			if *pen.v < -2 || *pen.v > 2 {
+				return badRequest(pen.name, "%s must be in [-2, 2], got %v.", pen.name, *pen.v)
+			}
+			*pen.dst = *pen.v
+		}
+	}
+	if v := c.RepetitionPenalty; v != nil {
+		if *v <= 0 || *v > maxRepetitionPenalty {
+			return badRequest("repetition_penalty", "repetition_penalty must be in (0, %v], got %v.", maxRepetitionPenalty, *v)
+		}
+		if *v != 1 {
+			sp.RepetitionPenalty = *v
+		}
+	}
+	if v := c.MinTokens; v != nil {
+		switch {
+		case *v < 0:
+			return badRequest("min_tokens", "min_tokens must be non-negative, got %d.", *v)
+		case sp.MaxTokens > 0 && *v > sp.MaxTokens:
+			return badRequest("min_tokens", "min_tokens must be less than or equal to max_tokens=%d, got %d.", sp.MaxTokens, *v)
+		}
+		sp.MinTokens = *v
+	}
+	if c.N != nil {
+		if *c.N < 1 || *c.N > maxChoices {
+			return badRequest("n", "n must be between 1 and %d, got %d.", maxChoices, *c.N)
+		}
+		p.n = *c.N
+	}
+	sp.N = p.n
+
+	stop, err := parseStop(c.Stop)
+	if err != nil {
+		return err
+	}
+	sp.Stop = stop
+	for _, id := range c.StopTokenIDs {
+		if id < 0 {
+			return badRequest("stop_token_ids", "stop_token_ids must be non-negative, got %d.", id)
+		}
+	}
+	sp.StopTokenIDs = c.StopTokenIDs
+	sp.Seed = c.Seed
+	sp.IgnoreEOS = c.IgnoreEOS
+
+	if c.StreamOptions != nil {
+		if !c.Stream {
+			return badRequest("stream_options", "Stream options can only be defined when `stream=True`.")
+		}
+		p.includeUsage = c.StreamOptions.IncludeUsage
+	}
+	if b := bytes.TrimSpace(c.LogitBias); len(b) > 0 && !bytes.Equal(b, []byte("null")) && !bytes.Equal(b, []byte("{}")) {
+		return badRequest("logit_bias", "logit_bias is not supported.")
+	}
+	if f := c.ResponseFormat; f != nil && f.Type != "" && f.Type != "text" {
+		return badRequest("response_format", "response_format %q is not supported; only \"text\" is.", f.Type)
+	}
+	if c.UseBeamSearch {
+		return badRequest("use_beam_search", "beam search is not supported.")
+	}
+	return nil
 }
 
 // messageRole checks the role of message i and maps "developer" to "system", which chat

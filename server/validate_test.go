@@ -26,6 +26,7 @@ func TestChatBadRequests(t *testing.T) {
 		{name: "trailing garbage", body: `{"messages":[]} x`},
 		{name: "empty body", body: ` `},
 		{name: "not an object", body: `[1,2]`},
+		{name: "invalid UTF-8", body: "{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}"},
 		{name: "no messages", body: `{"model":"test-model"}`, param: "messages"},
 		{name: "empty messages", body: `{"messages":[]}`, param: "messages"},
 		{name: "messages not an array", body: `{"messages":"hi"}`, param: "messages"},
@@ -61,6 +62,20 @@ func TestChatBadRequests(t *testing.T) {
 		{name: "top_logprobs", body: `{` + msgs + `,"top_logprobs":3}`, param: "top_logprobs"},
 		{name: "tools", body: `{` + msgs + `,"tools":[{"type":"function","function":{"name":"f"}}]}`, param: "tools"},
 		{name: "unknown model", body: `{"model":"gpt-4",` + msgs + `}`, status: 404, typ: "NotFoundError", param: "model"},
+		{name: "min_p above one", body: `{` + msgs + `,"min_p":1.5}`, param: "min_p"},
+		{name: "min_p negative", body: `{` + msgs + `,"min_p":-0.1}`, param: "min_p"},
+		{name: "presence_penalty", body: `{` + msgs + `,"presence_penalty":2.1}`, param: "presence_penalty"},
+		{name: "frequency_penalty", body: `{` + msgs + `,"frequency_penalty":-3}`, param: "frequency_penalty"},
+		{name: "frequency_penalty string", body: `{` + msgs + `,"frequency_penalty":"x"}`, param: "frequency_penalty"},
+		{name: "repetition_penalty zero", body: `{` + msgs + `,"repetition_penalty":0}`, param: "repetition_penalty"},
+		{name: "repetition_penalty huge", body: `{` + msgs + `,"repetition_penalty":1e9}`, param: "repetition_penalty"},
+		{name: "min_tokens negative", body: `{` + msgs + `,"min_tokens":-1}`, param: "min_tokens"},
+		{name: "min_tokens over max_tokens", body: `{` + msgs + `,"max_tokens":4,"min_tokens":5}`, param: "min_tokens"},
+		{name: "user not a string", body: `{` + msgs + `,"user":7}`, param: "user"},
+		{name: "logit_bias", body: `{` + msgs + `,"logit_bias":{"50256":-100}}`, param: "logit_bias"},
+		{name: "response_format json", body: `{` + msgs + `,"response_format":{"type":"json_object"}}`, param: "response_format"},
+		{name: "beam search", body: `{` + msgs + `,"use_beam_search":true}`, param: "use_beam_search"},
+		{name: "stream_options not an object", body: `{` + msgs + `,"stream":true,"stream_options":true}`, param: "stream_options"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -121,6 +136,24 @@ func TestChatRequestMapping(t *testing.T) {
 					MaxTokens: 20, Temperature: f(0), TopP: f(0.5), TopK: 0, Seed: &seed,
 					Stop: []string{"\n\n"}, StopTokenIDs: []int32{2}, IgnoreEOS: true, N: 3,
 				},
+			},
+		},
+		{
+			name: "penalties and min_p",
+			body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":8,"min_p":0.05,"presence_penalty":-2,
+				"frequency_penalty":1.5,"repetition_penalty":1.1,"min_tokens":3,"logit_bias":{},"response_format":{"type":"text"}}`,
+			want: engine.Request{
+				Messages: []engine.Message{{Role: "user", Content: "hi"}},
+				Sampling: engine.SamplingParams{MaxTokens: 8, N: 1, MinP: 0.05, PresencePenalty: -2,
+					FrequencyPenalty: 1.5, RepetitionPenalty: 1.1, MinTokens: 3},
+			},
+		},
+		{
+			name: "neutral repetition_penalty",
+			body: `{"messages":[{"role":"user","content":"hi"}],"repetition_penalty":1,"min_tokens":0}`,
+			want: engine.Request{
+				Messages: []engine.Message{{Role: "user", Content: "hi"}},
+				Sampling: engine.SamplingParams{N: 1},
 			},
 		},
 		{

@@ -15,7 +15,7 @@ import (
 
 // TestGreedyMatchesModelGenerate: the transformers backend's greedy tokens equal Hugging
 // Face's own model.generate on the same checkpoint (run in a plain Python process in the same
-// test run), for 32 tokens. On CUDA hosts (-tags gpu) both sides run on the GPU.
+// test run), for 32 tokens or up to EOS. On CUDA hosts (-tags gpu) both sides run on the GPU.
 func TestGreedyMatchesModelGenerate(t *testing.T) {
 	const n = 32
 	prompts := []string{"What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."}
@@ -23,9 +23,8 @@ func TestGreedyMatchesModelGenerate(t *testing.T) {
 	defer cancel()
 	var got [][]int32
 	for _, p := range prompts {
-		ids, _, err := run(ctx, p, n, true)
+		ids, _, err := run(ctx, p, n, false)
 		require.NoError(t, err)
-		require.Len(t, ids, n)
 		got = append(got, ids)
 	}
 	in, _ := json.Marshal(prompts)
@@ -39,4 +38,11 @@ func TestGreedyMatchesModelGenerate(t *testing.T) {
 	var want [][]int32
 	require.NoError(t, json.Unmarshal(lines[len(lines)-1], &want))
 	require.Equal(t, want, got, "govllm's transformers backend and model.generate give the same greedy tokens")
+	full := 0
+	for _, ids := range got {
+		if len(ids) == n {
+			full++
+		}
+	}
+	require.GreaterOrEqual(t, full, 2, "most prompts run the full 32 tokens")
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/govllm/govllm/test/internal/govtest"
 )
 
 type chunk struct {
@@ -178,4 +181,61 @@ func TestHTTPClientDisconnectMidStream(t *testing.T) {
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	TestHTTPNonStreaming(t)
+}
+
+// TestOpenAIClient drives the transformers backend through the official OpenAI Go client.
+func TestOpenAIClient(t *testing.T) {
+	govtest.RunOpenAIClientTests(t, binURL, "SmolLM2-135M-Instruct")
+}
+
+// TestTransformersRefusesUnsupportedSampling: the sampling fields the transformers backend does
+// not apply yet are refused with a 400 naming them, not silently ignored.
+func TestTransformersRefusesUnsupportedSampling(t *testing.T) {
+	for _, field := range []string{`"min_p":0.1`, `"presence_penalty":0.5`, `"frequency_penalty":0.5`, `"repetition_penalty":1.2`, `"min_tokens":2`} {
+		name := strings.Trim(strings.SplitN(field, ":", 2)[0], `"`)
+		body := `{"messages":[{"role":"user","content":"hi"}],"max_tokens":4,` + field + `}`
+		resp, err := http.Post(binURL+"/v1/chat/completions", "application/json", strings.NewReader(body))
+		require.NoError(t, err)
+		var e struct {
+			Error struct {
+				Message string `json:"message"`
+				Param   string `json:"param"`
+			} `json:"error"`
+		}
+		require.NoError(t, json.NewDecoder(resp.Body).Decode(&e))
+		resp.Body.Close()
+		require.Equal(t, http.StatusBadRequest, resp.StatusCode, body)
+		require.Equal(t, name, e.Error.Param)
+		require.Contains(t, e.Error.Message, "not supported by the transformers backend")
+	}
+}
+
+// TestContextLengthError: a request that does not fit the context gets a 400 with the numbers.
+func TestContextLengthError(t *testing.T) {
+	var models struct {
+		Data []struct {
+			MaxModelLen int `json:"max_model_len"`
+		} `json:"data"`
+	}
+	resp, err := http.Get(binURL + "/v1/models")
+	require.NoError(t, err)
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&models))
+	resp.Body.Close()
+	maxLen := models.Data[0].MaxModelLen
+	for _, path := range []string{"/v1/chat/completions", "/v1/completions"} {
+		body := fmt.Sprintf(`{"messages":[{"role":"user","content":"What is the capital of France?"}],"prompt":"The capital of France is","max_tokens":%d}`, maxLen-2)
+		resp, err := http.Post(binURL+path, "application/json", strings.NewReader(body))
+		require.NoError(t, err)
+		var e struct {
+			Error struct {
+				Message string `json:"message"`
+				Param   string `json:"param"`
+			} `json:"error"`
+		}
+		require.NoError(t, json.NewDecoder(resp.Body).Decode(&e))
+		resp.Body.Close()
+		require.Equal(t, http.StatusBadRequest, resp.StatusCode, path)
+		require.Equal(t, "max_tokens", e.Error.Param)
+		require.Contains(t, e.Error.Message, fmt.Sprintf("maximum context length is %d tokens", maxLen))
+	}
 }

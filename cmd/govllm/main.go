@@ -7,7 +7,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -30,6 +29,7 @@ const usage = `govllm serves LLMs with the engine in the same process.
 
 Usage:
   govllm serve [flags]    serve the OpenAI-compatible API (govllm serve -h for flags)
+  govllm gpus [flags]     list NVIDIA GPUs and the placement serve would pick (govllm gpus -h)
   govllm version          print the version
 `
 
@@ -48,6 +48,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		return serve(args[1:], stderr)
+	case "gpus":
+		return gpus(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "govllm", version)
 		return 0
@@ -111,9 +113,14 @@ func serve(args []string, stderr io.Writer) int {
 		seed        = fs.Int("seed", 0, "engine seed")
 		apiKey      = fs.String("api-key", os.Getenv("GOVLLM_API_KEY"), "require this Bearer key on /v1/ routes (default: $GOVLLM_API_KEY)")
 		maxBody     = fs.Int64("max-body-bytes", server.DefaultMaxBodyBytes, "request body limit")
-		drain       = fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long in-flight requests may take to finish")
+		drain       = fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long in-flight requests may take to finish before they are aborted")
+		maxRunning  = fs.Int("max-concurrent-requests", 512, "completions run at once; more wait in the queue (0: no limit)")
+		maxQueued   = fs.Int("max-queued-requests", 1024, "completions that may wait for a slot; beyond, 429 with Retry-After")
+		reqTimeout  = fs.Duration("request-timeout", 0, "abort a completion this long after it arrived, answering what it generated with finish_reason abort (0: none)")
+		writeTO     = fs.Duration("write-timeout", server.DefaultWriteTimeout, "drop a client, aborting its request, when one write to it blocks this long (a reader that stopped reading)")
 		loadFormat  = fs.String("load-format", "", "weights format (vllm): auto, safetensors, dummy (random weights for a config.json), …")
 		tp          = fs.Int("tensor-parallel-size", 0, "GPUs per model replica (vllm)")
+		gpuOpts     = addGPUFlags(fs)
 		engineArgs  engineArgFlag
 		exitOnDeath = fs.Bool("exit-on-engine-death", false, "exit non-zero when the engine dies (for a supervisor to restart); otherwise keep answering 503")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
@@ -161,6 +168,16 @@ func serve(args []string, stderr io.Writer) int {
 	if *tp > 0 {
 		extra["tensor_parallel_size"] = *tp
 	}
+	// Place the model on GPUs before any weight is loaded (on CPU: one line, nothing else).
+	gpuSet, err := setupGPUs(log, serveGPUOptions{
+		flags: gpuOpts, model: *model, engine: *eng, device: *device, dtype: *dtype,
+		maxModelLen: *maxModelLen, tp: *tp, extra: extra,
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
+		return 1
+	}
+	defer gpuSet.Close()
 	e, err := engine.Open(ctx, engine.Config{
 		Model: *model, Engine: *eng, Python: *python, PythonPath: extraPath,
 		ServedModelName: *served, MaxModelLen: *maxModelLen, MaxNumSeqs: *maxNumSeqs,
@@ -172,11 +189,16 @@ func serve(args []string, stderr io.Writer) int {
 	}
 	defer e.Close()
 
+	gpuSet.startMonitor(ctx)
+	handler := server.New(server.Config{
+		Backend: server.FromEngine(e), Logger: log, MaxBodyBytes: *maxBody, APIKey: *apiKey, Stats: e.Stats,
+		Collectors: gpuSet.collectors(), HealthChecks: gpuSet.healthChecks(),
+		MaxConcurrent: *maxRunning, MaxQueue: *maxQueued, RequestTimeout: *reqTimeout, WriteTimeout: *writeTO,
+	})
 	srv := &http.Server{
-		Handler: server.New(server.Config{
-			Backend: server.FromEngine(e), Logger: log, MaxBodyBytes: *maxBody, APIKey: *apiKey, Stats: e.Stats,
-		}),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	serveErr := make(chan error, 1)
@@ -200,11 +222,32 @@ func serve(args []string, stderr io.Writer) int {
 			waiting = false
 		}
 	}
-	log.Info("govllm: shutting down", "drain_timeout", drain.String())
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), *drain)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
-		log.Warn("govllm: shutdown", "err", err)
-	}
+	stop() // a second signal ends the process at once
+	shutdown(srv, handler, *drain, log)
 	return 0
+}
+
+// abortWait is how long aborted requests get to send their last bytes at shutdown.
+const abortWait = 5 * time.Second
+
+// shutdown stops accepting connections and lets the requests in flight finish for up to drain;
+// it then aborts the rest (their answers end with finish_reason "abort") and waits for them to
+// go out, closing what is left after abortWait.
+func shutdown(srv *http.Server, h *server.Server, drain time.Duration, log *slog.Logger) {
+	log.Info("govllm: shutting down: draining requests", "drain_timeout", drain.String())
+	ctx, cancel := context.WithTimeout(context.Background(), drain)
+	err := srv.Shutdown(ctx)
+	cancel()
+	if err == nil {
+		log.Info("govllm: drained")
+		return
+	}
+	log.Warn("govllm: drain timeout passed: aborting the requests in flight", "err", err)
+	h.AbortRequests()
+	ctx, cancel = context.WithTimeout(context.Background(), abortWait)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		log.Warn("govllm: aborted requests did not end in time: closing their connections", "err", err)
+		_ = srv.Close()
+	}
 }

@@ -159,6 +159,23 @@ func TestNonStreamingN(t *testing.T) {
 	require.Equal(t, 16, c.Usage.CompletionTokens, "two choices of max_tokens 8 each, counted together")
 }
 
+// TestOpenAIClient drives vLLM through the official OpenAI Go client.
+func TestOpenAIClient(t *testing.T) {
+	govtest.RunOpenAIClientTests(t, srv.URL, "SmolLM2-135M-Instruct")
+}
+
+// TestPenaltiesReachVLLM: the sampling fields vLLM honours go through, and vLLM's own checks
+// still answer 400 naming the field.
+func TestPenaltiesReachVLLM(t *testing.T) {
+	status, c := post(t, srv.URL, map[string]any{"messages": user("List three fruits."), "max_tokens": 8, "temperature": 0.8, "seed": 1,
+		"min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3, "min_tokens": 8})
+	require.Equal(t, http.StatusOK, status, "%+v", c.Error)
+	require.Equal(t, 8, c.Usage.CompletionTokens, "min_tokens = max_tokens")
+	status, c = post(t, srv.URL, map[string]any{"messages": user("Hi"), "n": 2, "temperature": 0, "max_tokens": 2})
+	require.Equal(t, http.StatusBadRequest, status, "vLLM refuses n > 1 with greedy sampling")
+	require.NotNil(t, c.Error)
+}
+
 func TestStop(t *testing.T) {
 	status, c := post(t, srv.URL, map[string]any{"messages": user("What is the capital of France?"), "temperature": 0,
 		"max_tokens": 32, "stop": []string{" Paris"}})

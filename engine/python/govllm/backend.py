@@ -48,6 +48,11 @@ class SamplingParams:
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
     n: int = 1
+    min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0  # in [-2, 2]; 0 = off
+    frequency_penalty: float = 0.0  # in [-2, 2]; 0 = off
+    repetition_penalty: float = 1.0  # > 0; 1 = off
+    min_tokens: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
@@ -70,6 +75,30 @@ class SamplingParams:
             raise RequestError(f"top_k must be non-negative, got {self.top_k}", param="top_k")
         if self.n < 1:
             raise RequestError(f"n must be at least 1, got {self.n}", param="n")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {value}", param=name)
+        if not self.repetition_penalty > 0:
+            raise RequestError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}",
+                               param="repetition_penalty")
+        if self.min_tokens < 0:
+            raise RequestError(f"min_tokens must be non-negative, got {self.min_tokens}", param="min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise RequestError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+                               f"got {self.min_tokens}", param="min_tokens")
+
+    def non_default(self) -> list[str]:
+        """The names of the fields that differ from their defaults, in declaration order."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _SAMPLING_DEFAULTS[f.name]]
+
+
+_SAMPLING_DEFAULTS: dict[str, Any] = {
+    f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    for f in dataclasses.fields(SamplingParams)
+}
 
 
 @dataclasses.dataclass

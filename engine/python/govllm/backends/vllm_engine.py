@@ -718,6 +718,11 @@ class VLLMBackend:
             stop=list(sampling.stop) or None,
             stop_token_ids=[int(t) for t in sampling.stop_token_ids] or None,
             ignore_eos=bool(sampling.ignore_eos),
+            min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            min_tokens=sampling.min_tokens,
             max_tokens=max_tokens,
             output_kind=api.DELTA,
         )

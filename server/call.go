@@ -1,0 +1,369 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/govllm/govllm/engine"
+)
+
+// abortGrace is how long an aborted request may take to end in the backend before its stream is
+// closed without the backend's last word (and its usage).
+const abortGrace = 2 * time.Second
+
+// aborter is what a TokenStream may offer to stop its request early while still delivering
+// what was generated and the usage: *engine.Stream does. Streams without it are aborted by
+// cancelling the context they were started with.
+type aborter interface {
+	Abort()
+}
+
+// format writes the output of one kind of completion: chat or text.
+type format interface {
+	// writeDelta appends the events of d to sw; first says whether d is its choice's first
+	// output.
+	writeDelta(sw *sseWriter, c *call, d engine.Delta, first bool)
+	// usageChunk is the last event when the client asked for usage.
+	usageChunk(c *call, u usage) any
+	// response is the body of a non-streamed answer.
+	response(c *call, texts []string, reasons []string, u usage) any
+}
+
+// call is one completion, chat or text, in flight.
+type call struct {
+	id          string
+	created     int64
+	model       string
+	fingerprint string
+	params      callParams
+	echo        string // text completions with echo: the prompt, put before each choice's text
+	log         *slog.Logger
+	start       time.Time
+	kind        string // "chat" or "text", for logs
+
+	stream    TokenStream
+	cancelGen context.CancelFunc // ends the context the stream was started with
+	track     choiceTracker
+	closing   bool // the request was aborted and its stream has ended: finish the rest as "abort"
+	tokens    int  // tokens received
+	firstTok  bool
+	lastTok   []time.Time // per choice, when its previous output arrived
+
+	mu      sync.Mutex
+	aborted atomic.Bool
+	grace   *time.Timer
+	ended   bool // the handler is done with the stream: abort has nothing left to do
+}
+
+// abort stops the request from the server's side (timeout, shutdown): the output so far goes
+// out and unfinished choices end with finish_reason "abort".
+func (c *call) abort() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ended || !c.aborted.CompareAndSwap(false, true) {
+		return
+	}
+	if a, ok := c.stream.(aborter); ok {
+		a.Abort()
+		c.grace = time.AfterFunc(abortGrace, c.stream.Close)
+		return
+	}
+	c.cancelGen()
+}
+
+// stopTimers stops the grace timer of abort, if any, and any abort to come.
+func (c *call) stopTimers() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.ended = true
+	if c.grace != nil {
+		c.grace.Stop()
+	}
+}
+
+// endsAbort reports whether err, from an aborted request's stream, is how such a stream ends.
+func endsAbort(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, context.Canceled) ||
+		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, engine.ErrClosed)
+}
+
+// next returns the next delta that has text or a finish reason, io.EOF after the last delta of
+// every choice, or the error that ended the stream. It records the token metrics.
+func (s *Server) next(c *call) (engine.Delta, error) {
+	for {
+		if c.closing {
+			if d, ok := c.track.abortNext(); ok {
+				s.metrics.finished(d.FinishReason)
+				return d, nil
+			}
+			return engine.Delta{}, io.EOF
+		}
+		d, err := c.stream.Recv()
+		switch {
+		case err == nil:
+			if err := c.track.add(d); err != nil {
+				return engine.Delta{}, err
+			}
+			s.observeDelta(c, d)
+			if d.Text == "" && d.FinishReason == "" {
+				continue
+			}
+			return d, nil
+		case c.aborted.Load() && endsAbort(err):
+			c.closing = true
+		case errors.Is(err, io.EOF):
+			if err := c.track.done(); err != nil {
+				return engine.Delta{}, err
+			}
+			return engine.Delta{}, io.EOF
+		default:
+			return engine.Delta{}, err
+		}
+	}
+}
+
+// observeDelta records the metrics of one delta.
+func (s *Server) observeDelta(c *call, d engine.Delta) {
+	now := s.now()
+	if k := len(d.TokenIDs); k > 0 {
+		c.tokens += k
+		s.metrics.generationTokens.Add(float64(k))
+		if !c.firstTok {
+			c.firstTok = true
+			s.metrics.ttft.Observe(now.Sub(c.start).Seconds())
+		} else if last := c.lastTok[d.Index]; !last.IsZero() {
+			// A delta may carry several tokens (a reader that fell behind gets them merged):
+			// spread the gap over them.
+			gap := now.Sub(last).Seconds() / float64(k)
+			for range k {
+				s.metrics.itl.Observe(gap)
+			}
+		}
+		c.lastTok[d.Index] = now
+	}
+	if d.FinishReason != "" {
+		s.metrics.finished(d.FinishReason)
+	}
+}
+
+// usage is the request's token count once its stream has ended. An aborted request whose
+// backend did not report counts gets the tokens the server saw.
+func (c *call) usage() usage {
+	u := c.stream.Usage()
+	if c.aborted.Load() && u == (engine.Usage{}) {
+		u.CompletionTokens = c.tokens
+	}
+	return toUsage(u)
+}
+
+// generate admits req, runs it and answers with f, streamed or not.
+func (s *Server) generate(w http.ResponseWriter, r *http.Request, req engine.Request, c *call, f format) {
+	ctx := r.Context()
+	release, e := s.admit(ctx, c.start)
+	if release == nil {
+		if e != nil {
+			w.Header().Set("Retry-After", retryAfter)
+		}
+		s.reject(w, c.log, fmt.Errorf("server: admission: %w", errNotAdmitted), e)
+		return
+	}
+	defer release()
+
+	genCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := s.backend.Generate(genCtx, req)
+	if err != nil {
+		s.reject(w, c.log, fmt.Errorf("server: generate: %w", err), toAPIError(err))
+		return
+	}
+	defer stream.Close()
+	c.stream, c.cancelGen = stream, cancel
+	c.track = newChoiceTracker(c.params.n)
+	c.lastTok = make([]time.Time, c.params.n)
+	defer c.stopTimers()
+
+	stopAbort := context.AfterFunc(s.abortCtx, c.abort)
+	defer stopAbort()
+	if s.requestTimeout > 0 {
+		t := time.AfterFunc(s.requestTimeout-s.now().Sub(c.start), c.abort)
+		defer t.Stop()
+	}
+
+	var ok bool
+	if c.params.stream {
+		ok = s.streamOut(w, c, f)
+	} else {
+		ok = s.completeOut(w, c, f)
+	}
+	if ok {
+		s.metrics.e2e.Observe(s.now().Sub(c.start).Seconds())
+	}
+}
+
+// completeOut collects the whole output and answers with one object. It reports whether the
+// request completed (finished or aborted by the server).
+func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
+	n := c.params.n
+	texts := make([]strings.Builder, n)
+	reasons := make([]string, n)
+	for {
+		d, err := s.next(c)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			s.reject(w, c.log, fmt.Errorf("server: %s completion: %w", c.kind, err), toAPIError(err))
+			return false
+		}
+		texts[d.Index].WriteString(d.Text)
+		if d.FinishReason != "" {
+			reasons[d.Index] = d.FinishReason
+		}
+	}
+	u := c.usage()
+	out := make([]string, n)
+	for i := range texts {
+		out[i] = c.echo + texts[i].String()
+	}
+	writeJSON(w, http.StatusOK, f.response(c, out, reasons, u))
+	s.logDone(c, u)
+	return true
+}
+
+// streamOut sends the output as server-sent events, flushed per delta, then the usage chunk if
+// asked for, and [DONE]. It reports whether the request completed.
+func (s *Server) streamOut(w http.ResponseWriter, c *call, f format) bool {
+	sw := newSSEWriter(w)
+	sent := make([]bool, c.params.n) // whether the choice's first output went out
+	for {
+		d, err := s.next(c)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			s.failStream(w, sw, c, err)
+			return false
+		}
+		f.writeDelta(sw, c, d, !sent[d.Index])
+		sent[d.Index] = true
+		if err := sw.flush(); err != nil {
+			c.log.Debug("client went away", "err", err)
+			return false
+		}
+	}
+	u := c.usage()
+	if c.params.includeUsage {
+		sw.writeSSE(f.usageChunk(c, u))
+	}
+	sw.writeDone()
+	if err := sw.flush(); err != nil {
+		c.log.Debug("client went away", "err", err)
+		return false
+	}
+	s.logDone(c, u)
+	return true
+}
+
+// failStream answers err: with an error status if nothing was sent yet, else with an SSE error
+// event followed by [DONE].
+func (s *Server) failStream(w http.ResponseWriter, sw *sseWriter, c *call, err error) {
+	e := toAPIError(err)
+	err = fmt.Errorf("server: %s completion stream: %w", c.kind, err)
+	if !sw.started {
+		s.reject(w, c.log, err, e)
+		return
+	}
+	s.logFailure(c.log, err, e)
+	if e == nil {
+		return
+	}
+	sw.writeSSE(e.body())
+	sw.writeDone()
+	if err := sw.flush(); err != nil {
+		c.log.Debug("client went away", "err", err)
+	}
+}
+
+// reject logs err and answers with e; a nil e means the client is gone and gets no answer.
+func (s *Server) reject(w http.ResponseWriter, log *slog.Logger, err error, e *apiError) {
+	s.logFailure(log, err, e)
+	if e != nil {
+		writeError(w, e)
+	}
+}
+
+// logFailure logs a failed request: server-side failures as errors, the rest for debugging.
+func (s *Server) logFailure(log *slog.Logger, err error, e *apiError) {
+	switch {
+	case e == nil:
+		log.Debug("client went away", "err", err)
+	case e.Status >= 500:
+		log.Error("request failed", "status", e.Status, "err", err)
+	default:
+		log.Debug("request rejected", "status", e.Status, "err", err)
+	}
+}
+
+func (s *Server) logDone(c *call, u usage) {
+	s.metrics.promptTokens.Add(float64(u.PromptTokens))
+	c.log.Debug(c.kind+" completion done",
+		"stream", c.params.stream,
+		"n", c.params.n,
+		"aborted", c.aborted.Load(),
+		"prompt_tokens", u.PromptTokens,
+		"completion_tokens", u.CompletionTokens,
+		"duration", s.now().Sub(c.start))
+}
+
+// choiceTracker checks the deltas of a request against its n choices.
+type choiceTracker struct {
+	finished []bool
+	left     int
+}
+
+func newChoiceTracker(n int) choiceTracker {
+	return choiceTracker{finished: make([]bool, n), left: n}
+}
+
+// add records d and reports an error if the request cannot have produced it.
+func (t *choiceTracker) add(d engine.Delta) error {
+	if d.Index < 0 || d.Index >= len(t.finished) {
+		return fmt.Errorf("%w: choice index %d, want [0, %d)", errBadDelta, d.Index, len(t.finished))
+	}
+	if t.finished[d.Index] {
+		return fmt.Errorf("%w: choice %d after its finish", errBadDelta, d.Index)
+	}
+	if d.FinishReason != "" {
+		t.finished[d.Index] = true
+		t.left--
+	}
+	return nil
+}
+
+// done returns an error unless every choice has finished.
+func (t *choiceTracker) done() error {
+	if t.left > 0 {
+		return fmt.Errorf("%w: %d of %d choices unfinished", errIncompleteStream, t.left, len(t.finished))
+	}
+	return nil
+}
+
+// abortNext finishes the first unfinished choice with "abort", or reports that none is left.
+func (t *choiceTracker) abortNext() (engine.Delta, bool) {
+	for i, f := range t.finished {
+		if !f {
+			d := engine.Delta{Index: i, FinishReason: "abort"}
+			_ = t.add(d)
+			return d, true
+		}
+	}
+	return engine.Delta{}, false
+}
