@@ -5,7 +5,7 @@ SHIM := engine/shim/libgovllm_shim.so
 GO_TEST_FLAGS ?= -race -count=1 -timeout 30m
 export CGO_ENABLED := 1
 
-.PHONY: all bootstrap shim build run test test-go test-python test-e2e fuzz bench clean
+.PHONY: all bootstrap shim build run test test-go test-python test-e2e fuzz gpu-bundle bench clean
 
 all: build
 
@@ -47,8 +47,19 @@ fuzz:
 test-python:
 	$(PY) -m pytest -q engine/python/tests
 
+# Test binaries of every package with `-tags gpu` tests and the server, stripped and packed into
+# build/gpu-bundle.tar.xz, for scripts/gpu-check on CUDA hosts without Go (carry that one file).
+gpu-bundle: build
+	@rm -rf build/gpu && mkdir -p build/gpu
+	@for d in $$(grep -rl --include='*_test.go' '^//go:build gpu' . | grep -v '^./.venv' | xargs -n1 dirname | sort -u); do \
+	  name=$$(echo $${d#./} | tr / -); \
+	  go test -c -tags gpu -ldflags='-s -w' -o build/gpu/$$name.test $$d && echo $${d#./} > build/gpu/$$name.pkg && echo "built build/gpu/$$name.test"; \
+	done
+	@go build -ldflags='-s -w' -o build/gpu/govllm ./cmd/govllm
+	@tar -C build -cJf build/gpu-bundle.tar.xz gpu && ls -l build/gpu-bundle.tar.xz
+
 bench: $(SHIM)
 	go test -run '^$$' -bench . -benchtime 2x ./engine/
 
 clean:
-	rm -rf bin engine/shim
+	rm -rf bin build engine/shim

@@ -15,8 +15,12 @@ import (
 	"time"
 )
 
-// RepoRoot is the repository's root directory.
+// RepoRoot is the repository's root directory: $GOVLLM_REPO when set (test binaries built on
+// one machine and run on another, as scripts/gpu-check does), else where this source file is.
 func RepoRoot() string {
+	if r := os.Getenv("GOVLLM_REPO"); r != "" {
+		return r
+	}
 	_, file, _, _ := runtime.Caller(0)
 	return filepath.Join(filepath.Dir(file), "..", "..", "..")
 }
@@ -33,8 +37,12 @@ func VenvPython() string {
 // Model returns the path of a model directory under models/.
 func Model(name string) string { return filepath.Join(RepoRoot(), "models", name) }
 
-// Build compiles cmd/govllm into dir (the shim must have been built: `make build`).
+// Build compiles cmd/govllm into dir (the shim must have been built: `make build`), or returns
+// $GOVLLM_BIN, a prebuilt binary, on hosts without Go.
 func Build(dir string) (string, error) {
+	if b := os.Getenv("GOVLLM_BIN"); b != "" {
+		return b, nil
+	}
 	bin := filepath.Join(dir, "govllm")
 	cmd := exec.Command("go", "build", "-o", bin, "./cmd/govllm")
 	cmd.Dir = RepoRoot()
