@@ -313,8 +313,8 @@ static void make_header(uint8_t *h, int kind, int finish, int index, size_t ntok
  * The hot path: one delta of one choice. finish: 0 none, 1 stop, 2 length, 3 abort. */
 static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
-  if (nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "emit(req_id, index, tokens, text, finish) takes 5 arguments");
+  if (nargs != 5 && nargs != 6) {
+    PyErr_SetString(PyExc_TypeError, "emit(req_id, index, tokens, text, finish[, meta]) takes 5 or 6 arguments");
     return NULL;
   }
   long long req_id = PyLong_AsLongLong(args[0]);
@@ -353,9 +353,14 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     text = PyUnicode_AsUTF8AndSize(args[3], &tlen);
     if (text == NULL) goto fail;
   }
+  char *meta = NULL;
+  Py_ssize_t mlen = 0;
+  if (nargs == 6 && args[5] != Py_None) {
+    if (PyBytes_AsStringAndSize(args[5], &meta, &mlen) < 0) goto fail;
+  }
   uint8_t hdr[HDR];
-  make_header(hdr, 1, (int)finish, (int)index, ntok, req_id, (size_t)tlen, 0);
-  if (outbox_put(hdr, HDR, toks, ntok, text, (size_t)tlen, NULL, 0) < 0) goto fail;
+  make_header(hdr, 1, (int)finish, (int)index, ntok, req_id, (size_t)tlen, (size_t)mlen);
+  if (outbox_put(hdr, HDR, toks, ntok, text, (size_t)tlen, meta, (size_t)mlen) < 0) goto fail;
   if (toks != small) free(toks);
   Py_RETURN_NONE;
 fail:

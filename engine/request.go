@@ -45,6 +45,10 @@ type SamplingParams struct {
 	RepetitionPenalty float64 `json:"repetition_penalty,omitempty"`
 	// MinTokens is the fewest tokens generated before EOS or a stop token may end a choice.
 	MinTokens int `json:"min_tokens,omitempty"`
+	// Logprobs, when set, asks for the log probability of every generated token and of the
+	// *Logprobs most likely tokens at each position (0 to 20; Delta.Logprobs). Unset means none.
+	// Only the vllm backend supports it.
+	Logprobs *int `json:"logprobs,omitempty"`
 }
 
 // Request is one generation request. Exactly one of Messages, Prompt and PromptTokenIDs is set:
@@ -92,6 +96,21 @@ type Delta struct {
 	Text string
 	// FinishReason is empty until the last delta of the choice: "stop", "length" or "abort".
 	FinishReason string
+	// Logprobs has one entry per token of TokenIDs when the request set SamplingParams.Logprobs,
+	// and is nil otherwise.
+	Logprobs []TokenLogprob
+}
+
+// TokenLogprob is the log probability of one generated token.
+type TokenLogprob struct {
+	// Token is the token's text (the decoded token; a piece of a UTF-8 character decodes with
+	// U+FFFD). Bytes are the UTF-8 bytes of Token.
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"` // natural log; -9999 stands for -inf
+	Bytes   []int   `json:"bytes"`
+	// Top holds the most likely tokens at this position, most likely first, at most
+	// SamplingParams.Logprobs of them (nil within Top itself).
+	Top []TokenLogprob `json:"top,omitempty"`
 }
 
 // Usage counts the tokens of a finished request.

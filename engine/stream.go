@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"sync"
 )
@@ -69,6 +70,15 @@ func (s *Stream) wake() {
 // each touched stream once per batch). False means the reader fell too far behind: the stream
 // has been failed with ErrSlowConsumer and the caller aborts the request.
 func (s *Stream) pushEvent(ev *event) bool {
+	var logprobs []TokenLogprob
+	if len(ev.meta) > 0 {
+		var m struct {
+			Logprobs []TokenLogprob `json:"logprobs"`
+		}
+		if json.Unmarshal(ev.meta, &m) == nil {
+			logprobs = m.Logprobs
+		}
+	}
 	s.mu.Lock()
 	if s.done {
 		s.mu.Unlock()
@@ -92,12 +102,14 @@ func (s *Stream) pushEvent(ev *event) bool {
 			last.TokenIDs = ev.appendTokenIDs(last.TokenIDs)
 			last.more = append(last.more, ev.text...)
 			last.FinishReason = ev.finishReason()
+			last.Logprobs = append(last.Logprobs, logprobs...)
 			s.mu.Unlock()
 			return true
 		}
 	}
 	s.pending = append(s.pending, pendingDelta{Delta: Delta{
 		Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text), FinishReason: ev.finishReason(),
+		Logprobs: logprobs,
 	}})
 	s.mu.Unlock()
 	return true

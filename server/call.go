@@ -34,7 +34,8 @@ type format interface {
 	// usageChunk is the last event when the client asked for usage.
 	usageChunk(c *call, u usage) any
 	// response is the body of a non-streamed answer.
-	response(c *call, texts []string, reasons []string, u usage) any
+	// lps holds each choice's token logprobs when c.params.logprobs.
+	response(c *call, texts []string, reasons []string, lps [][]engine.TokenLogprob, u usage) any
 }
 
 // call is one completion, chat or text, in flight.
@@ -56,6 +57,9 @@ type call struct {
 	tokens    int  // tokens received
 	firstTok  bool
 	lastTok   []time.Time // per choice, when its previous output arrived
+	// textOffset is, per choice, the length of the logprob tokens streamed so far (text
+	// completions' text_offset).
+	textOffset []int
 
 	mu      sync.Mutex
 	aborted atomic.Bool
@@ -113,7 +117,7 @@ func (s *Server) next(c *call) (engine.Delta, error) {
 				return engine.Delta{}, err
 			}
 			s.observeDelta(c, d)
-			if d.Text == "" && d.FinishReason == "" {
+			if d.Text == "" && d.FinishReason == "" && (len(d.Logprobs) == 0 || !c.params.logprobs) {
 				continue
 			}
 			return d, nil
@@ -188,6 +192,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req engine.Req
 	c.stream, c.cancelGen = stream, cancel
 	c.track = newChoiceTracker(c.params.n)
 	c.lastTok = make([]time.Time, c.params.n)
+	c.textOffset = make([]int, c.params.n)
 	defer c.stopTimers()
 
 	stopAbort := context.AfterFunc(s.abortCtx, c.abort)
@@ -214,6 +219,10 @@ func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 	n := c.params.n
 	texts := make([]strings.Builder, n)
 	reasons := make([]string, n)
+	var lps [][]engine.TokenLogprob
+	if c.params.logprobs {
+		lps = make([][]engine.TokenLogprob, n)
+	}
 	for {
 		d, err := s.next(c)
 		if errors.Is(err, io.EOF) {
@@ -224,6 +233,9 @@ func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 			return false
 		}
 		texts[d.Index].WriteString(d.Text)
+		if lps != nil {
+			lps[d.Index] = append(lps[d.Index], d.Logprobs...)
+		}
 		if d.FinishReason != "" {
 			reasons[d.Index] = d.FinishReason
 		}
@@ -233,7 +245,7 @@ func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 	for i := range texts {
 		out[i] = c.echo + texts[i].String()
 	}
-	writeJSON(w, http.StatusOK, f.response(c, out, reasons, u))
+	writeJSON(w, http.StatusOK, f.response(c, out, reasons, lps, u))
 	s.logDone(c, u)
 	return true
 }

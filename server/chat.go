@@ -19,10 +19,10 @@ type chatChunk struct {
 }
 
 type chunkChoice struct {
-	Index        int        `json:"index"`
-	Delta        chunkDelta `json:"delta"`
-	Logprobs     *struct{}  `json:"logprobs"` // always null
-	FinishReason *string    `json:"finish_reason"`
+	Index        int           `json:"index"`
+	Delta        chunkDelta    `json:"delta"`
+	Logprobs     *chatLogprobs `json:"logprobs"` // null unless asked for
+	FinishReason *string       `json:"finish_reason"`
 }
 
 // chunkDelta is {"role":"assistant","content":""} in the role chunk, {"content":"…"} in a
@@ -56,8 +56,46 @@ type chatCompletion struct {
 type completionChoice struct {
 	Index        int              `json:"index"`
 	Message      assistantMessage `json:"message"`
-	Logprobs     *struct{}        `json:"logprobs"` // always null
+	Logprobs     *chatLogprobs    `json:"logprobs"` // null unless asked for
 	FinishReason string           `json:"finish_reason"`
+}
+
+// chatLogprobs are the logprobs of a choice's content (or of a streamed increment).
+type chatLogprobs struct {
+	Content []chatLogprob `json:"content"`
+}
+
+type chatLogprob struct {
+	Token       string       `json:"token"`
+	Logprob     float64      `json:"logprob"`
+	Bytes       []int        `json:"bytes"`
+	TopLogprobs []topLogprob `json:"top_logprobs"`
+}
+
+// topLogprob is an entry of top_logprobs, which has no top_logprobs of its own.
+type topLogprob struct {
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
+}
+
+func toChatLogprobs(lps []engine.TokenLogprob) *chatLogprobs {
+	out := &chatLogprobs{Content: make([]chatLogprob, len(lps))}
+	for i, lp := range lps {
+		top := make([]topLogprob, len(lp.Top))
+		for j, t := range lp.Top {
+			top[j] = topLogprob{Token: t.Token, Logprob: t.Logprob, Bytes: nonNilBytes(t.Bytes)}
+		}
+		out.Content[i] = chatLogprob{Token: lp.Token, Logprob: lp.Logprob, Bytes: nonNilBytes(lp.Bytes), TopLogprobs: top}
+	}
+	return out
+}
+
+func nonNilBytes(b []int) []int {
+	if b == nil {
+		return []int{}
+	}
+	return b
 }
 
 type assistantMessage struct {
@@ -111,23 +149,27 @@ type chatFormat struct{}
 func (chatFormat) writeDelta(sw *sseWriter, c *call, d engine.Delta, first bool) {
 	chunk := chatChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model}
 	var one [1]chunkChoice
-	emit := func(delta chunkDelta, finish *string) {
-		one[0] = chunkChoice{Index: d.Index, Delta: delta, FinishReason: finish}
+	emit := func(delta chunkDelta, lps *chatLogprobs, finish *string) {
+		one[0] = chunkChoice{Index: d.Index, Delta: delta, Logprobs: lps, FinishReason: finish}
 		chunk.Choices = one[:]
 		sw.writeSSE(&chunk)
 	}
 	if first {
 		empty := ""
-		emit(chunkDelta{Role: assistantRole, Content: &empty}, nil)
+		emit(chunkDelta{Role: assistantRole, Content: &empty}, nil, nil)
 	}
-	if d.Text != "" {
-		emit(chunkDelta{Content: &d.Text}, nil)
+	if d.Text != "" || (c.params.logprobs && len(d.Logprobs) > 0) {
+		var lps *chatLogprobs
+		if c.params.logprobs {
+			lps = toChatLogprobs(d.Logprobs)
+		}
+		emit(chunkDelta{Content: &d.Text}, lps, nil)
 	}
 	if d.FinishReason != "" {
 		if !c.params.includeUsage {
 			chunk.SystemFingerprint = c.fingerprint
 		}
-		emit(chunkDelta{}, &d.FinishReason)
+		emit(chunkDelta{}, nil, &d.FinishReason)
 	}
 }
 
@@ -138,7 +180,7 @@ func (chatFormat) usageChunk(c *call, u usage) any {
 	}
 }
 
-func (chatFormat) response(c *call, texts []string, reasons []string, u usage) any {
+func (chatFormat) response(c *call, texts []string, reasons []string, lps [][]engine.TokenLogprob, u usage) any {
 	resp := chatCompletion{
 		ID:                c.id,
 		Object:            "chat.completion",
@@ -153,6 +195,9 @@ func (chatFormat) response(c *call, texts []string, reasons []string, u usage) a
 			Index:        i,
 			Message:      assistantMessage{Role: assistantRole, Content: texts[i]},
 			FinishReason: reasons[i],
+		}
+		if c.params.logprobs {
+			resp.Choices[i].Logprobs = toChatLogprobs(lps[i])
 		}
 	}
 	return &resp

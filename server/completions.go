@@ -55,12 +55,19 @@ func (c *completionRequest) toEngine(m engine.ModelInfo) (req engine.Request, p 
 		return
 	}
 	switch {
-	case c.Logprobs != nil:
-		e = badRequest("logprobs", "logprobs are not supported.")
+	case c.Logprobs != nil && (*c.Logprobs < 0 || *c.Logprobs > maxLogprobs):
+		e = badRequest("logprobs", "logprobs must be in [0, %d], got %d.", maxLogprobs, *c.Logprobs)
+	case c.Logprobs != nil && c.Echo:
+		e = badRequest("logprobs", "logprobs with echo (prompt logprobs) are not supported.")
 	case c.Suffix != nil && *c.Suffix != "":
 		e = badRequest("suffix", "suffix is not supported.")
 	case c.BestOf != nil && *c.BestOf != p.n && *c.BestOf != 1:
 		e = badRequest("best_of", "best_of is not supported.")
+	}
+	if e == nil && c.Logprobs != nil {
+		n := *c.Logprobs
+		sp.Logprobs = &n
+		p.logprobs = true
 	}
 	return
 }
@@ -153,11 +160,43 @@ type textCompletion struct {
 
 // textChoice is one choice of a text completion: its whole text, or a streamed increment.
 type textChoice struct {
-	Index        int       `json:"index"`
-	Text         string    `json:"text"`
-	Logprobs     *struct{} `json:"logprobs"` // always null
-	FinishReason *string   `json:"finish_reason"`
-	StopReason   *struct{} `json:"stop_reason"` // always null
+	Index        int           `json:"index"`
+	Text         string        `json:"text"`
+	Logprobs     *textLogprobs `json:"logprobs"` // null unless asked for
+	FinishReason *string       `json:"finish_reason"`
+	StopReason   *struct{}     `json:"stop_reason"` // always null
+}
+
+// textLogprobs are the legacy completions logprobs of a choice (or of a streamed increment).
+type textLogprobs struct {
+	Tokens        []string             `json:"tokens"`
+	TokenLogprobs []float64            `json:"token_logprobs"`
+	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+	TextOffset    []int                `json:"text_offset"`
+}
+
+// toTextLogprobs converts lps; offset is where the first token starts in the choice's text.
+func toTextLogprobs(lps []engine.TokenLogprob, offset int) *textLogprobs {
+	t := &textLogprobs{
+		Tokens:        make([]string, len(lps)),
+		TokenLogprobs: make([]float64, len(lps)),
+		TopLogprobs:   make([]map[string]float64, len(lps)),
+		TextOffset:    make([]int, len(lps)),
+	}
+	for i, lp := range lps {
+		t.Tokens[i] = lp.Token
+		t.TokenLogprobs[i] = lp.Logprob
+		top := make(map[string]float64, len(lp.Top))
+		for _, e := range lp.Top {
+			if _, dup := top[e.Token]; !dup { // the most likely of tokens that decode alike
+				top[e.Token] = e.Logprob
+			}
+		}
+		t.TopLogprobs[i] = top
+		t.TextOffset[i] = offset
+		offset += len(lp.Token)
+	}
+	return t
 }
 
 // textFormat writes text completions in vLLM's shape: one chunk per delta with the text and,
@@ -173,6 +212,10 @@ func (textFormat) writeDelta(sw *sseWriter, c *call, d engine.Delta, first bool)
 	chunk := textCompletion{ID: c.id, Object: "text_completion", Created: c.created, Model: c.model}
 	var one [1]textChoice
 	one[0] = textChoice{Index: d.Index, Text: text}
+	if c.params.logprobs {
+		one[0].Logprobs = toTextLogprobs(d.Logprobs, c.textOffset[d.Index])
+		c.textOffset[d.Index] = advanceOffset(c.textOffset[d.Index], d.Logprobs)
+	}
 	if d.FinishReason != "" {
 		one[0].FinishReason = &d.FinishReason
 		if !c.params.includeUsage {
@@ -190,7 +233,15 @@ func (textFormat) usageChunk(c *call, u usage) any {
 	}
 }
 
-func (textFormat) response(c *call, texts []string, reasons []string, u usage) any {
+// advanceOffset is offset past the tokens of lps.
+func advanceOffset(offset int, lps []engine.TokenLogprob) int {
+	for _, lp := range lps {
+		offset += len(lp.Token)
+	}
+	return offset
+}
+
+func (textFormat) response(c *call, texts []string, reasons []string, lps [][]engine.TokenLogprob, u usage) any {
 	resp := textCompletion{
 		ID:                c.id,
 		Object:            "text_completion",
@@ -202,6 +253,9 @@ func (textFormat) response(c *call, texts []string, reasons []string, u usage) a
 	}
 	for i := range resp.Choices {
 		resp.Choices[i] = textChoice{Index: i, Text: texts[i], FinishReason: &reasons[i]}
+		if c.params.logprobs {
+			resp.Choices[i].Logprobs = toTextLogprobs(lps[i], 0)
+		}
 	}
 	return &resp
 }

@@ -145,7 +145,12 @@ type callParams struct {
 	n            int
 	stream       bool
 	includeUsage bool
+	logprobs     bool // the client asked for logprobs: render them (else "logprobs": null)
 }
+
+// maxLogprobs is the most top logprobs per token a request may ask for (OpenAI's and vLLM's
+// default limit).
+const maxLogprobs = 20
 
 // checkModel answers 404 unless name is empty or the served model.
 func checkModel(name string, m engine.ModelInfo) *apiError {
@@ -195,12 +200,23 @@ func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, callParams, 
 	if err := c.samplingRequest.apply(sp, &p); err != nil {
 		return req, p, err
 	}
-	if c.Logprobs || (c.TopLogprobs != nil && *c.TopLogprobs != 0) {
-		param := "logprobs"
-		if !c.Logprobs {
-			param = "top_logprobs"
+	if t := c.TopLogprobs; t != nil {
+		switch {
+		case *t < 0:
+			return req, p, badRequest("top_logprobs", "Invalid 'top_logprobs': integer below minimum value. Expected a value >= 0, but got %d instead.", *t)
+		case *t > maxLogprobs:
+			return req, p, badRequest("top_logprobs", "Invalid 'top_logprobs': integer above maximum value. Expected a value <= %d, but got %d instead.", maxLogprobs, *t)
+		case *t > 0 && !c.Logprobs:
+			return req, p, badRequest("top_logprobs", "Invalid value for 'top_logprobs': 'logprobs' must be set to true when 'top_logprobs' is set.")
 		}
-		return req, p, badRequest(param, "logprobs are not supported.")
+	}
+	if c.Logprobs {
+		top := 0
+		if c.TopLogprobs != nil {
+			top = *c.TopLogprobs
+		}
+		sp.Logprobs = &top
+		p.logprobs = true
 	}
 	if t := bytes.TrimSpace(c.Tools); len(t) > 0 && !bytes.Equal(t, []byte("null")) && !bytes.Equal(t, []byte("[]")) {
 		return req, p, badRequest("tools", "tools are not supported.")

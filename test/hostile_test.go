@@ -98,7 +98,7 @@ func TestHostileRequests(t *testing.T) {
 		{name: "seed a string", body: chat(`,"seed":"abc"`), param: "seed"},
 		{name: "stream a string", body: chat(`,"stream":"yes"`), param: "stream"},
 		{name: "stream_options without stream", body: chat(`,"stream_options":{"include_usage":true}`), param: "stream_options"},
-		{name: "logprobs", body: chat(`,"logprobs":true`), param: "logprobs"},
+		{name: "top_logprobs above 20", body: chat(`,"logprobs":true,"top_logprobs":21`), param: "top_logprobs"},
 		{name: "tools", body: chat(`,"tools":[{"type":"function","function":{"name":"f"}}]`), param: "tools"},
 		{name: "logit_bias", body: chat(`,"logit_bias":{"1":100}`), param: "logit_bias"},
 		{name: "json_schema", body: chat(`,"response_format":{"type":"json_schema"}`), param: "response_format"},

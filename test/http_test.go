@@ -189,9 +189,9 @@ func TestOpenAIClient(t *testing.T) {
 }
 
 // TestTransformersRefusesUnsupportedSampling: the sampling fields the transformers backend does
-// not apply yet are refused with a 400 naming them, not silently ignored.
+// not apply yet (and logprobs, which it does not compute) are refused with a 400 naming them, not silently ignored.
 func TestTransformersRefusesUnsupportedSampling(t *testing.T) {
-	for _, field := range []string{`"min_p":0.1`, `"presence_penalty":0.5`, `"frequency_penalty":0.5`, `"repetition_penalty":1.2`, `"min_tokens":2`} {
+	for _, field := range []string{`"min_p":0.1`, `"presence_penalty":0.5`, `"frequency_penalty":0.5`, `"repetition_penalty":1.2`, `"min_tokens":2`, `"logprobs":true`} {
 		name := strings.Trim(strings.SplitN(field, ":", 2)[0], `"`)
 		body := `{"messages":[{"role":"user","content":"hi"}],"max_tokens":4,` + field + `}`
 		resp, err := http.Post(binURL+"/v1/chat/completions", "application/json", strings.NewReader(body))

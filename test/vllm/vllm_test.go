@@ -340,3 +340,77 @@ func TestEngineDeath(t *testing.T) {
 		})
 	}
 }
+
+// TestLogprobs: greedy chat with logprobs gets one entry per token, the chosen token first among
+// the top ones; streamed, the same entries arrive across the chunks.
+func TestLogprobs(t *testing.T) {
+	body := map[string]any{"messages": user("What is the capital of France?"), "temperature": 0, "max_tokens": 8,
+		"ignore_eos": true, "logprobs": true, "top_logprobs": 2}
+	b, err := json.Marshal(body)
+	require.NoError(t, err)
+	resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", bytes.NewReader(b))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	type entry struct {
+		Token       string  `json:"token"`
+		Logprob     float64 `json:"logprob"`
+		Bytes       []int   `json:"bytes"`
+		TopLogprobs []struct {
+			Token   string  `json:"token"`
+			Logprob float64 `json:"logprob"`
+		} `json:"top_logprobs"`
+	}
+	var c struct {
+		Choices []struct {
+			Message struct {
+				Content string `json:"content"`
+			} `json:"message"`
+			Logprobs *struct {
+				Content []entry `json:"content"`
+			} `json:"logprobs"`
+		} `json:"choices"`
+	}
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&c))
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Len(t, c.Choices, 1)
+	require.NotNil(t, c.Choices[0].Logprobs)
+	content := c.Choices[0].Logprobs.Content
+	require.Len(t, content, 8)
+	var joined strings.Builder
+	for i, e := range content {
+		require.LessOrEqual(t, e.Logprob, 0.0, "entry %d", i)
+		require.Len(t, e.TopLogprobs, 2, "entry %d", i)
+		require.Equal(t, e.Token, e.TopLogprobs[0].Token, "greedy: the chosen token is the most likely (entry %d)", i)
+		require.InDelta(t, e.Logprob, e.TopLogprobs[0].Logprob, 1e-4)
+		require.GreaterOrEqual(t, e.TopLogprobs[0].Logprob, e.TopLogprobs[1].Logprob)
+		require.Equal(t, len([]byte(e.Token)), len(e.Bytes))
+		joined.WriteString(e.Token)
+	}
+	// Special tokens (EOS past ignore_eos) have logprobs but no text.
+	require.True(t, strings.HasPrefix(joined.String(), c.Choices[0].Message.Content), "%q, %q", joined.String(), c.Choices[0].Message.Content)
+
+	body["stream"] = true
+	var streamed []entry
+	for _, line := range stream(t, srv.URL, body) {
+		if line == "[DONE]" {
+			continue
+		}
+		var chunk struct {
+			Choices []struct {
+				Logprobs *struct {
+					Content []entry `json:"content"`
+				} `json:"logprobs"`
+			} `json:"choices"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(line), &chunk), line)
+		for _, ch := range chunk.Choices {
+			if ch.Logprobs != nil {
+				streamed = append(streamed, ch.Logprobs.Content...)
+			}
+		}
+	}
+	require.Len(t, streamed, 8)
+	for i := range streamed {
+		require.Equal(t, content[i].Token, streamed[i].Token)
+	}
+}

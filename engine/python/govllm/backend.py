@@ -53,6 +53,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]; 0 = off
     repetition_penalty: float = 1.0  # > 0; 1 = off
     min_tokens: int = 0
+    logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
@@ -89,6 +90,9 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise RequestError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
                                f"got {self.min_tokens}", param="min_tokens")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise RequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}", param="logprobs")
 
     def non_default(self) -> list[str]:
         """The names of the fields that differ from their defaults, in declaration order."""
@@ -108,12 +112,16 @@ class Delta:
     ``text`` is the detokenized increment: never half a UTF-8 character, never a piece of a
     stop string that later matched. ``finish_reason`` is set on the last delta of a choice:
     "stop" (EOS, stop string or stop token), "length" (max_tokens or the context) or "abort".
+    ``logprobs`` (only when the request asked for them): one entry per token of ``token_ids``,
+    ``{"token": str, "logprob": float, "bytes": [int], "top": [{"token", "logprob", "bytes"}, ...]}``,
+    ``top`` being the most likely tokens at that position, most likely first.
     """
 
     index: int
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class RequestError(Exception):

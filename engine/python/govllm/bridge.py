@@ -191,7 +191,11 @@ class Bridge:
             prompt_tokens = len(ids)
             async for d in self.backend.generate(ids, sampling, str(req_id)):
                 completion_tokens += len(d.token_ids)
-                emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1))
+                if d.logprobs is None:
+                    emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1))
+                else:
+                    emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1),
+                         json.dumps({"logprobs": d.logprobs}).encode())
         except asyncio.CancelledError:
             aborted = True  # aborted by Go (client gone, Close): report END below
         except RequestError as exc:

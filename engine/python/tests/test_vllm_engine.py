@@ -515,3 +515,54 @@ def test_killed_engine_core_is_engine_death(loop, vllm_backend, tiny_model_dir):
     vllm_backend.health()
     out = collect(loop, vllm_backend, vllm_backend.apply_chat_template(PARIS), greedy(20), "after-kill")
     assert "Paris" in out[0]["text"]
+
+
+def test_logprobs_conversion():
+    """vLLM's per-position {token_id: Logprob} -> Delta.logprobs: chosen first, top by rank, -inf clamped."""
+
+    @dataclasses.dataclass
+    class Lp:
+        logprob: float
+        rank: int | None = None
+        decoded_token: str | None = None
+
+    class Tok:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    b = vllm_engine.VLLMBackend.__new__(vllm_engine.VLLMBackend)
+    b.tokenizer = Tok()
+    positions = [
+        {5: Lp(-2.0, 3, "é"), 1: Lp(-0.1, 1, "a"), 2: Lp(-1.0, 2, "b")},  # chosen token outside the top 2
+        {7: Lp(float("-inf"), 1, None)},
+    ]
+    out = b._logprobs([5, 7], positions, 2)
+    assert out == [
+        {"token": "é", "logprob": -2.0, "bytes": [195, 169], "top": [
+            {"token": "a", "logprob": -0.1, "bytes": [97]}, {"token": "b", "logprob": -1.0, "bytes": [98]}]},
+        {"token": "<7>", "logprob": -9999.0, "bytes": list(b"<7>"), "top": [
+            {"token": "<7>", "logprob": -9999.0, "bytes": list(b"<7>")}]},
+    ]
+    assert json.loads(json.dumps(out)) == out  # no -Infinity
+
+
+def test_logprobs_sampling_param_range():
+    assert SamplingParams.from_dict({"logprobs": 20}).logprobs == 20
+    for bad in (-1, 21, True, 1.5):
+        with pytest.raises(RequestError) as e:
+            SamplingParams.from_dict({"logprobs": bad})
+        assert e.value.param == "logprobs"
+
+
+def test_logprobs_end_to_end(loop, vllm_backend):
+    b = vllm_backend
+
+    async def run():
+        return [d async for d in b.generate(b.apply_chat_template(PARIS), greedy(4, ignore_eos=True, logprobs=2), "lp")]
+
+    deltas = loop.run_until_complete(run())
+    entries = [e for d in deltas for e in d.logprobs]
+    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert len(entries) == 4
+    for e in entries:
+        assert e["logprob"] <= 0 and len(e["top"]) == 2 and e["top"][0]["token"] == e["token"]

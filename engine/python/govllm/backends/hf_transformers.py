@@ -660,6 +660,8 @@ class TransformersBackend:
     def _validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> int:
         """Checks the request; returns max_new_tokens."""
         sampling.validate()
+        if sampling.logprobs is not None:
+            raise RequestError("logprobs is not supported by the transformers backend", param="logprobs")
         for name in sampling.non_default():  # not yet applied per request here (issue 4)
             if name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens"):
                 raise RequestError(f"{name} is not supported by the transformers backend", param=name)

@@ -62,6 +62,9 @@ Requests
     transformers backend; a prompt that alone exceeds the context is refused by vLLM itself. The prompt goes in as
     token ids (a rendered ``tokens_input`` where the version has it: no tokenizer thread hop).
     Finish reasons: stop/length/abort as is, "repetition" -> "stop", "error" -> an exception (500).
+    ``logprobs=N`` is vLLM's ``logprobs=N``; each delta's ``CompletionOutput.logprobs`` (one
+    {token_id: Logprob} per new token) becomes ``Delta.logprobs``: the chosen token, then the N
+    most likely by rank; -inf is clamped to -9999 (JSON has no infinities).
 
 Errors
     At SamplingParams construction, or raised by ``generate`` before its first output:
@@ -726,6 +729,8 @@ class VLLMBackend:
             max_tokens=max_tokens,
             output_kind=api.DELTA,
         )
+        if sampling.logprobs is not None:
+            kwargs["logprobs"] = int(sampling.logprobs)
         try:
             return api.SamplingParams(**kwargs)
         except Exception as exc:
@@ -767,7 +772,11 @@ class VLLMBackend:
                                                f"(stop_reason={c.stop_reason!r})")
                         reason = mapped
                     started = True
-                    yield Delta(index=c.index, token_ids=list(token_ids), text=c.text, finish_reason=reason)
+                    logprobs = None
+                    if sampling.logprobs is not None:
+                        logprobs = self._logprobs(token_ids, c.logprobs, sampling.logprobs)
+                    yield Delta(index=c.index, token_ids=list(token_ids), text=c.text, finish_reason=reason,
+                                logprobs=logprobs)
         except asyncio.CancelledError:
             raise
         except RequestError:
@@ -782,6 +791,29 @@ class VLLMBackend:
                 del self._active[request_id]
             with contextlib.suppress(Exception):
                 await stream.aclose()  # closing it early aborts the request in vLLM
+
+    def _logprobs(self, token_ids: Any, positions: Any, top_n: int) -> list[dict[str, Any]]:
+        """vLLM's per-position {token_id: Logprob} dicts -> Delta.logprobs (chosen token, then top_n by rank)."""
+        positions = list(positions or [])
+        out: list[dict[str, Any]] = []
+        for i, tid in enumerate(token_ids):
+            entries = positions[i] if i < len(positions) and positions[i] is not None else {}
+            chosen = entries.get(tid)
+            entry = self._logprob_entry(int(tid), chosen.logprob if chosen is not None else float("nan"),
+                                        chosen.decoded_token if chosen is not None else None)
+            ranked = sorted(entries.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+            entry["top"] = [self._logprob_entry(int(t), lp.logprob, lp.decoded_token) for t, lp in ranked[:top_n]]
+            out.append(entry)
+        return out
+
+    def _logprob_entry(self, token_id: int, logprob: float, decoded: str | None) -> dict[str, Any]:
+        if decoded is None:
+            decoded = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+        logprob = float(logprob)
+        if logprob != logprob:  # NaN: not reported by vLLM
+            logprob = -9999.0
+        return {"token": decoded, "logprob": max(logprob, -9999.0),  # -inf is not JSON
+                "bytes": list(decoded.encode("utf-8", errors="replace"))}
 
     def _translate(self, exc: Exception, started: bool) -> Exception:
         """Maps an exception from vLLM's generate() onto govllm's (see the module docstring)."""
