@@ -44,15 +44,7 @@ func sse(t *testing.T, ctx context.Context, body string) []string {
 	defer resp.Body.Close()
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"))
-	var lines []string
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
-			lines = append(lines, line)
-		}
-	}
-	require.NoError(t, sc.Err())
-	return lines
+	return govtest.SSEData(t, resp.Body)
 }
 
 func TestHTTPStreamingCapitalOfFrance(t *testing.T) {

@@ -113,15 +113,7 @@ func stream(t *testing.T, url string, body map[string]any) []string {
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	require.Equal(t, http.StatusOK, resp.StatusCode)
-	var lines []string
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
-			lines = append(lines, line)
-		}
-	}
-	require.NoError(t, sc.Err())
-	return lines
+	return govtest.SSEData(t, resp.Body)
 }
 
 func TestStreamingChat(t *testing.T) {
