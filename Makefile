@@ -18,7 +18,7 @@ $(SHIM): cshim/shim.c cshim/shim.h
 	@mkdir -p $(dir $@)
 	@py=python3; [ -x $(PY) ] && py=$(PY); \
 	  inc=$$($$py -c 'import sysconfig; print(sysconfig.get_path("include"))'); \
-	  gcc -O2 -g -Wall -Wextra -Wno-deprecated-declarations -Wno-missing-field-initializers -fPIC -shared \
+	  gcc -O2 -g -Wall -Wextra -Wno-deprecated-declarations -Wno-missing-field-initializers -fPIC -fno-plt -shared \
 	    -I"$$inc" -o $@ cshim/shim.c -lpthread
 	@echo "built $@"
 

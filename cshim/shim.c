@@ -103,6 +103,8 @@ static void set_error_from_python(const char *context) {
 
 /* ---------------------------------------------------------------- outbox */
 
+enum { HDR = 24 }; /* bytes in a record header (see make_header) */
+
 /* Two buffers: emitters append records to bufs[w]; shim_poll hands the whole of bufs[w] to Go
  * and swaps, so neither side copies or parses under the lock. The buffer handed out stays
  * Go's until its next shim_poll call. */
@@ -121,18 +123,16 @@ typedef struct {
 
 static outbox_t outbox = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
-/* Append one record: a 4-byte length, the header, then tokens, text and meta. Called with the
- * GIL held; releases it only while waiting for room. Returns -1 with a Python exception set. */
-static int outbox_put(const uint8_t *hdr, size_t hlen, const int32_t *toks, size_t ntok, const char *text,
-                      size_t tlen, const char *meta, size_t mlen) {
-  size_t body = hlen + ntok * 4 + tlen + mlen;
-  size_t total = 4 + body;
+/* Reserve `total` bytes at the end of the write buffer, waiting for room without the GIL when
+ * it is full. Called with the GIL held; on success returns with outbox.mu held and the caller
+ * writes the bytes and calls outbox_commit. Returns NULL with a Python exception set. */
+static uint8_t *outbox_reserve(size_t total) {
   if (total > outbox.cap) {
     PyErr_Format(PyExc_ValueError, "event of %zu bytes exceeds the shim queue limit (%zu)", total, outbox.cap);
-    return -1;
+    return NULL;
   }
   pthread_mutex_lock(&outbox.mu);
-  if (outbox.cap - outbox.lens[outbox.w] < total && !outbox.closed) {
+  while (outbox.cap - outbox.lens[outbox.w] < total && !outbox.closed) {
     /* Full: wait without the GIL so the poller (and the rest of Python) keep running. */
     pthread_mutex_unlock(&outbox.mu);
     PyThreadState *ts = PyEval_SaveThread();
@@ -145,19 +145,30 @@ static int outbox_put(const uint8_t *hdr, size_t hlen, const int32_t *toks, size
     }
     pthread_mutex_unlock(&outbox.mu);
     PyEval_RestoreThread(ts);
-    pthread_mutex_lock(&outbox.mu);
-    if (outbox.cap - outbox.lens[outbox.w] < total && !outbox.closed) {
-      /* Another emitter filled it while we took the GIL back: wait again (rare). */
-      pthread_mutex_unlock(&outbox.mu);
-      return outbox_put(hdr, hlen, toks, ntok, text, tlen, meta, mlen);
-    }
+    pthread_mutex_lock(&outbox.mu); /* another emitter may have filled it meanwhile: check again */
   }
   if (outbox.closed) {
     pthread_mutex_unlock(&outbox.mu);
     PyErr_SetString(PyExc_RuntimeError, "govllm shim: event queue closed");
-    return -1;
+    return NULL;
   }
-  uint8_t *p = outbox.bufs[outbox.w] + outbox.lens[outbox.w];
+  return outbox.bufs[outbox.w] + outbox.lens[outbox.w];
+}
+
+/* Publish the bytes written after outbox_reserve and release the lock. */
+static void outbox_commit(size_t total) {
+  outbox.lens[outbox.w] += total;
+  if (outbox.pollers_waiting && !outbox.woken) {
+    outbox.woken = 1; /* one futex wake per batch, not one per record */
+    pthread_cond_signal(&outbox.readable);
+  }
+  pthread_mutex_unlock(&outbox.mu);
+}
+
+/* Frame one record into p: a 4-byte length, the header, then tokens, text and meta. */
+static void frame_record(uint8_t *p, const uint8_t *hdr, size_t hlen, const int32_t *toks, size_t ntok,
+                         const char *text, size_t tlen, const char *meta, size_t mlen) {
+  size_t body = hlen + ntok * 4 + tlen + mlen;
   p[0] = (uint8_t)body;
   p[1] = (uint8_t)(body >> 8);
   p[2] = (uint8_t)(body >> 16);
@@ -170,13 +181,89 @@ static int outbox_put(const uint8_t *hdr, size_t hlen, const int32_t *toks, size
   if (tlen) memcpy(p, text, tlen);
   p += tlen;
   if (mlen) memcpy(p, meta, mlen);
-  outbox.lens[outbox.w] += total;
-  if (outbox.pollers_waiting && !outbox.woken) {
-    outbox.woken = 1; /* one futex wake per batch, not one per token */
-    pthread_cond_signal(&outbox.readable);
-  }
-  pthread_mutex_unlock(&outbox.mu);
+}
+
+/* Append one record straight to the outbox. Called with the GIL held; returns -1 with a Python
+ * exception set. */
+static int outbox_put(const uint8_t *hdr, size_t hlen, const int32_t *toks, size_t ntok, const char *text,
+                      size_t tlen, const char *meta, size_t mlen) {
+  size_t total = 4 + hlen + ntok * 4 + tlen + mlen;
+  uint8_t *p = outbox_reserve(total);
+  if (p == NULL) return -1;
+  frame_record(p, hdr, hlen, toks, ntok, text, tlen, meta, mlen);
+  outbox_commit(total);
   return 0;
+}
+
+/* ---------------------------------------------------------------- staging */
+
+/* Token records emitted on the bridge loop's thread are framed into a private buffer, guarded by
+ * the GIL alone (no lock, no atomics, no wakeup), and moved into the outbox in one piece: by the
+ * flush callback that the first record after a flush schedules on the loop (set_flush_hook), when
+ * the buffer holds stage.limit bytes, and before any control event (end, error, ...), so records
+ * keep their order. An engine step that emits a token for each of its requests thus costs the
+ * outbox one lock and the poller one wakeup, instead of one per token. */
+typedef struct {
+  uint8_t *buf;
+  size_t len, limit;
+  int flushing;        /* a flush is waiting for room in the outbox with the GIL released */
+  int scheduled;       /* the hook ran and its flush has not yet */
+  unsigned long owner; /* the thread whose token records are staged: the one that set the hook */
+  PyObject *hook;      /* called (no arguments) on the first record after a flush */
+} stage_t;
+
+static stage_t stage;
+
+/* Wait (GIL released in short sleeps) for a flush on another thread that is waiting for room. */
+static void stage_wait_flushing(void) {
+  while (stage.flushing) {
+    PyThreadState *ts = PyEval_SaveThread();
+    struct timespec pause = {0, 20000};
+    nanosleep(&pause, NULL);
+    PyEval_RestoreThread(ts);
+  }
+}
+
+/* Move the staged records into the outbox. GIL held; -1 with a Python exception set. */
+static int stage_flush(void) {
+  stage_wait_flushing();
+  if (stage.len == 0) return 0;
+  stage.flushing = 1;
+  size_t n = stage.len;
+  uint8_t *p = outbox_reserve(n);
+  if (p != NULL) {
+    memcpy(p, stage.buf, n);
+    outbox_commit(n);
+  }
+  /* Records staged while this waited cannot exist: staging waits for flushing to clear. */
+  stage.len = 0;
+  stage.flushing = 0;
+  return p == NULL ? -1 : 0;
+}
+
+/* Stage one record if the calling thread owns the staging buffer. Returns 1 when staged, 0 when
+ * the caller must put it directly (after stage_flush, to keep the order), -1 on error. */
+static int stage_put(const uint8_t *hdr, const int32_t *toks, size_t ntok, const char *text, size_t tlen,
+                     const char *meta, size_t mlen) {
+  if (stage.hook == NULL || stage.buf == NULL || PyThread_get_thread_ident() != stage.owner) return 0;
+  size_t total = 4 + HDR + ntok * 4 + tlen + mlen;
+  if (total > stage.limit) return 0;
+  stage_wait_flushing();
+  if (stage.len + total > stage.limit && stage_flush() < 0) return -1;
+  frame_record(stage.buf + stage.len, hdr, HDR, toks, ntok, text, tlen, meta, mlen);
+  stage.len += total;
+  if (!stage.scheduled) {
+    stage.scheduled = 1;
+    PyObject *r = PyObject_CallObject(stage.hook, NULL);
+    if (r == NULL) {
+      /* The loop cannot take the callback (closing): deliver now instead. */
+      PyErr_Clear();
+      stage.scheduled = 0;
+      if (stage_flush() < 0) return -1;
+    }
+    Py_XDECREF(r);
+  }
+  return 1;
 }
 
 static void outbox_close(void) {
@@ -296,7 +383,6 @@ static void put_u64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] =
 /* Record header, little endian, 24 bytes:
  *   u8 kind | u8 finish | u16 index | u32 ntokens | u64 req_id | u32 text_len | u32 meta_len
  * followed by ntokens int32, the UTF-8 text and the meta bytes. See engine/event.go. */
-enum { HDR = 24 };
 
 static void make_header(uint8_t *h, int kind, int finish, int index, size_t ntok, int64_t req_id, size_t tlen,
                         size_t mlen) {
@@ -327,7 +413,9 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
   int32_t *toks = small;
   size_t ntok = 0;
   PyObject *seq = args[2];
-  int is_list = PyList_Check(seq);
+  /* Exact types first: in the limited API the *_Check macros are function calls. */
+  int is_list = Py_TYPE(seq) == &PyList_Type;
+  if (!is_list && Py_TYPE(seq) != &PyTuple_Type) is_list = PyList_Check(seq);
   if (!is_list && !PyTuple_Check(seq)) {
     PyErr_SetString(PyExc_TypeError, "tokens must be a list or tuple of ints");
     return NULL;
@@ -360,7 +448,10 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
   }
   uint8_t hdr[HDR];
   make_header(hdr, 1, (int)finish, (int)index, ntok, req_id, (size_t)tlen, (size_t)mlen);
-  if (outbox_put(hdr, HDR, toks, ntok, text, (size_t)tlen, meta, (size_t)mlen) < 0) goto fail;
+  int staged = stage_put(hdr, toks, ntok, text, (size_t)tlen, meta, (size_t)mlen);
+  if (staged < 0) goto fail;
+  if (!staged && (stage_flush() < 0 || outbox_put(hdr, HDR, toks, ntok, text, (size_t)tlen, meta, (size_t)mlen) < 0))
+    goto fail;
   if (toks != small) free(toks);
   Py_RETURN_NONE;
 fail:
@@ -384,7 +475,8 @@ static PyObject *py_emit_event(PyObject *self, PyObject *const *args, Py_ssize_t
   if (PyBytes_AsStringAndSize(args[2], &payload, &plen) < 0) return NULL;
   uint8_t hdr[HDR];
   make_header(hdr, (int)kind, 0, 0, 0, req_id, 0, (size_t)plen);
-  if (outbox_put(hdr, HDR, NULL, 0, NULL, 0, payload, (size_t)plen) < 0) return NULL;
+  /* Control events are rare and must not wait for a flush: the staged tokens go first. */
+  if (stage_flush() < 0 || outbox_put(hdr, HDR, NULL, 0, NULL, 0, payload, (size_t)plen) < 0) return NULL;
   Py_RETURN_NONE;
 }
 
@@ -393,6 +485,42 @@ static PyObject *py_emit_null(PyObject *self, PyObject *const *args, Py_ssize_t 
   (void)self;
   (void)args;
   (void)nargs;
+  Py_RETURN_NONE;
+}
+
+/* flush() -> None: move the staged token records into the outbox (the hook schedules this). */
+static PyObject *py_flush(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  stage.scheduled = 0;
+  if (stage_flush() < 0) return NULL;
+  Py_RETURN_NONE;
+}
+
+/* set_flush_hook(hook: Callable[[], object] | None) -> None: stage the calling thread's token
+ * records, calling hook once per batch (on the first record after a flush) to arrange for
+ * flush() to run soon, e.g. functools.partial(loop.call_soon, flush). None stops staging after
+ * flushing what is staged. */
+static PyObject *py_set_flush_hook(PyObject *self, PyObject *hook) {
+  (void)self;
+  if (hook != Py_None && !PyCallable_Check(hook)) {
+    PyErr_SetString(PyExc_TypeError, "set_flush_hook: hook must be callable or None");
+    return NULL;
+  }
+  if (stage_flush() < 0) return NULL;
+  Py_CLEAR(stage.hook);
+  stage.scheduled = 0;
+  if (hook == Py_None) Py_RETURN_NONE;
+  if (stage.buf == NULL) {
+    /* Large enough to batch a step of many requests, small enough to stay in cache, and never
+     * more than a quarter of an outbox buffer so that a flush always fits. */
+    stage.limit = outbox.cap / 4 < (64u << 10) ? outbox.cap / 4 : (64u << 10);
+    stage.buf = malloc(stage.limit);
+    if (stage.buf == NULL) return PyErr_NoMemory();
+  }
+  Py_INCREF(hook);
+  stage.hook = hook;
+  stage.owner = PyThread_get_thread_ident();
   Py_RETURN_NONE;
 }
 
@@ -434,6 +562,8 @@ static PyMethodDef shim_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
     {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
     {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): no-op baseline"},
+    {"flush", py_flush, METH_NOARGS, "flush(): deliver the staged token records"},
+    {"set_flush_hook", py_set_flush_hook, METH_O, "set_flush_hook(hook | None): stage this thread's emits"},
     {"inbox_fd", py_inbox_fd, METH_NOARGS, "inbox_fd() -> int"},
     {"take", py_take, METH_NOARGS, "take() -> list of (kind, req_id, data)"},
     {NULL, NULL, 0, NULL},
@@ -545,6 +675,10 @@ int32_t shim_run(const char *code) {
     Py_XDECREF(globals);
     Py_DECREF(compiled);
   }
+  /* Whatever the bridge staged last is delivered before the queue closes. */
+  if (stage_flush() < 0) PyErr_Clear();
+  Py_CLEAR(stage.hook);
+  stage.scheduled = 0;
   pthread_mutex_lock(&inbox_mu);
   inbox_closed = 1;
   pthread_mutex_unlock(&inbox_mu);

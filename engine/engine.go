@@ -50,7 +50,7 @@ type Config struct {
 	// Extra passes backend-specific options through to Python as JSON.
 	Extra map[string]any
 	// MaxPendingTokens bounds the output a stream may hold unread (tokens, plus one per
-	// delta) before the request is aborted with ErrSlowConsumer; 0 means 65536. Unread deltas
+	// delta) before the request is aborted with ErrSlowConsumer; 0 means 1<<20. Unread deltas
 	// of a choice are merged, so a reader that falls behind gets fewer, larger deltas.
 	MaxPendingTokens int
 	// QueueBytes sizes the shim's Python-to-Go event buffers (two of half this size); 0 means

@@ -138,6 +138,31 @@ func TestSubmitStreamFinish(t *testing.T) {
 	}
 }
 
+func TestDeltasArriveAsProduced(t *testing.T) {
+	// The shim stages token records and hands them to Go once per loop iteration: a backend
+	// that pauses between tokens must still deliver each one at once, not at the end.
+	const pause = 300 * time.Millisecond
+	start := time.Now()
+	s, err := shared.Generate(context.Background(), chat("slow:4:300", 0))
+	require.NoError(t, err)
+	defer s.Close()
+	var arrivals []time.Duration
+	for {
+		d, err := s.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		require.NoError(t, err)
+		if len(d.TokenIDs) > 0 {
+			arrivals = append(arrivals, time.Since(start))
+		}
+	}
+	require.Len(t, arrivals, 4, "one delta per token: none waited for the next")
+	for i := 1; i < len(arrivals); i++ {
+		require.Greater(t, arrivals[i]-arrivals[i-1], pause/2, "delta %d arrived with the next", i)
+	}
+}
+
 func TestRequestErrors(t *testing.T) {
 	tests := []struct {
 		name   string

@@ -85,7 +85,13 @@ func (s *Stream) pushEvent(ev *event) bool {
 		return true
 	}
 	ntok := len(ev.tokens) / 4
-	s.backlog += ntok + 1
+	// A delta merged into the last unread one costs its tokens only: the reader gets one delta.
+	n := len(s.pending)
+	merge := n > s.head && s.pending[n-1].Index == int(ev.index) && s.pending[n-1].FinishReason == ""
+	s.backlog += ntok
+	if !merge {
+		s.backlog++
+	}
 	if s.backlog > s.max {
 		s.done = true
 		s.err = ErrSlowConsumer
@@ -96,16 +102,14 @@ func (s *Stream) pushEvent(ev *event) bool {
 	}
 	// A reader that falls behind gets bigger deltas, not more of them (as vLLM's output
 	// collector merges DELTA outputs): merge into the last unread delta of the same choice.
-	if n := len(s.pending); n > s.head {
+	if merge {
 		last := &s.pending[n-1]
-		if last.Index == int(ev.index) && last.FinishReason == "" {
-			last.TokenIDs = ev.appendTokenIDs(last.TokenIDs)
-			last.more = append(last.more, ev.text...)
-			last.FinishReason = ev.finishReason()
-			last.Logprobs = append(last.Logprobs, logprobs...)
-			s.mu.Unlock()
-			return true
-		}
+		last.TokenIDs = ev.appendTokenIDs(last.TokenIDs)
+		last.more = append(last.more, ev.text...)
+		last.FinishReason = ev.finishReason()
+		last.Logprobs = append(last.Logprobs, logprobs...)
+		s.mu.Unlock()
+		return true
 	}
 	s.pending = append(s.pending, pendingDelta{Delta: Delta{
 		Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text), FinishReason: ev.finishReason(),

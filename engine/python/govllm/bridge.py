@@ -3,12 +3,15 @@
 It runs on the interpreter's main thread (the shim's boot code calls ``main``): one asyncio loop,
 the process's only global state, serves every request. Commands from Go arrive through the
 shim's inbox (an eventfd watched with ``add_reader``); deltas leave through
-``_govllm_shim.emit``, which appends a binary record to the shim's queue and never calls Go.
+``_govllm_shim.emit``, which frames a binary record into a buffer private to this thread and never
+calls Go; the buffer goes to the shim's queue in one piece once per loop iteration (the flush hook),
+when it fills, and before any other event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -247,8 +250,12 @@ def main(config: dict[str, Any]) -> None:
         root.setLevel(logging.INFO if not (config.get("extra") or {}).get("debug") else logging.DEBUG)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    # Token records emitted on this thread are staged in C and handed to Go once per loop
+    # iteration (an engine step's tokens for every request together), not one by one.
+    shim.set_flush_hook(functools.partial(loop.call_soon, shim.flush))
     bridge = Bridge(loop, EngineConfig.from_dict(config))
     try:
         loop.run_until_complete(bridge.run())
     finally:
+        shim.set_flush_hook(None)  # delivers what is still staged
         loop.close()
