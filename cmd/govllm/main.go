@@ -2,6 +2,8 @@
 // (vLLM or Hugging Face transformers) running inside this process.
 //
 //	govllm serve [--model DIR] [--engine auto|transformers|vllm] [--python PATH] [--host H] [--port N]
+//	govllm server add|list|show|rm|start|stop …
+//	govllm bench [NAME | --url URL] [--scenario LIST] [--json]
 package main
 
 import (
@@ -30,6 +32,8 @@ const usage = `govllm serves LLMs with the engine in the same process.
 Usage:
   govllm serve [flags]    serve the OpenAI-compatible API (govllm serve -h for flags)
   govllm gpus [flags]     list NVIDIA GPUs and the placement serve would pick (govllm gpus -h)
+  govllm server COMMAND   named servers: add, list, show, rm, start, stop (govllm server help)
+  govllm bench [NAME]     test and measure a server: TTFT, ITL, TPOT, throughput (govllm bench -h)
   govllm version          print the version
 `
 
@@ -50,6 +54,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return serve(args[1:], stderr)
 	case "gpus":
 		return gpus(args[1:], stdout, stderr)
+	case "server":
+		return serverCmd(args[1:], stdout, stderr)
+	case "bench":
+		return benchCmd(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "govllm", version)
 		return 0

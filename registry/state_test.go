@@ -1,0 +1,113 @@
+package registry
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// startProc starts a process in its own session, reaped in the background.
+func startProc(t *testing.T, name string, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	require.NoError(t, cmd.Start())
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+	})
+	return cmd
+}
+
+func TestStateRunning(t *testing.T) {
+	st := State{Dir: filepath.Join(t.TempDir(), "a")}
+	_, running, stale, err := st.Running()
+	require.NoError(t, err)
+	require.False(t, running)
+	require.False(t, stale)
+
+	cmd := startProc(t, "sleep", "60")
+	inst := Instance{PID: cmd.Process.Pid, URL: "http://127.0.0.1:1", Args: []string{"60"}, Started: time.Now().UTC()}
+	require.NoError(t, st.Write(inst))
+	b, err := os.ReadFile(st.PIDFile())
+	require.NoError(t, err)
+	require.Equal(t, strconv.Itoa(cmd.Process.Pid)+"\n", string(b))
+	got, running, stale, err := st.Running()
+	require.NoError(t, err)
+	require.True(t, running)
+	require.False(t, stale)
+	require.Equal(t, inst.URL, got.URL)
+
+	// Another program under the recorded pid (reuse): stale.
+	require.NoError(t, st.Write(Instance{PID: cmd.Process.Pid, Args: []string{"serve", "--port", "1"}}))
+	_, running, stale, err = st.Running()
+	require.NoError(t, err)
+	require.False(t, running)
+	require.True(t, stale)
+	require.NoFileExists(t, st.PIDFile())
+	require.NoFileExists(t, st.InfoFile())
+
+	// A process that has exited: stale.
+	require.NoError(t, st.Write(inst))
+	require.NoError(t, syscall.Kill(cmd.Process.Pid, syscall.SIGKILL))
+	require.Eventually(t, func() bool { return !Alive(cmd.Process.Pid) }, 5*time.Second, 10*time.Millisecond)
+	_, running, stale, err = st.Running()
+	require.NoError(t, err)
+	require.False(t, running)
+	require.True(t, stale)
+	require.NoFileExists(t, st.PIDFile())
+
+	// A pid file with garbage: stale.
+	require.NoError(t, os.MkdirAll(st.Dir, 0o755))
+	require.NoError(t, os.WriteFile(st.PIDFile(), []byte("nope\n"), 0o644))
+	_, running, stale, err = st.Running()
+	require.NoError(t, err)
+	require.False(t, running)
+	require.True(t, stale)
+}
+
+func TestStop(t *testing.T) {
+	t.Run("SIGTERM is enough", func(t *testing.T) {
+		cmd := startProc(t, "sleep", "60")
+		killed, err := Stop(cmd.Process.Pid, 10*time.Second)
+		require.NoError(t, err)
+		require.False(t, killed)
+		require.False(t, Alive(cmd.Process.Pid))
+	})
+	t.Run("SIGKILL after the grace period, to the whole group", func(t *testing.T) {
+		dir := t.TempDir()
+		// The shell and its child ignore SIGTERM; the child writes its pid.
+		cmd := startProc(t, "sh", "-c", `trap "" TERM; sleep 60 & echo $! > `+dir+`/child; wait`)
+		var child int
+		require.Eventually(t, func() bool {
+			b, err := os.ReadFile(filepath.Join(dir, "child"))
+			if err != nil || len(b) == 0 {
+				return false
+			}
+			child, err = strconv.Atoi(string(b[:len(b)-1]))
+			return err == nil
+		}, 5*time.Second, 10*time.Millisecond)
+		start := time.Now()
+		killed, err := Stop(cmd.Process.Pid, 300*time.Millisecond)
+		require.NoError(t, err)
+		require.True(t, killed)
+		require.GreaterOrEqual(t, time.Since(start), 300*time.Millisecond)
+		require.False(t, Alive(cmd.Process.Pid))
+		require.Eventually(t, func() bool { return !Alive(child) }, 5*time.Second, 10*time.Millisecond, "the group is killed")
+	})
+	t.Run("already gone", func(t *testing.T) {
+		cmd := startProc(t, "true")
+		require.Eventually(t, func() bool { return !Alive(cmd.Process.Pid) }, 5*time.Second, 10*time.Millisecond)
+		killed, err := Stop(cmd.Process.Pid, time.Second)
+		require.NoError(t, err)
+		require.False(t, killed)
+	})
+}
