@@ -180,26 +180,58 @@ func TestOpenAIClient(t *testing.T) {
 	govtest.RunOpenAIClientTests(t, binURL, "SmolLM2-135M-Instruct")
 }
 
-// TestTransformersRefusesUnsupportedSampling: the sampling fields the transformers backend does
-// not apply yet (and logprobs, which it does not compute) are refused with a 400 naming them, not silently ignored.
-func TestTransformersRefusesUnsupportedSampling(t *testing.T) {
-	for _, field := range []string{`"min_p":0.1`, `"presence_penalty":0.5`, `"frequency_penalty":0.5`, `"repetition_penalty":1.2`, `"min_tokens":2`, `"logprobs":true`} {
-		name := strings.Trim(strings.SplitN(field, ":", 2)[0], `"`)
+// TestTransformersSamplingFields: every sampling field the transformers backend applies per request
+// (penalties, min_p, min_tokens, logprobs) is accepted, and logprobs come back shaped as on vLLM.
+func TestTransformersSamplingFields(t *testing.T) {
+	for _, field := range []string{`"min_p":0.1`, `"presence_penalty":0.5`, `"frequency_penalty":0.5`, `"repetition_penalty":1.2`, `"min_tokens":2`} {
 		body := `{"messages":[{"role":"user","content":"hi"}],"max_tokens":4,` + field + `}`
 		resp, err := http.Post(binURL+"/v1/chat/completions", "application/json", strings.NewReader(body))
 		require.NoError(t, err)
-		var e struct {
-			Error struct {
-				Message string `json:"message"`
-				Param   string `json:"param"`
-			} `json:"error"`
-		}
-		require.NoError(t, json.NewDecoder(resp.Body).Decode(&e))
+		_, _ = io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
-		require.Equal(t, http.StatusBadRequest, resp.StatusCode, body)
-		require.Equal(t, name, e.Error.Param)
-		require.Contains(t, e.Error.Message, "not supported by the transformers backend")
+		require.Equal(t, http.StatusOK, resp.StatusCode, body)
 	}
+
+	body := `{"messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0,"max_tokens":6,
+		"ignore_eos":true,"logprobs":true,"top_logprobs":2}`
+	resp, err := http.Post(binURL+"/v1/chat/completions", "application/json", strings.NewReader(body))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var c struct {
+		Choices []struct {
+			Message struct {
+				Content string `json:"content"`
+			} `json:"message"`
+			Logprobs *struct {
+				Content []struct {
+					Token       string  `json:"token"`
+					Logprob     float64 `json:"logprob"`
+					Bytes       []int   `json:"bytes"`
+					TopLogprobs []struct {
+						Token   string  `json:"token"`
+						Logprob float64 `json:"logprob"`
+					} `json:"top_logprobs"`
+				} `json:"content"`
+			} `json:"logprobs"`
+		} `json:"choices"`
+	}
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&c))
+	require.Len(t, c.Choices, 1)
+	require.NotNil(t, c.Choices[0].Logprobs)
+	content := c.Choices[0].Logprobs.Content
+	require.Len(t, content, 6)
+	var joined strings.Builder
+	for i, e := range content {
+		require.LessOrEqual(t, e.Logprob, 0.0, "entry %d", i)
+		require.Len(t, e.TopLogprobs, 2, "entry %d", i)
+		require.Equal(t, e.Token, e.TopLogprobs[0].Token, "greedy: the chosen token is the most likely (entry %d)", i)
+		require.InDelta(t, e.Logprob, e.TopLogprobs[0].Logprob, 1e-6)
+		require.GreaterOrEqual(t, e.TopLogprobs[0].Logprob, e.TopLogprobs[1].Logprob)
+		require.Equal(t, len([]byte(e.Token)), len(e.Bytes))
+		joined.WriteString(e.Token)
+	}
+	require.True(t, strings.HasPrefix(joined.String(), c.Choices[0].Message.Content), "%q, %q", joined.String(), c.Choices[0].Message.Content)
 }
 
 // TestContextLengthError: a request that does not fit the context gets a 400 with the numbers.

@@ -124,6 +124,20 @@ class Delta:
     logprobs: list[dict[str, Any]] | None = None
 
 
+# The lowest logprob reported: -inf (and a missing value) are not JSON.
+LOGPROB_FLOOR = -9999.0
+
+
+def logprob_entry(token: str, logprob: float) -> dict[str, Any]:
+    """One ``Delta.logprobs`` entry (or one of its ``top``), the same from every backend: the decoded
+    token, its logprob (NaN and -inf clamped to -9999) and the token's UTF-8 bytes."""
+    logprob = float(logprob)
+    if logprob != logprob:  # NaN: not reported
+        logprob = LOGPROB_FLOOR
+    return {"token": token, "logprob": max(logprob, LOGPROB_FLOOR),
+            "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
 class RequestError(Exception):
     """A request the backend refuses (bad parameters, prompt too long): HTTP 400 for that request only."""
 

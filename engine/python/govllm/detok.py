@@ -9,7 +9,9 @@ depends on the left context (SentencePiece's leading space) produce the same tex
 
 ``StopStringMatcher`` implements vLLM's stop-string semantics on top of those increments: text that
 could still be the start of a stop string is held back until disambiguated, and when a stop string
-matches, the output is truncated right before it (the stop string itself is never emitted).
+matches, the output is truncated right before it (the stop string itself is never emitted). With
+``min_tokens``, as in vLLM, the text of the first min_tokens tokens cannot hold a match: a stop
+string must end in the text of a later token (it may start earlier).
 
 ``TextStream`` combines both for one choice of one request.
 """
@@ -92,16 +94,22 @@ class StopStringMatcher:
     def held(self) -> str:
         return self._held
 
-    def feed(self, text: str) -> str:
+    def feed(self, text: str, armed: bool = True) -> str:
         """Add decoded text; return the part that can be emitted now.
 
-        After a match, ``matched`` is set and every later call returns "".
+        ``armed=False`` (text of the first min_tokens tokens): no stop string matches yet, but a
+        possible start of one is still held back. After a match, ``matched`` is set and every later
+        call returns "".
         """
         if self.matched is not None:
             return ""
         if not self._stop:
             return text
         buf = self._held + text
+        if not armed:
+            hold = self._partial_suffix_len(buf)
+            self._held = buf[len(buf) - hold :] if hold else ""
+            return buf[: len(buf) - hold]
         # Earliest occurrence of any stop string (the longest one on a tie).
         best_idx, best = -1, None
         for s in self._stop:
@@ -142,9 +150,11 @@ class TextStream:
         decode: Callable[[list[int]], str],
         prompt_token_ids: Sequence[int] = (),
         stop: Sequence[str] = (),
+        min_tokens: int = 0,
     ) -> None:
         self.detok = IncrementalDetokenizer(decode, prompt_token_ids)
         self.stops = StopStringMatcher(stop)
+        self.min_tokens = min_tokens
 
     @property
     def stopped(self) -> bool:
@@ -154,13 +164,14 @@ class TextStream:
     def push(self, token_ids: Sequence[int]) -> str:
         if self.stopped:
             return ""
-        return self.stops.feed(self.detok.push(token_ids))
+        text = self.detok.push(token_ids)
+        return self.stops.feed(text, armed=self.detok.num_generated > self.min_tokens)
 
     def finish(self) -> str:
         """Text still held at the end of the sequence (held characters, an unfinished stop prefix)."""
         if self.stopped:
             return ""
-        text = self.stops.feed(self.detok.flush())
+        text = self.stops.feed(self.detok.flush(), armed=self.detok.num_generated > self.min_tokens)
         if self.stopped:
             return text
         return text + self.stops.flush()

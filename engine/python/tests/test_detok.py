@@ -104,6 +104,18 @@ def test_stop_string_at_start():
     assert stream.stopped
 
 
+def test_min_tokens_defers_stop_strings():
+    """vLLM's rule: no match inside the text of the first min_tokens tokens; one that starts there
+    and ends later still matches."""
+    pieces = ["Paris", " is", " Pa", "ris", " and", " Paris"]
+    stream = TextStream(text_decoder(pieces), stop=["Paris"], min_tokens=2)
+    assert stream.push([0]) == "Paris" and stream.push([1]) == " is"
+    assert stream.push([2]) == " " and not stream.stopped  # "Pa" held: it may start "Paris"
+    assert stream.push([3]) == "" and stream.stopped  # "Paris" ends in token 4's text
+    stream = TextStream(text_decoder(pieces), stop=["is"], min_tokens=2)
+    assert [stream.push([i]) for i in range(5)] == ["Paris", " is", " Pa", "r", ""] and stream.stopped
+
+
 def test_stop_string_inside_one_token():
     pieces = ["ab", "cSTOPde", "f"]
     stream = TextStream(text_decoder(pieces), stop=["STOP"])

@@ -104,7 +104,9 @@ import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error
+from ..backend import (
+    Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, logprob_entry,
+)
 
 log = logging.getLogger("govllm.vllm")
 
@@ -809,11 +811,7 @@ class VLLMBackend:
     def _logprob_entry(self, token_id: int, logprob: float, decoded: str | None) -> dict[str, Any]:
         if decoded is None:
             decoded = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
-        logprob = float(logprob)
-        if logprob != logprob:  # NaN: not reported by vLLM
-            logprob = -9999.0
-        return {"token": decoded, "logprob": max(logprob, -9999.0),  # -inf is not JSON
-                "bytes": list(decoded.encode("utf-8", errors="replace"))}
+        return logprob_entry(decoded, logprob)  # NaN (not reported by vLLM) and -inf become -9999
 
     def _translate(self, exc: Exception, started: bool) -> Exception:
         """Maps an exception from vLLM's generate() onto govllm's (see the module docstring)."""
