@@ -56,6 +56,7 @@ gpu-bundle: build
 	  go test -c -tags gpu -ldflags='-s -w' -o build/gpu/$$name.test $$d && echo $${d#./} > build/gpu/$$name.pkg && echo "built build/gpu/$$name.test"; \
 	done
 	@go build -ldflags='-s -w' -o build/gpu/govllm ./cmd/govllm
+	@mkdir -p build/gpu/models && cp -r models/tiny-llama-dummy build/gpu/models/
 	@tar -C build -cJf build/gpu-bundle.tar.xz gpu && ls -l build/gpu-bundle.tar.xz
 
 bench: $(SHIM)

@@ -4,6 +4,8 @@ random weights, so tests and benchmarks measure the engine and the frontend, not
 Shapes (--shape):
   tiny          2 layers, hidden 128 (the default; what tests use). head_dim is 32, the smallest
                 vLLM's CPU attention backend accepts.
+  micro         1 layer, hidden 64, 2 heads of 32: the cheapest engine step with the default
+                model's vocabulary, so that serving overhead dominates (scripts/bench-side-by-side).
   llama-3.2-1b  Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192,
                 vocabulary 128256, tied embeddings): ~1.24 B parameters, for GPU benchmarks. Rope
                 scaling is left out: it changes no shape or cost.
@@ -53,7 +55,15 @@ LLAMA_3_2_1B = {
     "bos_token_id": 128000,
     "eos_token_id": 128001,
 }
-SHAPES = {"tiny": TINY, "llama-3.2-1b": LLAMA_3_2_1B}
+MICRO = {
+    **TINY,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+SHAPES = {"tiny": TINY, "micro": MICRO, "llama-3.2-1b": LLAMA_3_2_1B}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 

@@ -126,7 +126,7 @@ func serve(args []string, stderr io.Writer) int {
 		maxQueued   = fs.Int("max-queued-requests", 1024, "completions that may wait for a slot; beyond, 429 with Retry-After")
 		reqTimeout  = fs.Duration("request-timeout", 0, "abort a completion this long after it arrived, answering what it generated with finish_reason abort (0: none)")
 		writeTO     = fs.Duration("write-timeout", server.DefaultWriteTimeout, "drop a client, aborting its request, when one write to it blocks this long (a reader that stopped reading)")
-		loadFormat  = fs.String("load-format", "", "weights format (vllm): auto, safetensors, dummy (random weights for a config.json), …")
+		loadFormat  = fs.String("load-format", "", "weights format: auto, safetensors, dummy (random weights for a config.json; both engines), or any vLLM load format")
 		tp          = fs.Int("tensor-parallel-size", 0, "GPUs per model replica (vllm)")
 		gpuOpts     = addGPUFlags(fs)
 		engineArgs  engineArgFlag
