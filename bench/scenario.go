@@ -388,24 +388,17 @@ func (s *run) basic() {
 }
 
 func (s *run) stream() {
-	n := s.o.Requests
-	if n <= 0 {
-		n = 3
-	}
-	s.begin(n)
-	for i := range n {
-		s.do(s.request(i, true, s.o.MaxTokens))
-	}
-	s.end()
-	s.checkSucceeded()
-	s.checkConsistent()
+	s.streamSequence(3)
 	s.checkUsage()
 }
 
-func (s *run) rapidFire() {
-	n := s.o.Requests
-	if n <= 0 {
-		n = 10
+func (s *run) rapidFire() { s.streamSequence(10) }
+
+// streamSequence sends --requests (default n) streaming requests one after another and checks
+// that they succeeded with consistent numbers.
+func (s *run) streamSequence(n int) {
+	if s.o.Requests > 0 {
+		n = s.o.Requests
 	}
 	s.begin(n)
 	for i := range n {

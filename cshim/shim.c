@@ -29,6 +29,9 @@
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "shim.h"
 
@@ -208,11 +211,14 @@ typedef struct {
   size_t len, limit;
   int flushing;        /* a flush is waiting for room in the outbox with the GIL released */
   int scheduled;       /* the hook ran and its flush has not yet */
-  unsigned long owner; /* the thread whose token records are staged: the one that set the hook */
+  unsigned gen;        /* bumped by each set_flush_hook */
   PyObject *hook;      /* called (no arguments) on the first record after a flush */
 } stage_t;
 
 static stage_t stage;
+/* stage.gen as of the last set_flush_hook on this thread: equal means this thread's token records
+ * are staged (a thread-local read instead of a thread-id call per token). */
+static __thread unsigned stage_owner_gen;
 
 /* Wait (GIL released in short sleeps) for a flush on another thread that is waiting for room. */
 static void stage_wait_flushing(void) {
@@ -224,6 +230,29 @@ static void stage_wait_flushing(void) {
   }
 }
 
+/* Copy n bytes into the outbox without pulling its lines into this core's cache: the poller reads
+ * them on another core, so ordinary stores would first fetch each line back from that core (a
+ * cross-core transfer per 64 bytes, on the Python thread's time). Non-temporal stores skip that. */
+static void copy_to_outbox(uint8_t *dst, const uint8_t *src, size_t n) {
+#if defined(__SSE2__)
+  size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+  if (head > n) head = n;
+  memcpy(dst, src, head);
+  dst += head;
+  src += head;
+  n -= head;
+  size_t blocks = n / 16;
+  for (size_t i = 0; i < blocks; i++) {
+    __m128i v = _mm_loadu_si128((const __m128i *)(src + 16 * i));
+    _mm_stream_si128((__m128i *)(dst + 16 * i), v);
+  }
+  _mm_sfence(); /* order the streaming stores before the length that publishes them */
+  memcpy(dst + 16 * blocks, src + 16 * blocks, n - 16 * blocks);
+#else
+  memcpy(dst, src, n);
+#endif
+}
+
 /* Move the staged records into the outbox. GIL held; -1 with a Python exception set. */
 static int stage_flush(void) {
   stage_wait_flushing();
@@ -232,7 +261,7 @@ static int stage_flush(void) {
   size_t n = stage.len;
   uint8_t *p = outbox_reserve(n);
   if (p != NULL) {
-    memcpy(p, stage.buf, n);
+    copy_to_outbox(p, stage.buf, n);
     outbox_commit(n);
   }
   /* Records staged while this waited cannot exist: staging waits for flushing to clear. */
@@ -245,7 +274,7 @@ static int stage_flush(void) {
  * the caller must put it directly (after stage_flush, to keep the order), -1 on error. */
 static int stage_put(const uint8_t *hdr, const int32_t *toks, size_t ntok, const char *text, size_t tlen,
                      const char *meta, size_t mlen) {
-  if (stage.hook == NULL || stage.buf == NULL || PyThread_get_thread_ident() != stage.owner) return 0;
+  if (stage.hook == NULL || stage_owner_gen != stage.gen) return 0;
   size_t total = 4 + HDR + ntok * 4 + tlen + mlen;
   if (total > stage.limit) return 0;
   stage_wait_flushing();
@@ -395,6 +424,8 @@ static void make_header(uint8_t *h, int kind, int finish, int index, size_t ntok
   put_u32(h + 20, (uint32_t)mlen);
 }
 
+static PyObject *int_zero; /* the int 0 (a cached singleton in CPython), set at shim_init */
+
 /* emit(req_id: int, index: int, tokens: list[int] | tuple[int, ...], text: str, finish: int) -> None
  * The hot path: one delta of one choice. finish: 0 none, 1 stop, 2 length, 3 abort. */
 static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -405,9 +436,10 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
   }
   long long req_id = PyLong_AsLongLong(args[0]);
   if (req_id == -1 && PyErr_Occurred()) return NULL;
-  long index = PyLong_AsLong(args[1]);
+  /* index and finish are almost always 0: CPython's cached small int needs no conversion call. */
+  long index = args[1] == int_zero ? 0 : PyLong_AsLong(args[1]);
   if (index == -1 && PyErr_Occurred()) return NULL;
-  long finish = PyLong_AsLong(args[4]);
+  long finish = args[4] == int_zero ? 0 : PyLong_AsLong(args[4]);
   if (finish == -1 && PyErr_Occurred()) return NULL;
   int32_t small[64];
   int32_t *toks = small;
@@ -520,7 +552,7 @@ static PyObject *py_set_flush_hook(PyObject *self, PyObject *hook) {
   }
   Py_INCREF(hook);
   stage.hook = hook;
-  stage.owner = PyThread_get_thread_ident();
+  stage_owner_gen = ++stage.gen;
   Py_RETURN_NONE;
 }
 
@@ -613,6 +645,7 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
     return -1;
   }
   initialized = 1;
+  int_zero = PyLong_FromLong(0); /* never released: lives as long as the interpreter */
   PyObject *mod = PyModule_Create(&shim_module);
   if (mod == NULL) {
     set_error_from_python("shim_init: creating _govllm_shim");

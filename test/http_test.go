@@ -197,41 +197,10 @@ func TestTransformersSamplingFields(t *testing.T) {
 	resp, err := http.Post(binURL+"/v1/chat/completions", "application/json", strings.NewReader(body))
 	require.NoError(t, err)
 	defer resp.Body.Close()
-	var c struct {
-		Choices []struct {
-			Message struct {
-				Content string `json:"content"`
-			} `json:"message"`
-			Logprobs *struct {
-				Content []struct {
-					Token       string  `json:"token"`
-					Logprob     float64 `json:"logprob"`
-					Bytes       []int   `json:"bytes"`
-					TopLogprobs []struct {
-						Token   string  `json:"token"`
-						Logprob float64 `json:"logprob"`
-					} `json:"top_logprobs"`
-				} `json:"content"`
-			} `json:"logprobs"`
-		} `json:"choices"`
-	}
+	var c govtest.ChatLogprobs
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.NoError(t, json.NewDecoder(resp.Body).Decode(&c))
-	require.Len(t, c.Choices, 1)
-	require.NotNil(t, c.Choices[0].Logprobs)
-	content := c.Choices[0].Logprobs.Content
-	require.Len(t, content, 6)
-	var joined strings.Builder
-	for i, e := range content {
-		require.LessOrEqual(t, e.Logprob, 0.0, "entry %d", i)
-		require.Len(t, e.TopLogprobs, 2, "entry %d", i)
-		require.Equal(t, e.Token, e.TopLogprobs[0].Token, "greedy: the chosen token is the most likely (entry %d)", i)
-		require.InDelta(t, e.Logprob, e.TopLogprobs[0].Logprob, 1e-6)
-		require.GreaterOrEqual(t, e.TopLogprobs[0].Logprob, e.TopLogprobs[1].Logprob)
-		require.Equal(t, len([]byte(e.Token)), len(e.Bytes))
-		joined.WriteString(e.Token)
-	}
-	require.True(t, strings.HasPrefix(joined.String(), c.Choices[0].Message.Content), "%q, %q", joined.String(), c.Choices[0].Message.Content)
+	govtest.RequireGreedyLogprobs(t, c, 6, 1e-6)
 }
 
 // TestContextLengthError: a request that does not fit the context gets a 400 with the numbers.

@@ -343,46 +343,13 @@ func TestLogprobs(t *testing.T) {
 	resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", bytes.NewReader(b))
 	require.NoError(t, err)
 	defer resp.Body.Close()
-	type entry struct {
-		Token       string  `json:"token"`
-		Logprob     float64 `json:"logprob"`
-		Bytes       []int   `json:"bytes"`
-		TopLogprobs []struct {
-			Token   string  `json:"token"`
-			Logprob float64 `json:"logprob"`
-		} `json:"top_logprobs"`
-	}
-	var c struct {
-		Choices []struct {
-			Message struct {
-				Content string `json:"content"`
-			} `json:"message"`
-			Logprobs *struct {
-				Content []entry `json:"content"`
-			} `json:"logprobs"`
-		} `json:"choices"`
-	}
+	var c govtest.ChatLogprobs
 	require.NoError(t, json.NewDecoder(resp.Body).Decode(&c))
 	require.Equal(t, http.StatusOK, resp.StatusCode)
-	require.Len(t, c.Choices, 1)
-	require.NotNil(t, c.Choices[0].Logprobs)
-	content := c.Choices[0].Logprobs.Content
-	require.Len(t, content, 8)
-	var joined strings.Builder
-	for i, e := range content {
-		require.LessOrEqual(t, e.Logprob, 0.0, "entry %d", i)
-		require.Len(t, e.TopLogprobs, 2, "entry %d", i)
-		require.Equal(t, e.Token, e.TopLogprobs[0].Token, "greedy: the chosen token is the most likely (entry %d)", i)
-		require.InDelta(t, e.Logprob, e.TopLogprobs[0].Logprob, 1e-4)
-		require.GreaterOrEqual(t, e.TopLogprobs[0].Logprob, e.TopLogprobs[1].Logprob)
-		require.Equal(t, len([]byte(e.Token)), len(e.Bytes))
-		joined.WriteString(e.Token)
-	}
-	// Special tokens (EOS past ignore_eos) have logprobs but no text.
-	require.True(t, strings.HasPrefix(joined.String(), c.Choices[0].Message.Content), "%q, %q", joined.String(), c.Choices[0].Message.Content)
+	content := govtest.RequireGreedyLogprobs(t, c, 8, 1e-4)
 
 	body["stream"] = true
-	var streamed []entry
+	var streamed []govtest.LogprobEntry
 	for _, line := range stream(t, srv.URL, body) {
 		if line == "[DONE]" {
 			continue
@@ -390,7 +357,7 @@ func TestLogprobs(t *testing.T) {
 		var chunk struct {
 			Choices []struct {
 				Logprobs *struct {
-					Content []entry `json:"content"`
+					Content []govtest.LogprobEntry `json:"content"`
 				} `json:"logprobs"`
 			} `json:"choices"`
 		}
