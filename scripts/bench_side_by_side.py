@@ -104,13 +104,13 @@ def govllm_bin() -> Path:
     return path
 
 
-def cpu_env() -> dict[str, str]:
+def cpu_env(omp_threads: int) -> dict[str, str]:
     """The engine environment both servers of a pair get on CPU (govllm's vLLM defaults, made explicit)."""
     cores = os.cpu_count() or 2
     return {
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "OMP_NUM_THREADS": str(max(1, cores - 1)),
+        "OMP_NUM_THREADS": str(omp_threads or max(1, cores - 1)),
         "VLLM_CPU_KVCACHE_SPACE": "4",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
@@ -122,7 +122,7 @@ def servers(pair: str, model: ModelSpec, port: int, args: argparse.Namespace) ->
     py = str(VENV_BIN / "python")
     common = ["--host", "127.0.0.1", "--port", str(port), "--model", str(model.path), "--python", py,
               "--device", args.device, "--max-model-len", str(args.max_model_len)]
-    env = cpu_env() if args.device == "cpu" else {}
+    env = cpu_env(args.omp_threads) if args.device == "cpu" else {}
     served = model.path.name
     if pair == "vllm":
         return [
@@ -276,6 +276,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--num-blocks", type=int, default=640, help="transformers pair: KV cache blocks of 64 tokens")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--omp-threads", type=int, default=0, help="OMP_NUM_THREADS of both servers on CPU (0: cores - 1)")
     ap.add_argument("--transformers-max-num-seqs", type=int, default=0,
                     help="govllm --max-num-seqs for the transformers pair (0: govllm's default)")
     args = ap.parse_args()
