@@ -138,18 +138,21 @@ def servers(pair: str, model: ModelSpec, port: int, args: argparse.Namespace) ->
         ]
     if pair == "transformers":
         cb = {"page_size": 64, "max_batch_tokens": 512, "num_blocks": args.num_blocks}
+        # One dtype for both (transformers serve's "auto" would follow the float32 weights on CUDA).
+        dtype = "float32" if args.device == "cpu" else "bfloat16"
         gov_cb = [a for k, v in cb.items() for a in ("--engine-arg", f"{k}={v}")]
         return [
             # transformers serve has no flag for requests per batch (its default: up to 1024, bounded
             # by max_batch_tokens); govllm keeps its own default (64 on CPU, 256 on CUDA) unless
             # --transformers-max-num-seqs sets one.
-            ServerSpec("govllm --engine transformers", [gov, "serve", "--engine", "transformers", *common, *gov_cb,
+            ServerSpec("govllm --engine transformers", [gov, "serve", "--engine", "transformers", *common,
+                                                        "--dtype", dtype, *gov_cb,
                                                         *(["--max-num-seqs", str(args.transformers_max_num_seqs)]
                                                           if args.transformers_max_num_seqs else [])],
                        env, served),
             ServerSpec("transformers serve", [str(VENV_BIN / "transformers"), "serve", str(model.path),
                                               "--host", "127.0.0.1", "--port", str(port), "--continuous-batching",
-                                              "--device", args.device, "--dtype", "float32" if args.device == "cpu" else "auto",
+                                              "--device", args.device, "--dtype", dtype,
                                               "--cb-block-size", "64", "--cb-max-batch-tokens", "512",
                                               "--cb-num-blocks", str(args.num_blocks)],
                        env, str(model.path)),
