@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
 from govllm.backend import Delta, SamplingParams
 
 
@@ -26,3 +30,26 @@ async def _collect(backend, prompt, sampling, request_id) -> dict[int, dict]:
 
 def greedy(max_tokens, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def gather_watching(loop, coros: list[Coroutine[Any, Any, Any]], probe: Callable[[], int]) -> tuple[list, int]:
+    """Runs coros together on loop while sampling probe() every 5 ms (e.g. the scheduler's running
+    or waiting count); returns their results and the largest value probe gave."""
+    peak = 0
+
+    async def watch(done: asyncio.Event) -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, probe())
+            await asyncio.sleep(0.005)
+
+    async def together() -> list:
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch(done))
+        try:
+            return await asyncio.gather(*coros)
+        finally:
+            done.set()
+            await watcher
+
+    return loop.run_until_complete(together()), peak

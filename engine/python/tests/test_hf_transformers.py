@@ -23,7 +23,7 @@ import pytest
 
 from govllm.backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams
 from govllm.backends import hf_transformers
-from helpers import _collect, collect, greedy
+from helpers import _collect, collect, gather_watching, greedy
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 TOPICS = [
@@ -100,26 +100,11 @@ def test_concurrent_requests_match_solo(loop, backend):
     solo = [collect(loop, backend, p, greedy(16), f"solo-{i}")[0]["ids"] for i, p in enumerate(prompts)]
     t_solo = time.perf_counter() - t0
 
-    max_in_flight = 0
-
-    async def watch(done: asyncio.Event):
-        nonlocal max_in_flight
-        scheduler = backend.manager.batch_processor.scheduler
-        while not done.is_set():
-            max_in_flight = max(max_in_flight, len(scheduler.active_requests))
-            await asyncio.sleep(0.005)
-
-    async def together():
-        done = asyncio.Event()
-        watcher = asyncio.create_task(watch(done))
-        try:
-            return await asyncio.gather(*[_collect(backend, p, greedy(16), f"conc-{i}") for i, p in enumerate(prompts)])
-        finally:
-            done.set()
-            await watcher
-
+    scheduler = backend.manager.batch_processor.scheduler
     t0 = time.perf_counter()
-    together_out = loop.run_until_complete(together())
+    together_out, max_in_flight = gather_watching(
+        loop, [_collect(backend, p, greedy(16), f"conc-{i}") for i, p in enumerate(prompts)],
+        lambda: len(scheduler.active_requests))
     t_conc = time.perf_counter() - t0
     print(f"\n[batch invariance] {n} prompts: solo {t_solo:.1f}s, concurrent {t_conc:.1f}s, "
           f"max requests in one batch {max_in_flight}")
@@ -681,26 +666,10 @@ def test_full_cache_requests_wait_and_finish(loop, small_cache_backend):
     assert needed > 2 * capacity, (needed, capacity)
     solo = [collect(loop, b, p, sp, f"full-solo-{i}")[0]["ids"] for i, (p, sp) in enumerate(zip(prompts, samplings))]
 
-    max_waiting = 0
-
-    async def watch(done: asyncio.Event):
-        nonlocal max_waiting
-        scheduler = b.manager.batch_processor.scheduler
-        while not done.is_set():
-            max_waiting = max(max_waiting, len(scheduler.waiting_requests))
-            await asyncio.sleep(0.005)
-
-    async def together():
-        done = asyncio.Event()
-        watcher = asyncio.create_task(watch(done))
-        try:
-            return await asyncio.gather(*[_collect(b, p, sp, f"full-{i}")
-                                          for i, (p, sp) in enumerate(zip(prompts, samplings))])
-        finally:
-            done.set()
-            await watcher
-
-    outs = loop.run_until_complete(together())
+    scheduler = b.manager.batch_processor.scheduler
+    outs, max_waiting = gather_watching(
+        loop, [_collect(b, p, sp, f"full-{i}") for i, (p, sp) in enumerate(zip(prompts, samplings))],
+        lambda: len(scheduler.waiting_requests))
     assert max_waiting >= 1, "some requests should have waited for cache blocks"
     for i, out in enumerate(outs):
         assert out[0]["finish"] == "length" and out[0]["ids"] == solo[i], (i, out[0]["ids"], solo[i])
