@@ -149,6 +149,32 @@ class RequestError(Exception):
         self.param = param
 
 
+def _text_content(content: Any) -> Any:
+    """OpenAI content parts -> plain text, for chat templates that expect strings."""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = []
+        for part in content:
+            if part.get("type", "text") != "text":
+                raise RequestError(f"unsupported content part type {part.get('type')!r} for this model",
+                                   param="messages")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+    return content
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> Any:
+    """The tokenizer's chat template applied to OpenAI messages (text parts joined), with a
+    generation prompt and untokenized; template errors (jinja raise_exception, bad roles) become
+    the client's 400. Most tokenizers return a string, some (mistral) token ids."""
+    msgs = [{**m, "content": _text_content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
+    try:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except RequestError:
+        raise
+    except Exception as exc:
+        raise RequestError(f"chat template error: {exc}", param="messages") from exc
+
+
 def context_length_error(max_len: int, prompt_len: int, max_tokens: int | None) -> RequestError:
     """The 400 for a request that does not fit the context, worded as vLLM's server words it."""
     if max_tokens is None:

@@ -103,6 +103,7 @@ from typing import Any, NamedTuple
 
 from ..backend import (
     Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, logprob_entry,
+    render_chat,
 )
 from ..detok import TextStream
 
@@ -726,16 +727,6 @@ def _as_int_list(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
-def _text_content(content: Any) -> Any:
-    """OpenAI content parts -> plain text, for chat templates that expect strings."""
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        texts = []
-        for part in content:
-            if part.get("type", "text") != "text":
-                raise RequestError(f"unsupported content part type {part.get('type')!r} for this model", param="messages")
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    return content
 
 
 def _host_memory() -> tuple[int, int]:
@@ -1058,14 +1049,7 @@ class TransformersBackend:
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise RequestError("this model has no chat template: use the completions endpoint", param="messages")
-        msgs = [{**m, "content": _text_content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
-        try:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except RequestError:
-            raise
-        except Exception as exc:  # template errors (jinja raise_exception, bad roles) are the client's
-            raise RequestError(f"chat template error: {exc}", param="messages") from exc
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(render_chat(tok, messages), add_special_tokens=False)["input_ids"])
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])

@@ -106,6 +106,7 @@ from typing import Any
 
 from ..backend import (
     Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, logprob_entry,
+    render_chat,
 )
 
 log = logging.getLogger("govllm.vllm")
@@ -468,17 +469,6 @@ def _current_platform() -> str:
         return "unknown"
 
 
-def _text_content(content: Any) -> Any:
-    """OpenAI content parts -> plain text, for chat templates that expect strings."""
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        texts = []
-        for part in content:
-            if part.get("type", "text") != "text":
-                raise RequestError(f"unsupported content part type {part.get('type')!r} for this model",
-                                   param="messages")
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    return content
 
 
 @dataclasses.dataclass
@@ -666,13 +656,7 @@ class VLLMBackend:
             raise EngineDeadError("the vllm engine is not started")
         if hasattr(tok, "chat_template") and not getattr(tok, "chat_template", None):
             raise RequestError("this model has no chat template: use the completions endpoint", param="messages")
-        msgs = [{**m, "content": _text_content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
-        try:
-            rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except RequestError:
-            raise
-        except Exception as exc:  # template errors (jinja raise_exception, bad roles) are the client's
-            raise RequestError(f"chat template error: {exc}", param="messages") from exc
+        rendered = render_chat(tok, messages)
         if isinstance(rendered, str):
             return list(tok.encode(rendered, add_special_tokens=False))
         return [int(t) for t in rendered]  # tokenizers whose template returns ids (mistral)
