@@ -248,7 +248,7 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(ratios) + "\n"
 
 
-def tiny_model(args: argparse.Namespace) -> Path:
+def tiny_model() -> Path:
     path = ROOT / "models" / "micro-llama-random"
     if not (path / "model.safetensors").exists():
         # The tokenizer and chat template of the default model (or of the config-only tiny model,
@@ -292,7 +292,7 @@ def main() -> None:
         if name == "default":
             models.append(ModelSpec("default", ROOT / "models" / "SmolLM2-135M-Instruct"))
         elif name == "tiny":
-            models.append(ModelSpec("tiny", tiny_model(args)))  # the micro shape: 1 layer, hidden 64
+            models.append(ModelSpec("tiny", tiny_model()))  # the micro shape: 1 layer, hidden 64
         else:
             models.append(ModelSpec(Path(name).name, Path(name).resolve()))
 

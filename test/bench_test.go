@@ -217,13 +217,7 @@ func TestBenchScenarios(t *testing.T) {
 	ours := cmp.Requests[0]
 	body := fmt.Sprintf(`{"model":"SmolLM2-135M-Instruct","messages":[{"role":"user","content":"What is the capital of France?"}],
 		"stream":true,"max_tokens":%d,"temperature":0,"seed":0,"stream_options":{"include_usage":true}}`, maxTokens)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, binURL+"/v1/chat/completions", strings.NewReader(body))
-	require.NoError(t, err)
-	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	require.Equal(t, http.StatusOK, resp.StatusCode)
-	lines := govtest.SSEData(t, resp.Body)
+	lines := sse(t, ctx, body)
 	require.Equal(t, "[DONE]", lines[len(lines)-1])
 	var text strings.Builder
 	contentChunks := 0
