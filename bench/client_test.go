@@ -47,11 +47,16 @@ func TestClientStream(t *testing.T) {
 	require.Equal(t, "usage", r.OutputTokensFrom)
 	require.Equal(t, "stop", r.FinishReason)
 	require.Positive(t, r.PromptTokens)
+	// The fake sleeps 5 ms before each chunk, so chunk k cannot arrive before
+	// (k+1)·5 ms. Single gaps have no lower bound (a late chunk shortens the
+	// next gap), but the arrival times rebuilt from TTFT and ITL do.
 	require.GreaterOrEqual(t, r.TTFT, 0.005)
-	for _, gap := range r.ITL {
-		require.GreaterOrEqual(t, gap, 0.004)
+	arrival := r.TTFT
+	for i, gap := range r.ITL {
+		arrival += gap
+		require.GreaterOrEqual(t, arrival, float64(i+2)*0.005, "content chunk %d", i+1)
 	}
-	require.GreaterOrEqual(t, r.E2EL, r.TTFT+6*0.004, "E2EL runs to the finish chunk")
+	require.GreaterOrEqual(t, r.E2EL, 8*0.005, "E2EL runs to the finish chunk, the 8th sent")
 	require.Equal(t, 200, r.HTTPStatus)
 
 	body := f.requests()[0]
