@@ -108,6 +108,21 @@ static void set_error_from_python(const char *context) {
 
 enum { HDR = 24 }; /* bytes in a record header (see make_header) */
 
+/* Little-endian stores, as the record format wants (engine/event.go): plain moves on x86 and
+ * arm64, where byte-by-byte shifts would cost the hot path a dozen instructions per field. */
+static inline void st32(uint8_t *p, uint32_t v) {
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  v = __builtin_bswap32(v);
+#endif
+  memcpy(p, &v, 4);
+}
+static inline void st64(uint8_t *p, uint64_t v) {
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  v = __builtin_bswap64(v);
+#endif
+  memcpy(p, &v, 8);
+}
+
 /* Two buffers: emitters append records to bufs[w]; shim_poll hands the whole of bufs[w] to Go
  * and swaps, so neither side copies or parses under the lock. The buffer handed out stays
  * Go's until its next shim_poll call. */
@@ -171,11 +186,7 @@ static void outbox_commit(size_t total) {
 /* Frame one record into p: a 4-byte length, the header, then tokens, text and meta. */
 static void frame_record(uint8_t *p, const uint8_t *hdr, size_t hlen, const int32_t *toks, size_t ntok,
                          const char *text, size_t tlen, const char *meta, size_t mlen) {
-  size_t body = hlen + ntok * 4 + tlen + mlen;
-  p[0] = (uint8_t)body;
-  p[1] = (uint8_t)(body >> 8);
-  p[2] = (uint8_t)(body >> 16);
-  p[3] = (uint8_t)(body >> 24);
+  st32(p, (uint32_t)(hlen + ntok * 4 + tlen + mlen));
   p += 4;
   memcpy(p, hdr, hlen);
   p += hlen;
@@ -211,14 +222,15 @@ typedef struct {
   size_t len, limit;
   int flushing;        /* a flush is waiting for room in the outbox with the GIL released */
   int scheduled;       /* the hook ran and its flush has not yet */
-  unsigned gen;        /* bumped by each set_flush_hook */
+  pthread_t owner;     /* the thread whose token records are staged (set_flush_hook's caller) */
   PyObject *hook;      /* called (no arguments) on the first record after a flush */
 } stage_t;
 
 static stage_t stage;
-/* stage.gen as of the last set_flush_hook on this thread: equal means this thread's token records
- * are staged (a thread-local read instead of a thread-id call per token). */
-static __thread unsigned stage_owner_gen;
+
+/* stage_owned reports whether the calling thread's token records are staged. pthread_self is a
+ * register read; a __thread variable in a -fPIC library would cost a __tls_get_addr call. */
+static inline int stage_owned(void) { return stage.hook != NULL && pthread_equal(stage.owner, pthread_self()); }
 
 /* Wait (GIL released in short sleeps) for a flush on another thread that is waiting for room. */
 static void stage_wait_flushing(void) {
@@ -270,16 +282,19 @@ static int stage_flush(void) {
   return p == NULL ? -1 : 0;
 }
 
-/* Stage one record if the calling thread owns the staging buffer. Returns 1 when staged, 0 when
- * the caller must put it directly (after stage_flush, to keep the order), -1 on error. */
-static int stage_put(const uint8_t *hdr, const int32_t *toks, size_t ntok, const char *text, size_t tlen,
-                     const char *meta, size_t mlen) {
-  if (stage.hook == NULL || stage_owner_gen != stage.gen) return 0;
-  size_t total = 4 + HDR + ntok * 4 + tlen + mlen;
-  if (total > stage.limit) return 0;
+/* Room for a record of `total` bytes at the end of the staging buffer (the staging thread only,
+ * total <= stage.limit), flushing first when it is full. NULL with a Python exception set on
+ * error. The record is written there and published by stage_commit, with no Python code run in
+ * between: Python code could emit, and its record would land in the same place. */
+static uint8_t *stage_reserve(size_t total) {
   stage_wait_flushing();
-  if (stage.len + total > stage.limit && stage_flush() < 0) return -1;
-  frame_record(stage.buf + stage.len, hdr, HDR, toks, ntok, text, tlen, meta, mlen);
+  if (stage.len + total > stage.limit && stage_flush() < 0) return NULL;
+  return stage.buf + stage.len;
+}
+
+/* Publish the record written after stage_reserve, and have the hook schedule a flush if none is
+ * pending. -1 with a Python exception set on error. */
+static int stage_commit(size_t total) {
   stage.len += total;
   if (!stage.scheduled) {
     stage.scheduled = 1;
@@ -292,7 +307,19 @@ static int stage_put(const uint8_t *hdr, const int32_t *toks, size_t ntok, const
     }
     Py_XDECREF(r);
   }
-  return 1;
+  return 0;
+}
+
+/* Stage one record if the calling thread owns the staging buffer. Returns 1 when staged, 0 when
+ * the caller must put it directly (after stage_flush, to keep the order), -1 on error. */
+static int stage_put(const uint8_t *hdr, const int32_t *toks, size_t ntok, const char *text, size_t tlen,
+                     const char *meta, size_t mlen) {
+  size_t total = 4 + HDR + ntok * 4 + tlen + mlen;
+  if (!stage_owned() || total > stage.limit) return 0;
+  uint8_t *p = stage_reserve(total);
+  if (p == NULL) return -1;
+  frame_record(p, hdr, HDR, toks, ntok, text, tlen, meta, mlen);
+  return stage_commit(total) < 0 ? -1 : 1;
 }
 
 static void outbox_close(void) {
@@ -405,26 +432,35 @@ int32_t shim_send(int32_t kind, int64_t req_id, const char *data, int64_t len) {
 
 enum { MAX_TOKENS_PER_EVENT = 1 << 16 };
 
-static void put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static void put_u32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void put_u64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 
 /* Record header, little endian, 24 bytes:
  *   u8 kind | u8 finish | u16 index | u32 ntokens | u64 req_id | u32 text_len | u32 meta_len
  * followed by ntokens int32, the UTF-8 text and the meta bytes. See engine/event.go. */
 
-static void make_header(uint8_t *h, int kind, int finish, int index, size_t ntok, int64_t req_id, size_t tlen,
-                        size_t mlen) {
-  h[0] = (uint8_t)kind;
-  h[1] = (uint8_t)finish;
-  put_u16(h + 2, (uint16_t)index);
-  put_u32(h + 4, (uint32_t)ntok);
-  put_u64(h + 8, (uint64_t)req_id);
-  put_u32(h + 16, (uint32_t)tlen);
-  put_u32(h + 20, (uint32_t)mlen);
+static inline void make_header(uint8_t *h, int kind, int finish, int index, size_t ntok, int64_t req_id,
+                               size_t tlen, size_t mlen) {
+  st32(h, (uint32_t)(uint8_t)kind | (uint32_t)(uint8_t)finish << 8 | (uint32_t)(uint16_t)index << 16);
+  st32(h + 4, (uint32_t)ntok);
+  st64(h + 8, (uint64_t)req_id);
+  st32(h + 16, (uint32_t)tlen);
+  st32(h + 20, (uint32_t)mlen);
 }
 
 static PyObject *int_zero; /* the int 0 (a cached singleton in CPython), set at shim_init */
+
+/* Store tokens[0:n] as int32 at dst if every item is an exact int. Returns 1 when stored, 0 when
+ * an item is not an exact int (whose __index__ could run Python code: the caller converts those
+ * apart), -1 with a Python exception set on error. Runs no Python code. */
+static int store_exact_ints(uint8_t *dst, PyObject *seq, int is_list, Py_ssize_t n) {
+  for (Py_ssize_t i = 0; i < n; i++) {
+    PyObject *item = is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i);
+    if (Py_TYPE(item) != &PyLong_Type) return 0;
+    long v = PyLong_AsLong(item);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    st32(dst + 4 * i, (uint32_t)(int32_t)v);
+  }
+  return 1;
+}
 
 /* emit(req_id: int, index: int, tokens: list[int] | tuple[int, ...], text: str, finish: int) -> None
  * The hot path: one delta of one choice. finish: 0 none, 1 stop, 2 length, 3 abort. */
@@ -441,48 +477,71 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
   if (index == -1 && PyErr_Occurred()) return NULL;
   long finish = args[4] == int_zero ? 0 : PyLong_AsLong(args[4]);
   if (finish == -1 && PyErr_Occurred()) return NULL;
-  int32_t small[64];
-  int32_t *toks = small;
-  size_t ntok = 0;
   PyObject *seq = args[2];
   /* Exact types first: in the limited API the *_Check macros are function calls. */
-  int is_list = Py_TYPE(seq) == &PyList_Type;
-  if (!is_list && Py_TYPE(seq) != &PyTuple_Type) is_list = PyList_Check(seq);
-  if (!is_list && !PyTuple_Check(seq)) {
+  int is_list = Py_TYPE(seq) == &PyList_Type, is_tuple = !is_list && Py_TYPE(seq) == &PyTuple_Type;
+  if (!is_list && !is_tuple) {
+    is_list = PyList_Check(seq);
+    is_tuple = !is_list && PyTuple_Check(seq);
+  }
+  if (!is_list && !is_tuple) {
     PyErr_SetString(PyExc_TypeError, "tokens must be a list or tuple of ints");
     return NULL;
   }
-  Py_ssize_t want = is_list ? PyList_Size(seq) : PyTuple_Size(seq);
-  if (want > MAX_TOKENS_PER_EVENT) {
+  Py_ssize_t ntok = is_list ? PyList_Size(seq) : PyTuple_Size(seq);
+  if (ntok > MAX_TOKENS_PER_EVENT) {
     PyErr_SetString(PyExc_ValueError, "too many tokens in one event");
     return NULL;
   }
-  if (want > 64) {
-    toks = malloc(sizeof(int32_t) * (size_t)want);
-    if (!toks) return PyErr_NoMemory();
-  }
-  for (Py_ssize_t i = 0; i < want; i++) {
-    long v = PyLong_AsLong(is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i));
-    if (v == -1 && PyErr_Occurred()) goto fail;
-    toks[i] = (int32_t)v;
-  }
-  ntok = (size_t)want;
   Py_ssize_t tlen = 0;
   const char *text = "";
   if (args[3] != Py_None) {
     text = PyUnicode_AsUTF8AndSize(args[3], &tlen);
-    if (text == NULL) goto fail;
+    if (text == NULL) return NULL;
   }
   char *meta = NULL;
   Py_ssize_t mlen = 0;
   if (nargs == 6 && args[5] != Py_None) {
-    if (PyBytes_AsStringAndSize(args[5], &meta, &mlen) < 0) goto fail;
+    if (PyBytes_AsStringAndSize(args[5], &meta, &mlen) < 0) return NULL;
+  }
+  size_t total = 4 + HDR + (size_t)ntok * 4 + (size_t)tlen + (size_t)mlen;
+
+  /* The bridge thread's usual record goes straight into the staging buffer: the tokens are
+   * converted in place and nothing is copied twice. */
+  if (stage_owned() && total <= stage.limit) {
+    uint8_t *p = stage_reserve(total);
+    if (p == NULL) return NULL;
+    int stored = store_exact_ints(p + 4 + HDR, seq, is_list, ntok);
+    if (stored < 0) return NULL;
+    if (stored) {
+      st32(p, (uint32_t)(total - 4));
+      make_header(p + 4, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
+      p += 4 + HDR + (size_t)ntok * 4;
+      if (tlen) memcpy(p, text, (size_t)tlen);
+      if (mlen) memcpy(p + tlen, meta, (size_t)mlen);
+      if (stage_commit(total) < 0) return NULL;
+      Py_RETURN_NONE;
+    }
+  }
+
+  /* Any other thread, a record too big to stage, or tokens that are int-like objects. */
+  int32_t small[64];
+  int32_t *toks = small;
+  if (ntok > 64) {
+    toks = malloc(sizeof(int32_t) * (size_t)ntok);
+    if (!toks) return PyErr_NoMemory();
+  }
+  for (Py_ssize_t i = 0; i < ntok; i++) {
+    long v = PyLong_AsLong(is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i));
+    if (v == -1 && PyErr_Occurred()) goto fail;
+    toks[i] = (int32_t)v;
   }
   uint8_t hdr[HDR];
-  make_header(hdr, 1, (int)finish, (int)index, ntok, req_id, (size_t)tlen, (size_t)mlen);
-  int staged = stage_put(hdr, toks, ntok, text, (size_t)tlen, meta, (size_t)mlen);
+  make_header(hdr, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
+  int staged = stage_put(hdr, toks, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen);
   if (staged < 0) goto fail;
-  if (!staged && (stage_flush() < 0 || outbox_put(hdr, HDR, toks, ntok, text, (size_t)tlen, meta, (size_t)mlen) < 0))
+  if (!staged &&
+      (stage_flush() < 0 || outbox_put(hdr, HDR, toks, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen) < 0))
     goto fail;
   if (toks != small) free(toks);
   Py_RETURN_NONE;
@@ -552,7 +611,7 @@ static PyObject *py_set_flush_hook(PyObject *self, PyObject *hook) {
   }
   Py_INCREF(hook);
   stage.hook = hook;
-  stage_owner_gen = ++stage.gen;
+  stage.owner = pthread_self();
   Py_RETURN_NONE;
 }
 

@@ -165,6 +165,39 @@ func TestDeltasArriveAsProduced(t *testing.T) {
 	}
 }
 
+func TestTokenContainers(t *testing.T) {
+	// The shim converts exact ints in place and anything int-like apart; one delta may be
+	// larger than the staging buffer (64 KiB) and then goes to Go directly.
+	for _, tt := range []struct {
+		kind string
+		n    int
+	}{{"list", 1}, {"list", 100}, {"tuple", 3}, {"intlike", 5}, {"intlike", 100}, {"list", 20000}, {"tuple", 20000}} {
+		t.Run(fmt.Sprintf("%s/%d", tt.kind, tt.n), func(t *testing.T) {
+			s, err := shared.Generate(context.Background(), engine.Request{Prompt: fmt.Sprintf("tokens:%s:%d", tt.kind, tt.n)})
+			require.NoError(t, err)
+			text, deltas, err := collect(t, s)
+			require.NoError(t, err)
+			var ids []int32
+			for _, d := range deltas {
+				ids = append(ids, d.TokenIDs...)
+			}
+			require.Len(t, ids, tt.n)
+			for i, id := range ids {
+				require.EqualValues(t, i, id)
+			}
+			require.Equal(t, strings.Repeat("t", tt.n), text)
+		})
+	}
+	s, err := shared.Generate(context.Background(), engine.Request{Prompt: "tokens:str:2"})
+	require.NoError(t, err)
+	_, _, err = collect(t, s)
+	var re *engine.RequestError
+	require.ErrorAs(t, err, &re)
+	require.Equal(t, 400, re.Status, "the bridge answers TypeError and ValueError as bad requests: %s", re.Message)
+	require.Contains(t, re.Message, "TypeError")
+	require.NoError(t, shared.Health())
+}
+
 func TestRequestErrors(t *testing.T) {
 	tests := []struct {
 		name   string

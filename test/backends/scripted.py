@@ -19,6 +19,9 @@ The prompt (a completion prompt, or the last chat message) is one command:
   stream:N           the bridge's own loop shape: an async generator yields N Delta objects and
                      an async for emits each (what a backend's per-token Python costs at least)
   streamnull:N       the same loop calling emit_null
+  tokens:KIND:N      one delta of N token ids 0..N-1 held as KIND: list, tuple, intlike (an int
+                     subclass and objects with __index__, which the shim converts apart) or str
+                     (not ints: the request fails with a TypeError)
 """
 
 from __future__ import annotations
@@ -141,8 +144,32 @@ class ScriptedBackend:
             for i in range(n):
                 emit(rid, 0, (i,), "x", 0)
             yield Delta(0, [], "", "stop")
+        elif op == "tokens":
+            kind, n = arg.split(":")
+            ids: Any = list(range(int(n)))
+            if kind == "tuple":
+                ids = tuple(ids)
+            elif kind == "intlike":
+                ids = [_Int(i) if i % 2 else _Index(i) for i in ids]
+            elif kind == "str":
+                ids = [str(i) for i in ids]
+            yield Delta(0, ids, "t" * int(n), "stop")
         else:
             raise RequestError(f"unknown scripted command {op!r}", param="messages")
+
+
+class _Int(int):
+    """An int subclass, as some libraries hand out token ids."""
+
+
+class _Index:
+    """Not an int, but convertible to one (numpy's integers behave so)."""
+
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+    def __index__(self) -> int:
+        return self.v
 
 
 def create(config: EngineConfig) -> ScriptedBackend:
