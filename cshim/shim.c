@@ -286,27 +286,32 @@ static int stage_flush(void) {
  * total <= stage.limit), flushing first when it is full. NULL with a Python exception set on
  * error. The record is written there and published by stage_commit, with no Python code run in
  * between: Python code could emit, and its record would land in the same place. */
-static uint8_t *stage_reserve(size_t total) {
-  stage_wait_flushing();
-  if (stage.len + total > stage.limit && stage_flush() < 0) return NULL;
+static inline uint8_t *stage_reserve(size_t total) {
+  if (__builtin_expect(stage.flushing, 0)) stage_wait_flushing();
+  if (__builtin_expect(stage.len + total > stage.limit, 0) && stage_flush() < 0) return NULL;
   return stage.buf + stage.len;
 }
 
 /* Publish the record written after stage_reserve, and have the hook schedule a flush if none is
  * pending. -1 with a Python exception set on error. */
-static int stage_commit(size_t total) {
+static int stage_schedule(void);
+
+static inline int stage_commit(size_t total) {
   stage.len += total;
-  if (!stage.scheduled) {
-    stage.scheduled = 1;
-    PyObject *r = PyObject_CallObject(stage.hook, NULL);
-    if (r == NULL) {
-      /* The loop cannot take the callback (closing): deliver now instead. */
-      PyErr_Clear();
-      stage.scheduled = 0;
-      if (stage_flush() < 0) return -1;
-    }
-    Py_XDECREF(r);
+  return __builtin_expect(stage.scheduled, 1) ? 0 : stage_schedule();
+}
+
+/* Have the hook arrange a flush (the first record since the last one). */
+static int stage_schedule(void) {
+  stage.scheduled = 1;
+  PyObject *r = PyObject_CallObject(stage.hook, NULL);
+  if (r == NULL) {
+    /* The loop cannot take the callback (closing): deliver now instead. */
+    PyErr_Clear();
+    stage.scheduled = 0;
+    return stage_flush();
   }
+  Py_DECREF(r);
   return 0;
 }
 
@@ -517,7 +522,12 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
       st32(p, (uint32_t)(total - 4));
       make_header(p + 4, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
       p += 4 + HDR + (size_t)ntok * 4;
-      if (tlen) memcpy(p, text, (size_t)tlen);
+      if (tlen <= 8) {
+        /* A detokenized delta is a few bytes: a call to memcpy would cost more than the copy. */
+        for (Py_ssize_t i = 0; i < tlen; i++) p[i] = (uint8_t)text[i];
+      } else {
+        memcpy(p, text, (size_t)tlen);
+      }
       if (mlen) memcpy(p + tlen, meta, (size_t)mlen);
       if (stage_commit(total) < 0) return NULL;
       Py_RETURN_NONE;
