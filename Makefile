@@ -60,7 +60,7 @@ gpu-bundle: build
 	@tar -C build -cJf build/gpu-bundle.tar.xz gpu && ls -l build/gpu-bundle.tar.xz
 
 bench: $(SHIM)
-	go test -run '^$$' -bench . -benchtime 2x ./engine/
+	go test -run '^$$' -bench . -benchtime 9x ./engine/
 
 clean:
 	rm -rf bin build engine/shim

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -16,8 +17,8 @@ import (
 // backend's flood calls _govllm_shim.emit in a tight loop (one token per event), the poller
 // drains batches and routes them to streams, and one goroutine per stream reads them. The
 // baseline, floodnull, runs the same Python loop calling emit_null, a C function that takes
-// the same arguments and does nothing. Reported: tokens/s delivered to Go readers, the
-// baseline's tokens/s, and their ratio.
+// the same arguments and does nothing. Reported: the median over the iterations of tokens/s
+// delivered to Go readers, of the baseline's tokens/s, and their ratio.
 //
 // Two loops: "flood" is the tightest Python loop there is (a for over range calling emit), so
 // the baseline measures little more than the call itself; "stream" has the shape of the bridge's
@@ -37,17 +38,30 @@ func BenchmarkShimPath(b *testing.B) {
 func benchLoop(b *testing.B, loop string, streams int) {
 	b.Run(fmt.Sprintf("loop=%s/streams=%d", loop, streams), func(b *testing.B) {
 		const perStream = 200_000
-		var goRate, pyRate float64
+		// Medians over the iterations, baseline and measured run alternating: one iteration
+		// slowed by the VM or a collection moves the median, not the figure, as with benchstat.
+		var goRates, pyRates []float64
 		for i := 0; i < b.N; i++ {
 			py := flood(b, loop+"null", streams, perStream)
 			gor := flood(b, loop, streams, perStream)
-			pyRate += float64(streams*perStream) / py.Seconds()
-			goRate += float64(streams*perStream) / gor.Seconds()
+			pyRates = append(pyRates, float64(streams*perStream)/py.Seconds())
+			goRates = append(goRates, float64(streams*perStream)/gor.Seconds())
 		}
-		b.ReportMetric(goRate/float64(b.N), "tokens/s")
-		b.ReportMetric(pyRate/float64(b.N), "python-only-tokens/s")
+		goRate, pyRate := median(goRates), median(pyRates)
+		b.ReportMetric(goRate, "tokens/s")
+		b.ReportMetric(pyRate, "python-only-tokens/s")
 		b.ReportMetric(goRate/pyRate, "ratio")
 	})
+}
+
+// median returns the middle value of xs (the mean of the two middle ones for an even count).
+func median(xs []float64) float64 {
+	slices.Sort(xs)
+	n := len(xs)
+	if n%2 == 1 {
+		return xs[n/2]
+	}
+	return (xs[n/2-1] + xs[n/2]) / 2
 }
 
 // flood runs `streams` concurrent flood requests and returns the time until every reader saw
