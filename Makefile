@@ -38,11 +38,12 @@ test-go: $(SHIM)
 	go test $(GO_TEST_FLAGS) ./...
 	$(MAKE) fuzz
 
-# Bounded fuzzing of the request decoders (go test takes one -fuzz target per run).
+# Bounded fuzzing of the request decoders (go test takes one -fuzz target per run). Minimizing
+# each new input may take 60 s by default, which would spend the whole budget on one input.
 FUZZTIME ?= 20s
 fuzz:
-	go test -run '^$$' -fuzz '^FuzzDecodeChat$$' -fuzztime $(FUZZTIME) ./server/
-	go test -run '^$$' -fuzz '^FuzzDecodeCompletion$$' -fuzztime $(FUZZTIME) ./server/
+	go test -run '^$$' -fuzz '^FuzzDecodeChat$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./server/
+	go test -run '^$$' -fuzz '^FuzzDecodeCompletion$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./server/
 
 test-python:
 	$(PY) -m pytest -q engine/python/tests
