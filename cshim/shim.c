@@ -7,10 +7,11 @@
  *
  * Two queues, neither of which makes Go touch the GIL on the hot path:
  *   outbox  Python -> Go. _govllm_shim.emit() appends a length-prefixed binary record to one of
- *           two bounded buffers; Go's poller takes the whole buffer with shim_poll() (which
- *           blocks on a condition variable without the GIL) and the buffers swap. When the
- *           buffer is full, emit() waits with the GIL released (backpressure on Python, never
- *           on Go).
+ *           two bounded buffers (on the bridge loop's thread, by way of a staging buffer that
+ *           is moved over once per loop iteration: see "staging"); Go's poller takes the
+ *           whole buffer with shim_poll() (which blocks on a condition variable without the
+ *           GIL) and the buffers swap. When the buffer is full, emit() waits with the GIL
+ *           released (backpressure on Python, never on Go).
  *   inbox   Go -> Python. shim_send() appends a command (submit/abort/shutdown) and bumps an
  *           eventfd that the bridge's asyncio loop watches with add_reader(); the loop drains the
  *           inbox with _govllm_shim.take().
