@@ -184,16 +184,22 @@ static void outbox_commit(size_t total) {
   pthread_mutex_unlock(&outbox.mu);
 }
 
-/* Frame one record into p: a 4-byte length, the header, then tokens, text and meta. */
-static void frame_record(uint8_t *p, const uint8_t *hdr, size_t hlen, const int32_t *toks, size_t ntok,
-                         const char *text, size_t tlen, const char *meta, size_t mlen) {
+/* Frame one record into p: a 4-byte length, the header, then tokens, text and meta. toks NULL:
+ * the ntok tokens are already in place (emit converts them straight into the staging buffer). */
+static inline void frame_record(uint8_t *p, const uint8_t *hdr, size_t hlen, const int32_t *toks, size_t ntok,
+                                const char *text, size_t tlen, const char *meta, size_t mlen) {
   st32(p, (uint32_t)(hlen + ntok * 4 + tlen + mlen));
   p += 4;
   memcpy(p, hdr, hlen);
   p += hlen;
-  if (ntok) memcpy(p, toks, ntok * 4);
+  if (ntok && toks) memcpy(p, toks, ntok * 4);
   p += ntok * 4;
-  if (tlen) memcpy(p, text, tlen);
+  if (tlen <= 8) {
+    /* A detokenized delta is a few bytes: a call to memcpy would cost more than the copy. */
+    for (size_t i = 0; i < tlen; i++) p[i] = (uint8_t)text[i];
+  } else {
+    memcpy(p, text, tlen);
+  }
   p += tlen;
   if (mlen) memcpy(p, meta, mlen);
 }
@@ -520,16 +526,9 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     int stored = store_exact_ints(p + 4 + HDR, seq, is_list, ntok);
     if (stored < 0) return NULL;
     if (stored) {
-      st32(p, (uint32_t)(total - 4));
-      make_header(p + 4, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
-      p += 4 + HDR + (size_t)ntok * 4;
-      if (tlen <= 8) {
-        /* A detokenized delta is a few bytes: a call to memcpy would cost more than the copy. */
-        for (Py_ssize_t i = 0; i < tlen; i++) p[i] = (uint8_t)text[i];
-      } else {
-        memcpy(p, text, (size_t)tlen);
-      }
-      if (mlen) memcpy(p + tlen, meta, (size_t)mlen);
+      uint8_t hdr[HDR];
+      make_header(hdr, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
+      frame_record(p, hdr, HDR, NULL, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen);
       if (stage_commit(total) < 0) return NULL;
       Py_RETURN_NONE;
     }
