@@ -222,18 +222,12 @@ func TestBenchScenarios(t *testing.T) {
 	var text strings.Builder
 	contentChunks := 0
 	for _, l := range lines[:len(lines)-1] {
-		var c struct {
-			Choices []struct {
-				Delta struct {
-					Content string `json:"content"`
-				} `json:"delta"`
-			} `json:"choices"`
-		}
+		var c chunk
 		require.NoError(t, json.Unmarshal([]byte(l), &c))
 		for _, ch := range c.Choices {
-			if ch.Delta.Content != "" {
+			if ch.Delta.Content != nil && *ch.Delta.Content != "" {
 				contentChunks++
-				text.WriteString(ch.Delta.Content)
+				text.WriteString(*ch.Delta.Content)
 			}
 		}
 	}
