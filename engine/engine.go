@@ -17,11 +17,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
+
+	"github.com/govllm/govllm/internal/pyfind"
+	"github.com/govllm/govllm/llm"
 )
 
 // Config says which model to serve, with which engine, in which interpreter.
@@ -176,37 +178,18 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	return e, nil
 }
 
-// findEnginePython resolves the interpreter and, for "auto", the backend it can run.
+// findEnginePython resolves the interpreter and, for "auto", the backend it can run, with the
+// rule the launch plan uses (pyfind.ChooseBackend).
 func findEnginePython(ctx context.Context, cfg *Config) (*PythonInfo, error) {
-	var need []string
-	switch cfg.Engine {
-	case "transformers":
-		need = []string{"torch", "transformers"}
-	case "vllm":
-		need = []string{"vllm"}
-	case "auto":
-	default:
-		if !strings.Contains(cfg.Engine, ":") {
-			return nil, fmt.Errorf("engine: unknown engine %q: use transformers, vllm, auto or module:attr", cfg.Engine)
-		}
+	if err := pyfind.CheckEngine(cfg.Engine); err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
 	}
-	py, err := FindPython(ctx, cfg.Python, need...)
+	py, err := pyfind.Find(ctx, cfg.Python, cfg.Engine)
 	if err != nil {
 		return nil, err
 	}
-	if cfg.Engine == "auto" {
-		probe, err := InspectPython(ctx, py.Executable, "vllm", "torch", "transformers")
-		if err != nil {
-			return nil, err
-		}
-		switch {
-		case probe.Missing["vllm"] == "":
-			cfg.Engine = "vllm"
-		case probe.Missing["torch"] == "" && probe.Missing["transformers"] == "":
-			cfg.Engine = "transformers"
-		default:
-			return nil, fmt.Errorf("%w: %s can import neither vllm nor transformers+torch: run scripts/bootstrap, or point --python at a venv with vllm (GPU) or transformers and torch", ErrPythonNotFound, py.Executable)
-		}
+	if cfg.Engine, err = pyfind.ChooseBackend(cfg.Engine, py); err != nil {
+		return nil, err
 	}
 	return py, nil
 }
@@ -418,9 +401,18 @@ func (e *Engine) die(err error) {
 	}
 }
 
-// Generate submits req and returns its stream. ctx covers the whole request: cancelling it
-// aborts the request in the backend and ends the stream with ctx's error.
-func (e *Engine) Generate(ctx context.Context, req Request) (*Stream, error) {
+// Generate submits req and returns its stream, a *Stream. ctx covers the whole request:
+// cancelling it aborts the request in the backend and ends the stream with ctx's error.
+func (e *Engine) Generate(ctx context.Context, req Request) (llm.TokenStream, error) {
+	s, err := e.Start(ctx, req)
+	if err != nil {
+		return nil, err // not a typed nil inside the interface
+	}
+	return s, nil
+}
+
+// Start is Generate returning the concrete *Stream (for its ID and Abort).
+func (e *Engine) Start(ctx context.Context, req Request) (*Stream, error) {
 	if err := req.Validate(); err != nil {
 		return nil, err
 	}
@@ -463,17 +455,6 @@ func (e *Engine) forget(id int64) {
 	e.mu.Lock()
 	delete(e.streams, id)
 	e.mu.Unlock()
-}
-
-// Stats is the engine's own view of its load, asked of the backend.
-type Stats struct {
-	// BackendRunning is the number of requests the backend engine itself holds (running or
-	// waiting), or -1 when the backend cannot tell.
-	BackendRunning int `json:"backend_running"`
-	// BridgeRequests is the number of requests the Python bridge is serving.
-	BridgeRequests int `json:"bridge_requests"`
-	// Unhealthy is the backend's health error, empty when healthy.
-	Unhealthy string `json:"healthy"`
 }
 
 // Stats asks the backend for its load; it waits for the answer until ctx ends.

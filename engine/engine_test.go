@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // These tests drive the real shim, interpreter and bridge with the scripted test backend
@@ -71,7 +72,7 @@ func chat(content string, maxTokens int) engine.Request {
 }
 
 // collect reads a stream to its end.
-func collect(t testing.TB, s *engine.Stream) (text string, deltas []engine.Delta, err error) {
+func collect(t testing.TB, s llm.TokenStream) (text string, deltas []engine.Delta, err error) {
 	t.Helper()
 	var b strings.Builder
 	for {
@@ -288,7 +289,7 @@ func TestAbortKeepsStream(t *testing.T) {
 	// Abort stops the request in the backend but the stream goes on to its end: what was
 	// generated before, then io.EOF, with the usage counted.
 	before, _ := stats(t, shared)
-	s, err := shared.Generate(context.Background(), chat("slow:1000:5", 0))
+	s, err := shared.Start(context.Background(), chat("slow:1000:5", 0))
 	require.NoError(t, err)
 	defer s.Close()
 	d, err := s.Recv()

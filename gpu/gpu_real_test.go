@@ -155,7 +155,7 @@ func metricValue(t *testing.T, body []byte, prefix string) float64 {
 // idleBackend is a server.Backend that serves no request.
 type idleBackend struct{}
 
-func (idleBackend) Generate(context.Context, engine.Request) (server.TokenStream, error) {
+func (idleBackend) Generate(context.Context, engine.Request) (llm.TokenStream, error) {
 	return nil, errors.New("idle backend")
 }
 func (idleBackend) Model() engine.ModelInfo { return engine.ModelInfo{ID: "gpu-check"} }

@@ -12,30 +12,23 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // abortGrace is how long an aborted request may take to end in the backend before its stream is
 // closed without the backend's last word (and its usage).
 const abortGrace = 2 * time.Second
 
-// aborter is what a TokenStream may offer to stop its request early while still delivering
-// what was generated and the usage: *engine.Stream does. Streams without it are aborted by
-// cancelling the context they were started with.
-type aborter interface {
-	Abort()
-}
-
 // format writes the output of one kind of completion: chat or text.
 type format interface {
 	// writeDelta appends the events of d to sw; first says whether d is its choice's first
 	// output.
-	writeDelta(sw *sseWriter, c *call, d engine.Delta, first bool)
+	writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool)
 	// usageChunk is the last event when the client asked for usage.
 	usageChunk(c *call, u usage) any
 	// response is the body of a non-streamed answer.
 	// lps holds each choice's token logprobs when c.params.logprobs.
-	response(c *call, texts []string, reasons []string, lps [][]engine.TokenLogprob, u usage) any
+	response(c *call, texts []string, reasons []string, lps [][]llm.TokenLogprob, u usage) any
 }
 
 // call is one completion, chat or text, in flight.
@@ -50,7 +43,7 @@ type call struct {
 	start       time.Time
 	kind        string // "chat" or "text", for logs
 
-	stream    TokenStream
+	stream    llm.TokenStream
 	cancelGen context.CancelFunc // ends the context the stream was started with
 	track     choiceTracker
 	closing   bool // the request was aborted and its stream has ended: finish the rest as "abort"
@@ -75,7 +68,7 @@ func (c *call) abort() {
 	if c.ended || !c.aborted.CompareAndSwap(false, true) {
 		return
 	}
-	if a, ok := c.stream.(aborter); ok {
+	if a, ok := c.stream.(llm.Aborter); ok {
 		a.Abort()
 		c.grace = time.AfterFunc(abortGrace, c.stream.Close)
 		return
@@ -96,25 +89,25 @@ func (c *call) stopTimers() {
 // endsAbort reports whether err, from an aborted request's stream, is how such a stream ends.
 func endsAbort(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, context.Canceled) ||
-		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, engine.ErrClosed)
+		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, llm.ErrClosed)
 }
 
 // next returns the next delta that has text or a finish reason, io.EOF after the last delta of
 // every choice, or the error that ended the stream. It records the token metrics.
-func (s *Server) next(c *call) (engine.Delta, error) {
+func (s *Server) next(c *call) (llm.Delta, error) {
 	for {
 		if c.closing {
 			if d, ok := c.track.abortNext(); ok {
 				s.metrics.finished(d.FinishReason)
 				return d, nil
 			}
-			return engine.Delta{}, io.EOF
+			return llm.Delta{}, io.EOF
 		}
 		d, err := c.stream.Recv()
 		switch {
 		case err == nil:
 			if err := c.track.add(d); err != nil {
-				return engine.Delta{}, err
+				return llm.Delta{}, err
 			}
 			s.observeDelta(c, d)
 			if d.Text == "" && d.FinishReason == "" && (len(d.Logprobs) == 0 || !c.params.logprobs) {
@@ -125,17 +118,17 @@ func (s *Server) next(c *call) (engine.Delta, error) {
 			c.closing = true
 		case errors.Is(err, io.EOF):
 			if err := c.track.done(); err != nil {
-				return engine.Delta{}, err
+				return llm.Delta{}, err
 			}
-			return engine.Delta{}, io.EOF
+			return llm.Delta{}, io.EOF
 		default:
-			return engine.Delta{}, err
+			return llm.Delta{}, err
 		}
 	}
 }
 
 // observeDelta records the metrics of one delta.
-func (s *Server) observeDelta(c *call, d engine.Delta) {
+func (s *Server) observeDelta(c *call, d llm.Delta) {
 	now := s.now()
 	if k := len(d.TokenIDs); k > 0 {
 		c.tokens += k
@@ -162,14 +155,14 @@ func (s *Server) observeDelta(c *call, d engine.Delta) {
 // backend did not report counts gets the tokens the server saw.
 func (c *call) usage() usage {
 	u := c.stream.Usage()
-	if c.aborted.Load() && u == (engine.Usage{}) {
+	if c.aborted.Load() && u == (llm.Usage{}) {
 		u.CompletionTokens = c.tokens
 	}
 	return toUsage(u)
 }
 
 // generate admits req, runs it and answers with f, streamed or not.
-func (s *Server) generate(w http.ResponseWriter, r *http.Request, req engine.Request, c *call, f format) {
+func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Request, c *call, f format) {
 	ctx := r.Context()
 	release, e := s.admit(ctx, c.start)
 	if release == nil {
@@ -219,9 +212,9 @@ func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 	n := c.params.n
 	texts := make([]strings.Builder, n)
 	reasons := make([]string, n)
-	var lps [][]engine.TokenLogprob
+	var lps [][]llm.TokenLogprob
 	if c.params.logprobs {
-		lps = make([][]engine.TokenLogprob, n)
+		lps = make([][]llm.TokenLogprob, n)
 	}
 	for {
 		d, err := s.next(c)
@@ -346,7 +339,7 @@ func newChoiceTracker(n int) choiceTracker {
 }
 
 // add records d and reports an error if the request cannot have produced it.
-func (t *choiceTracker) add(d engine.Delta) error {
+func (t *choiceTracker) add(d llm.Delta) error {
 	if d.Index < 0 || d.Index >= len(t.finished) {
 		return fmt.Errorf("%w: choice index %d, want [0, %d)", errBadDelta, d.Index, len(t.finished))
 	}
@@ -369,13 +362,13 @@ func (t *choiceTracker) done() error {
 }
 
 // abortNext finishes the first unfinished choice with "abort", or reports that none is left.
-func (t *choiceTracker) abortNext() (engine.Delta, bool) {
+func (t *choiceTracker) abortNext() (llm.Delta, bool) {
 	for i, f := range t.finished {
 		if !f {
-			d := engine.Delta{Index: i, FinishReason: "abort"}
+			d := llm.Delta{Index: i, FinishReason: "abort"}
 			_ = t.add(d)
 			return d, true
 		}
 	}
-	return engine.Delta{}, false
+	return llm.Delta{}, false
 }

@@ -3,7 +3,7 @@ package server
 import (
 	"net/http"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // chatChunk is one streamed event of a chat completion ("chat.completion.chunk").
@@ -38,7 +38,7 @@ type usage struct {
 	TotalTokens      int `json:"total_tokens"`
 }
 
-func toUsage(u engine.Usage) usage {
+func toUsage(u llm.Usage) usage {
 	return usage{PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, TotalTokens: u.TotalTokens()}
 }
 
@@ -79,7 +79,7 @@ type topLogprob struct {
 	Bytes   []int   `json:"bytes"`
 }
 
-func toChatLogprobs(lps []engine.TokenLogprob) *chatLogprobs {
+func toChatLogprobs(lps []llm.TokenLogprob) *chatLogprobs {
 	out := &chatLogprobs{Content: make([]chatLogprob, len(lps))}
 	for i, lp := range lps {
 		top := make([]topLogprob, len(lp.Top))
@@ -134,7 +134,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 }
 
 // fingerprint is the system_fingerprint of responses: the engine that produced them.
-func fingerprint(info engine.ModelInfo) string {
+func fingerprint(info llm.ModelInfo) string {
 	if info.Backend == "" {
 		return "govllm"
 	}
@@ -146,7 +146,7 @@ func fingerprint(info engine.ModelInfo) string {
 // when there is one, else on the finish chunks.
 type chatFormat struct{}
 
-func (chatFormat) writeDelta(sw *sseWriter, c *call, d engine.Delta, first bool) {
+func (chatFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	chunk := chatChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model}
 	var one [1]chunkChoice
 	emit := func(delta chunkDelta, lps *chatLogprobs, finish *string) {
@@ -180,7 +180,7 @@ func (chatFormat) usageChunk(c *call, u usage) any {
 	}
 }
 
-func (chatFormat) response(c *call, texts []string, reasons []string, lps [][]engine.TokenLogprob, u usage) any {
+func (chatFormat) response(c *call, texts []string, reasons []string, lps [][]llm.TokenLogprob, u usage) any {
 	resp := chatCompletion{
 		ID:                c.id,
 		Object:            "chat.completion",

@@ -15,24 +15,24 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 const hello = `{"model":"test-model","messages":[{"role":"user","content":"hi"}]`
 
 func TestChatStreamBytes(t *testing.T) {
 	t.Parallel()
-	u := engine.Usage{PromptTokens: 5, CompletionTokens: 3}
+	u := llm.Usage{PromptTokens: 5, CompletionTokens: 3}
 	tests := []struct {
 		name   string
 		body   string
-		deltas []engine.Delta
+		deltas []llm.Delta
 		want   []string
 	}{
 		{
 			name: "usage",
 			body: hello + `,"stream":true,"stream_options":{"include_usage":true}}`,
-			deltas: []engine.Delta{
+			deltas: []llm.Delta{
 				{Index: 0, TokenIDs: []int32{7}}, // a step with no text yet: skipped
 				{Index: 0, Text: "Hel", TokenIDs: []int32{1}},
 				{Index: 0, Text: "lo <b>&", TokenIDs: []int32{2}},
@@ -48,7 +48,7 @@ func TestChatStreamBytes(t *testing.T) {
 		{
 			name: "no usage, text on the last delta",
 			body: hello + `,"stream":true}`,
-			deltas: []engine.Delta{
+			deltas: []llm.Delta{
 				{Index: 0, Text: "Hi"},
 				{Index: 0, Text: " there", FinishReason: "length"},
 			},
@@ -61,7 +61,7 @@ func TestChatStreamBytes(t *testing.T) {
 		{
 			name: "include_usage false",
 			body: hello + `,"stream":true,"stream_options":{"include_usage":false}}`,
-			deltas: []engine.Delta{
+			deltas: []llm.Delta{
 				{Index: 0, FinishReason: "stop"},
 			},
 			want: []string{roleChunk(0), finishChunk(0, "stop"), doneEvent},
@@ -69,7 +69,7 @@ func TestChatStreamBytes(t *testing.T) {
 		{
 			name: "n=2 interleaved",
 			body: hello + `,"stream":true,"n":2,"stream_options":{"include_usage":true}}`,
-			deltas: []engine.Delta{
+			deltas: []llm.Delta{
 				{Index: 1, Text: "B"},
 				{Index: 0, Text: "A"},
 				{Index: 1, Text: "b"},
@@ -97,7 +97,7 @@ func TestChatStreamBytes(t *testing.T) {
 			var sentBefore []string
 			var flushedBefore []bool
 			inner := scripted(u, nil, tt.deltas...)
-			stream := newFakeStream(func() (engine.Delta, error) {
+			stream := newFakeStream(func() (llm.Delta, error) {
 				sentBefore = append(sentBefore, rec.Body.String())
 				flushedBefore = append(flushedBefore, rec.Flushed)
 				return inner.Recv()
@@ -129,14 +129,14 @@ func TestChatStreamBytes(t *testing.T) {
 
 func TestChatNonStream(t *testing.T) {
 	t.Parallel()
-	stream := scripted(engine.Usage{PromptTokens: 9, CompletionTokens: 4}, nil,
-		engine.Delta{Index: 1, Text: "x"},
-		engine.Delta{Index: 0, Text: "Hello"},
-		engine.Delta{Index: 0, TokenIDs: []int32{5}},
-		engine.Delta{Index: 1, Text: "y", FinishReason: "length"},
-		engine.Delta{Index: 0, Text: " <world>", FinishReason: "stop"},
+	stream := scripted(llm.Usage{PromptTokens: 9, CompletionTokens: 4}, nil,
+		llm.Delta{Index: 1, Text: "x"},
+		llm.Delta{Index: 0, Text: "Hello"},
+		llm.Delta{Index: 0, TokenIDs: []int32{5}},
+		llm.Delta{Index: 1, Text: "y", FinishReason: "length"},
+		llm.Delta{Index: 0, Text: " <world>", FinishReason: "stop"},
 	)
-	var got engine.Request
+	var got llm.Request
 	s := newTestServer(t, backendWith(stream, &got))
 
 	rec := do(s, http.MethodPost, "/v1/chat/completions", hello+`,"n":2}`)
@@ -161,8 +161,8 @@ func TestChatNonStream(t *testing.T) {
 // TestChatRealID checks the default id generator through the handler.
 func TestChatRealID(t *testing.T) {
 	t.Parallel()
-	newStream := func() TokenStream { return scripted(engine.Usage{}, nil, engine.Delta{FinishReason: "stop"}) }
-	b := &fakeBackend{info: testInfo, generateFn: func(context.Context, engine.Request) (TokenStream, error) {
+	newStream := func() llm.TokenStream { return scripted(llm.Usage{}, nil, llm.Delta{FinishReason: "stop"}) }
+	b := &fakeBackend{info: testInfo, generateFn: func(context.Context, llm.Request) (llm.TokenStream, error) {
 		return newStream(), nil
 	}}
 	s := New(Config{Backend: b})
@@ -191,17 +191,17 @@ func TestChatStreamErrorAfterStart(t *testing.T) {
 	}{
 		{
 			name: "request error",
-			err:  &engine.RequestError{Status: 500, Type: "InternalServerError", Message: "backend exploded"},
+			err:  &llm.RequestError{Status: 500, Type: "InternalServerError", Message: "backend exploded"},
 			want: `data: {"error":{"message":"backend exploded","type":"InternalServerError","param":null,"code":500}}` + "\n\n",
 		},
 		{
 			name: "engine dead",
-			err:  fmt.Errorf("poller: %w", engine.ErrEngineDead),
+			err:  fmt.Errorf("poller: %w", llm.ErrEngineDead),
 			want: `data: {"error":{"message":"poller: engine: engine is dead","type":"ServiceUnavailableError","param":null,"code":503}}` + "\n\n",
 		},
 		{
 			name: "slow consumer",
-			err:  engine.ErrSlowConsumer,
+			err:  llm.ErrSlowConsumer,
 			want: `data: {"error":{"message":"engine: stream reader too slow, request aborted","type":"ServiceUnavailableError","param":null,"code":503}}` + "\n\n",
 		},
 		{
@@ -218,7 +218,7 @@ func TestChatStreamErrorAfterStart(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			stream := scripted(engine.Usage{}, tt.err, engine.Delta{Index: 0, Text: "A"})
+			stream := scripted(llm.Usage{}, tt.err, llm.Delta{Index: 0, Text: "A"})
 			s := newTestServer(t, backendWith(stream, nil))
 
 			rec := do(s, http.MethodPost, "/v1/chat/completions", hello+`,"stream":true,"stream_options":{"include_usage":true}}`)
@@ -234,17 +234,17 @@ func TestChatBadDelta(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
 		name   string
-		deltas []engine.Delta
+		deltas []llm.Delta
 	}{
-		{"index out of range", []engine.Delta{{Index: 1, Text: "x"}}},
-		{"negative index", []engine.Delta{{Index: -1, Text: "x"}}},
-		{"delta after finish", []engine.Delta{{FinishReason: "stop"}, {Text: "x"}}},
-		{"no finish", []engine.Delta{{Text: "x"}}},
+		{"index out of range", []llm.Delta{{Index: 1, Text: "x"}}},
+		{"negative index", []llm.Delta{{Index: -1, Text: "x"}}},
+		{"delta after finish", []llm.Delta{{FinishReason: "stop"}, {Text: "x"}}},
+		{"no finish", []llm.Delta{{Text: "x"}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			stream := scripted(engine.Usage{}, nil, tt.deltas...)
+			stream := scripted(llm.Usage{}, nil, tt.deltas...)
 			s := newTestServer(t, backendWith(stream, nil))
 			rec := do(s, http.MethodPost, "/v1/chat/completions", hello+`}`)
 			msg := requireError(t, rec, http.StatusInternalServerError, "InternalServerError", "")
@@ -267,21 +267,21 @@ func TestChatEngineErrors(t *testing.T) {
 	}{
 		{
 			name:   "request error",
-			err:    &engine.RequestError{Status: 400, Type: "BadRequestError", Param: "input_tokens", Message: "This model's maximum context length is 2048 tokens."},
+			err:    &llm.RequestError{Status: 400, Type: "BadRequestError", Param: "input_tokens", Message: "This model's maximum context length is 2048 tokens."},
 			status: 400, typ: "BadRequestError", param: "input_tokens",
 		},
 		{
 			name:   "request error without type",
-			err:    fmt.Errorf("submit: %w", &engine.RequestError{Status: 429, Message: "queue full"}),
+			err:    fmt.Errorf("submit: %w", &llm.RequestError{Status: 429, Message: "queue full"}),
 			status: 429, typ: "RateLimitError",
 		},
 		{
 			name:   "request error without status",
-			err:    &engine.RequestError{Message: "odd"},
+			err:    &llm.RequestError{Message: "odd"},
 			status: 500, typ: "InternalServerError",
 		},
-		{name: "engine dead", err: fmt.Errorf("x: %w", engine.ErrEngineDead), status: 503, typ: "ServiceUnavailableError"},
-		{name: "engine closed", err: engine.ErrClosed, status: 503, typ: "ServiceUnavailableError"},
+		{name: "engine dead", err: fmt.Errorf("x: %w", llm.ErrEngineDead), status: 503, typ: "ServiceUnavailableError"},
+		{name: "engine closed", err: llm.ErrClosed, status: 503, typ: "ServiceUnavailableError"},
 		{name: "other", err: errors.New("boom"), status: 500, typ: "InternalServerError"},
 	}
 	for _, tt := range tests {
@@ -289,8 +289,8 @@ func TestChatEngineErrors(t *testing.T) {
 			for _, streaming := range []bool{false, true} {
 				t.Run(fmt.Sprintf("%s/%s/stream=%v", tt.name, where, streaming), func(t *testing.T) {
 					t.Parallel()
-					stream := scripted(engine.Usage{}, tt.err)
-					b := &fakeBackend{info: testInfo, generateFn: func(context.Context, engine.Request) (TokenStream, error) {
+					stream := scripted(llm.Usage{}, tt.err)
+					b := &fakeBackend{info: testInfo, generateFn: func(context.Context, llm.Request) (llm.TokenStream, error) {
 						if where == "generate" {
 							return nil, tt.err
 						}
@@ -310,11 +310,11 @@ func TestChatEngineErrors(t *testing.T) {
 
 func TestEngineDead(t *testing.T) {
 	t.Parallel()
-	dead := fmt.Errorf("engine: python raised: %w", engine.ErrEngineDead)
+	dead := fmt.Errorf("engine: python raised: %w", llm.ErrEngineDead)
 	b := &fakeBackend{
 		info:     testInfo,
 		healthFn: func() error { return dead },
-		generateFn: func(context.Context, engine.Request) (TokenStream, error) {
+		generateFn: func(context.Context, llm.Request) (llm.TokenStream, error) {
 			return nil, dead
 		},
 	}
@@ -331,10 +331,10 @@ func TestEngineDead(t *testing.T) {
 
 // blockingBackend's streams send the given deltas, then close blocked and wait until the
 // request context is cancelled, and report that on sawCancel.
-func blockingBackend(deltas []engine.Delta, stream **fakeStream, blocked chan<- struct{}, sawCancel chan<- error) *fakeBackend {
-	return &fakeBackend{info: testInfo, generateFn: func(ctx context.Context, _ engine.Request) (TokenStream, error) {
+func blockingBackend(deltas []llm.Delta, stream **fakeStream, blocked chan<- struct{}, sawCancel chan<- error) *fakeBackend {
+	return &fakeBackend{info: testInfo, generateFn: func(ctx context.Context, _ llm.Request) (llm.TokenStream, error) {
 		i := 0
-		*stream = newFakeStream(func() (engine.Delta, error) {
+		*stream = newFakeStream(func() (llm.Delta, error) {
 			if i < len(deltas) {
 				i++
 				return deltas[i-1], nil
@@ -342,8 +342,8 @@ func blockingBackend(deltas []engine.Delta, stream **fakeStream, blocked chan<- 
 			close(blocked)
 			<-ctx.Done()
 			sawCancel <- ctx.Err()
-			return engine.Delta{}, ctx.Err()
-		}, engine.Usage{})
+			return llm.Delta{}, ctx.Err()
+		}, llm.Usage{})
 		return *stream, nil
 	}}
 }
@@ -354,7 +354,7 @@ func TestClientDisconnect(t *testing.T) {
 			var stream *fakeStream
 			sawCancel := make(chan error, 1)
 			blocked := make(chan struct{})
-			s := newTestServer(t, blockingBackend([]engine.Delta{{Index: 0, Text: "first"}}, &stream, blocked, sawCancel))
+			s := newTestServer(t, blockingBackend([]llm.Delta{{Index: 0, Text: "first"}}, &stream, blocked, sawCancel))
 			returned := make(chan struct{})
 			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				defer close(returned)

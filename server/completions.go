@@ -6,7 +6,7 @@ import (
 	"math"
 	"net/http"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // defaultCompletionMaxTokens is max_tokens of a text completion that sets none, as in OpenAI's
@@ -28,7 +28,7 @@ type completionRequest struct {
 
 // toEngine validates c against the served model and converts it into an engine request; echo
 // is the text to put before each choice's output.
-func (c *completionRequest) toEngine(m engine.ModelInfo) (req engine.Request, p callParams, echo string, e *apiError) {
+func (c *completionRequest) toEngine(m llm.ModelInfo) (req llm.Request, p callParams, echo string, e *apiError) {
 	p = callParams{n: 1, stream: c.Stream}
 	if e = checkModel(c.Model, m); e != nil {
 		return
@@ -176,7 +176,7 @@ type textLogprobs struct {
 }
 
 // toTextLogprobs converts lps; offset is where the first token starts in the choice's text.
-func toTextLogprobs(lps []engine.TokenLogprob, offset int) *textLogprobs {
+func toTextLogprobs(lps []llm.TokenLogprob, offset int) *textLogprobs {
 	t := &textLogprobs{
 		Tokens:        make([]string, len(lps)),
 		TokenLogprobs: make([]float64, len(lps)),
@@ -204,7 +204,7 @@ func toTextLogprobs(lps []engine.TokenLogprob, offset int) *textLogprobs {
 // chunk.
 type textFormat struct{}
 
-func (textFormat) writeDelta(sw *sseWriter, c *call, d engine.Delta, first bool) {
+func (textFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	text := d.Text
 	if first {
 		text = c.echo + text
@@ -234,14 +234,14 @@ func (textFormat) usageChunk(c *call, u usage) any {
 }
 
 // advanceOffset is offset past the tokens of lps.
-func advanceOffset(offset int, lps []engine.TokenLogprob) int {
+func advanceOffset(offset int, lps []llm.TokenLogprob) int {
 	for _, lp := range lps {
 		offset += len(lp.Token)
 	}
 	return offset
 }
 
-func (textFormat) response(c *call, texts []string, reasons []string, lps [][]engine.TokenLogprob, u usage) any {
+func (textFormat) response(c *call, texts []string, reasons []string, lps [][]llm.TokenLogprob, u usage) any {
 	resp := textCompletion{
 		ID:                c.id,
 		Object:            "text_completion",

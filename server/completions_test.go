@@ -8,7 +8,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 func TestCompletionRequestMapping(t *testing.T) {
@@ -18,48 +18,48 @@ func TestCompletionRequestMapping(t *testing.T) {
 	tests := []struct {
 		name string
 		body string
-		want engine.Request
+		want llm.Request
 	}{
 		{
 			name: "string prompt, default max_tokens",
 			body: `{"model":"test-model","prompt":"Once upon"}`,
-			want: engine.Request{Prompt: "Once upon", Sampling: engine.SamplingParams{MaxTokens: 16, N: 1}},
+			want: llm.Request{Prompt: "Once upon", Sampling: llm.SamplingParams{MaxTokens: 16, N: 1}},
 		},
 		{
 			name: "token ids",
 			body: `{"prompt":[1,2,3],"max_tokens":5}`,
-			want: engine.Request{PromptTokenIDs: []int32{1, 2, 3}, Sampling: engine.SamplingParams{MaxTokens: 5, N: 1}},
+			want: llm.Request{PromptTokenIDs: []int32{1, 2, 3}, Sampling: llm.SamplingParams{MaxTokens: 5, N: 1}},
 		},
 		{
 			name: "one string in an array",
 			body: `{"prompt":["hi"]}`,
-			want: engine.Request{Prompt: "hi", Sampling: engine.SamplingParams{MaxTokens: 16, N: 1}},
+			want: llm.Request{Prompt: "hi", Sampling: llm.SamplingParams{MaxTokens: 16, N: 1}},
 		},
 		{
 			name: "one token list in an array",
 			body: `{"prompt":[[7,8]]}`,
-			want: engine.Request{PromptTokenIDs: []int32{7, 8}, Sampling: engine.SamplingParams{MaxTokens: 16, N: 1}},
+			want: llm.Request{PromptTokenIDs: []int32{7, 8}, Sampling: llm.SamplingParams{MaxTokens: 16, N: 1}},
 		},
 		{
 			name: "sampling fields",
 			body: `{"prompt":"p","max_tokens":9,"temperature":0.5,"n":2,"stop":["x"],"seed":3,"min_p":0.1,
 				"presence_penalty":0.5,"frequency_penalty":0.25,"repetition_penalty":1.2,"min_tokens":2,"user":"u",
 				"echo":true,"best_of":2,"suffix":"","logprobs":null,"stream":true,"stream_options":{"include_usage":true}}`,
-			want: engine.Request{Prompt: "p", Sampling: engine.SamplingParams{
-				MaxTokens: 9, Temperature: &temp, N: 2, Stop: []string{"x"}, Seed: &seed, MinP: 0.1,
-				PresencePenalty: 0.5, FrequencyPenalty: 0.25, RepetitionPenalty: 1.2, MinTokens: 2,
+			want: llm.Request{Prompt: "p", Sampling: llm.SamplingParams{
+				MaxTokens: 9, Temperature: &temp, N: 2, Stop: []string{"x"}, Seed: &seed, MinP: llm.Ptr(0.1),
+				PresencePenalty: 0.5, FrequencyPenalty: 0.25, RepetitionPenalty: llm.Ptr(1.2), MinTokens: 2,
 			}},
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			var got engine.Request
-			var deltas []engine.Delta
+			var got llm.Request
+			var deltas []llm.Delta
 			for i := range tt.want.Sampling.N {
-				deltas = append(deltas, engine.Delta{Index: i, FinishReason: "stop"})
+				deltas = append(deltas, llm.Delta{Index: i, FinishReason: "stop"})
 			}
-			s := newTestServer(t, backendWith(scripted(engine.Usage{}, nil, deltas...), &got))
+			s := newTestServer(t, backendWith(scripted(llm.Usage{}, nil, deltas...), &got))
 			rec := do(s, http.MethodPost, "/v1/completions", tt.body)
 			require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 			tt.want.ID = "cmpl-test"
@@ -102,9 +102,9 @@ func TestCompletionBadRequests(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			b := &fakeBackend{info: testInfo, generateFn: func(context.Context, engine.Request) (TokenStream, error) {
+			b := &fakeBackend{info: testInfo, generateFn: func(context.Context, llm.Request) (llm.TokenStream, error) {
 				t.Error("Generate called for a bad request")
-				return nil, engine.ErrClosed
+				return nil, llm.ErrClosed
 			}}
 			s := newTestServer(t, b)
 			status, typ := http.StatusBadRequest, "BadRequestError"
@@ -128,18 +128,18 @@ func textChunkEvent(index int, text, finish, extra string) string {
 
 func TestCompletionStreamBytes(t *testing.T) {
 	t.Parallel()
-	u := engine.Usage{PromptTokens: 2, CompletionTokens: 3}
+	u := llm.Usage{PromptTokens: 2, CompletionTokens: 3}
 	fp := `,"system_fingerprint":"govllm-fake"`
 	tests := []struct {
 		name   string
 		body   string
-		deltas []engine.Delta
+		deltas []llm.Delta
 		want   []string
 	}{
 		{
 			name: "usage",
 			body: `{"prompt":"hi","stream":true,"stream_options":{"include_usage":true}}`,
-			deltas: []engine.Delta{
+			deltas: []llm.Delta{
 				{Text: "A", TokenIDs: []int32{1}},
 				{TokenIDs: []int32{2}}, // no text yet: skipped
 				{Text: "b", TokenIDs: []int32{3}, FinishReason: "length"},
@@ -155,7 +155,7 @@ func TestCompletionStreamBytes(t *testing.T) {
 		{
 			name: "echo, n=2, finish alone",
 			body: `{"prompt":"hi","stream":true,"echo":true,"n":2}`,
-			deltas: []engine.Delta{
+			deltas: []llm.Delta{
 				{Index: 1, Text: "x"},
 				{Index: 0, Text: "y"},
 				{Index: 0, FinishReason: "stop"},
@@ -184,11 +184,11 @@ func TestCompletionStreamBytes(t *testing.T) {
 
 func TestCompletionNonStream(t *testing.T) {
 	t.Parallel()
-	u := engine.Usage{PromptTokens: 2, CompletionTokens: 4}
+	u := llm.Usage{PromptTokens: 2, CompletionTokens: 4}
 	stream := scripted(u, nil,
-		engine.Delta{Index: 0, Text: " a"},
-		engine.Delta{Index: 1, Text: " b", FinishReason: "length"},
-		engine.Delta{Index: 0, Text: " c", FinishReason: "stop"},
+		llm.Delta{Index: 0, Text: " a"},
+		llm.Delta{Index: 1, Text: " b", FinishReason: "length"},
+		llm.Delta{Index: 0, Text: " c", FinishReason: "stop"},
 	)
 	s := newTestServer(t, backendWith(stream, nil))
 	rec := do(s, http.MethodPost, "/v1/completions", `{"prompt":"hi","n":2,"echo":true}`)

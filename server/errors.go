@@ -8,7 +8,7 @@ import (
 	"fmt"
 	"net/http"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // Sentinel errors of the server package.
@@ -80,7 +80,7 @@ func errorType(status int) string {
 // client is gone (the request context was cancelled) and there is nobody to answer.
 func toAPIError(err error) *apiError {
 	var ae *apiError
-	var re *engine.RequestError
+	var re *llm.RequestError
 	switch {
 	case errors.As(err, &ae):
 		return ae
@@ -94,8 +94,8 @@ func toAPIError(err error) *apiError {
 			typ = errorType(status)
 		}
 		return &apiError{Status: status, Type: typ, Param: re.Param, Message: re.Message}
-	case errors.Is(err, engine.ErrEngineDead), errors.Is(err, engine.ErrClosed),
-		errors.Is(err, engine.ErrSlowConsumer):
+	case errors.Is(err, llm.ErrEngineDead), errors.Is(err, llm.ErrClosed),
+		errors.Is(err, llm.ErrSlowConsumer):
 		return errorf(http.StatusServiceUnavailable, "", "%s", err.Error())
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return nil

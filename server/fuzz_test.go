@@ -13,20 +13,20 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // fuzzServer answers every request it is given with a stream that finishes each choice.
 func fuzzServer(t *testing.T) *Server {
-	b := &fakeBackend{info: testInfo, generateFn: func(_ context.Context, req engine.Request) (TokenStream, error) {
+	b := &fakeBackend{info: testInfo, generateFn: func(_ context.Context, req llm.Request) (llm.TokenStream, error) {
 		if err := req.Validate(); err != nil {
 			t.Errorf("the server passed on an invalid request: %v", err)
 		}
-		var deltas []engine.Delta
+		var deltas []llm.Delta
 		for i := range max(req.Sampling.N, 1) {
-			deltas = append(deltas, engine.Delta{Index: i, Text: "x", TokenIDs: []int32{1}, FinishReason: "stop"})
+			deltas = append(deltas, llm.Delta{Index: i, Text: "x", TokenIDs: []int32{1}, FinishReason: "stop"})
 		}
-		return scripted(engine.Usage{PromptTokens: 1, CompletionTokens: len(deltas)}, nil, deltas...), nil
+		return scripted(llm.Usage{PromptTokens: 1, CompletionTokens: len(deltas)}, nil, deltas...), nil
 	}}
 	return New(Config{Backend: b, Logger: slog.New(slog.DiscardHandler), MaxBodyBytes: 1 << 16})
 }

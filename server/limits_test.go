@@ -15,7 +15,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // tickStream yields a token every tick (n of them, or forever when n is 0) until the context it
@@ -33,43 +33,43 @@ type tickStream struct {
 
 func newTickStream(ctx context.Context, tick time.Duration, n int, text string) *tickStream {
 	ts := &tickStream{ctx: ctx, tick: tick, n: n, text: text, aborted: make(chan struct{})}
-	ts.fakeStream = newFakeStream(ts.recv, engine.Usage{})
+	ts.fakeStream = newFakeStream(ts.recv, llm.Usage{})
 	return ts
 }
 
-func (ts *tickStream) recv() (engine.Delta, error) {
+func (ts *tickStream) recv() (llm.Delta, error) {
 	if ts.n > 0 && ts.i >= ts.n {
-		return engine.Delta{}, io.EOF
+		return llm.Delta{}, io.EOF
 	}
 	if ts.i > 0 || ts.tick > 0 {
 		select {
 		case <-time.After(ts.tick):
 		case <-ts.ctx.Done():
-			return engine.Delta{}, ts.ctx.Err()
+			return llm.Delta{}, ts.ctx.Err()
 		case <-ts.aborted:
 			// As an engine stream after Abort: the end, with the usage counted.
-			ts.usage = engine.Usage{PromptTokens: 3, CompletionTokens: ts.i}
-			return engine.Delta{}, io.EOF
+			ts.usage = llm.Usage{PromptTokens: 3, CompletionTokens: ts.i}
+			return llm.Delta{}, io.EOF
 		case <-ts.closed:
-			return engine.Delta{}, engine.ErrClosed
+			return llm.Delta{}, llm.ErrClosed
 		}
 	}
 	ts.i++
-	d := engine.Delta{TokenIDs: []int32{int32(ts.i)}, Text: ts.text}
+	d := llm.Delta{TokenIDs: []int32{int32(ts.i)}, Text: ts.text}
 	if ts.n > 0 && ts.i == ts.n {
 		d.FinishReason = "length"
 	}
 	return d, nil
 }
 
-// abortableStream is a tickStream that can be aborted as an *engine.Stream can.
+// abortableStream is a tickStream that can be aborted as an engine stream can (llm.Aborter).
 type abortableStream struct{ *tickStream }
 
 func (a abortableStream) Abort() { a.abortOne.Do(func() { close(a.aborted) }) }
 
 // tickBackend starts a tickStream per request; abortable makes them abortable.
 func tickBackend(tick time.Duration, n int, abortable bool) *fakeBackend {
-	return &fakeBackend{info: testInfo, generateFn: func(ctx context.Context, _ engine.Request) (TokenStream, error) {
+	return &fakeBackend{info: testInfo, generateFn: func(ctx context.Context, _ llm.Request) (llm.TokenStream, error) {
 		ts := newTickStream(ctx, tick, n, "t")
 		if abortable {
 			return abortableStream{ts}, nil
@@ -132,11 +132,11 @@ func TestAdmissionQueueTimeout(t *testing.T) {
 	t.Parallel()
 	// The running request outlives its timeout: its stream ignores the abort until released.
 	release := make(chan struct{})
-	b := &fakeBackend{info: testInfo, generateFn: func(context.Context, engine.Request) (TokenStream, error) {
-		return newFakeStream(func() (engine.Delta, error) {
+	b := &fakeBackend{info: testInfo, generateFn: func(context.Context, llm.Request) (llm.TokenStream, error) {
+		return newFakeStream(func() (llm.Delta, error) {
 			<-release
-			return engine.Delta{}, io.EOF
-		}, engine.Usage{}), nil
+			return llm.Delta{}, io.EOF
+		}, llm.Usage{}), nil
 	}}
 	s := newTestServer(t, b, func(c *Config) {
 		c.MaxConcurrent, c.MaxQueue, c.RequestTimeout = 1, 4, 300*time.Millisecond
@@ -258,7 +258,7 @@ func TestSlowReaderDoesNotStallOthers(t *testing.T) {
 	t.Parallel()
 	big := strings.Repeat("x", 64<<10)
 	streams := make(chan *tickStream, 2)
-	b := &fakeBackend{info: testInfo, generateFn: func(ctx context.Context, req engine.Request) (TokenStream, error) {
+	b := &fakeBackend{info: testInfo, generateFn: func(ctx context.Context, req llm.Request) (llm.TokenStream, error) {
 		if req.Messages[0].Content == "slow reader" {
 			ts := newTickStream(ctx, 0, 0, big) // as fast as it can, forever
 			streams <- ts
@@ -297,11 +297,11 @@ func TestSlowReaderDoesNotStallOthers(t *testing.T) {
 
 func TestMetricsCountRequests(t *testing.T) {
 	t.Parallel()
-	u := engine.Usage{PromptTokens: 5, CompletionTokens: 3}
+	u := llm.Usage{PromptTokens: 5, CompletionTokens: 3}
 	stream := scripted(u, nil,
-		engine.Delta{Index: 0, Text: "a", TokenIDs: []int32{1}},
-		engine.Delta{Index: 1, Text: "b", TokenIDs: []int32{2}, FinishReason: "length"},
-		engine.Delta{Index: 0, Text: "c", TokenIDs: []int32{3}, FinishReason: "stop"},
+		llm.Delta{Index: 0, Text: "a", TokenIDs: []int32{1}},
+		llm.Delta{Index: 1, Text: "b", TokenIDs: []int32{2}, FinishReason: "length"},
+		llm.Delta{Index: 0, Text: "c", TokenIDs: []int32{3}, FinishReason: "stop"},
 	)
 	s := newTestServer(t, backendWith(stream, nil))
 	rec := do(s, http.MethodPost, "/v1/chat/completions", hello+`,"n":2,"stream":true}`)

@@ -7,19 +7,19 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // logprobDeltas is a two-token answer ("Hi", "!") with one top logprob per token; the first
 // delta carries a token whose text is held back (no text yet), as a detokenizer does.
-func logprobDeltas() []engine.Delta {
-	hi := engine.TokenLogprob{Token: "Hi", Logprob: -0.5, Bytes: []int{72, 105},
-		Top: []engine.TokenLogprob{{Token: "Hi", Logprob: -0.5, Bytes: []int{72, 105}}}}
-	bang := engine.TokenLogprob{Token: "!", Logprob: -1.25, Bytes: []int{33},
-		Top: []engine.TokenLogprob{{Token: ".", Logprob: -1, Bytes: []int{46}}}}
-	return []engine.Delta{
-		{Index: 0, TokenIDs: []int32{1}, Logprobs: []engine.TokenLogprob{hi}},
-		{Index: 0, TokenIDs: []int32{2}, Text: "Hi!", Logprobs: []engine.TokenLogprob{bang}, FinishReason: "stop"},
+func logprobDeltas() []llm.Delta {
+	hi := llm.TokenLogprob{Token: "Hi", Logprob: -0.5, Bytes: []int{72, 105},
+		Top: []llm.TokenLogprob{{Token: "Hi", Logprob: -0.5, Bytes: []int{72, 105}}}}
+	bang := llm.TokenLogprob{Token: "!", Logprob: -1.25, Bytes: []int{33},
+		Top: []llm.TokenLogprob{{Token: ".", Logprob: -1, Bytes: []int{46}}}}
+	return []llm.Delta{
+		{Index: 0, TokenIDs: []int32{1}, Logprobs: []llm.TokenLogprob{hi}},
+		{Index: 0, TokenIDs: []int32{2}, Text: "Hi!", Logprobs: []llm.TokenLogprob{bang}, FinishReason: "stop"},
 	}
 }
 
@@ -30,8 +30,8 @@ const (
 
 func TestChatLogprobsNonStream(t *testing.T) {
 	t.Parallel()
-	var got engine.Request
-	s := newTestServer(t, backendWith(scripted(engine.Usage{PromptTokens: 3, CompletionTokens: 2}, nil, logprobDeltas()...), &got))
+	var got llm.Request
+	s := newTestServer(t, backendWith(scripted(llm.Usage{PromptTokens: 3, CompletionTokens: 2}, nil, logprobDeltas()...), &got))
 	rec := do(s, http.MethodPost, "/v1/chat/completions", hello+`,"logprobs":true,"top_logprobs":1}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	require.JSONEq(t, `{
@@ -47,7 +47,7 @@ func TestChatLogprobsNonStream(t *testing.T) {
 
 func TestChatLogprobsStream(t *testing.T) {
 	t.Parallel()
-	s := newTestServer(t, backendWith(scripted(engine.Usage{}, nil, logprobDeltas()...), nil))
+	s := newTestServer(t, backendWith(scripted(llm.Usage{}, nil, logprobDeltas()...), nil))
 	rec := do(s, http.MethodPost, "/v1/chat/completions", hello+`,"logprobs":true,"top_logprobs":1,"stream":true}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	head := `data: {"id":"chatcmpl-test","object":"chat.completion.chunk","created":1700000000,"model":"test-model","choices":[`
@@ -61,14 +61,14 @@ func TestChatLogprobsStream(t *testing.T) {
 
 func TestChatLogprobsDefaultTop(t *testing.T) {
 	t.Parallel()
-	var got engine.Request
-	s := newTestServer(t, backendWith(scripted(engine.Usage{}, nil, engine.Delta{FinishReason: "stop"}), &got))
+	var got llm.Request
+	s := newTestServer(t, backendWith(scripted(llm.Usage{}, nil, llm.Delta{FinishReason: "stop"}), &got))
 	rec := do(s, http.MethodPost, "/v1/chat/completions", hello+`,"logprobs":true}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	require.Contains(t, rec.Body.String(), `"logprobs":{"content":[]}`)
 	require.Equal(t, 0, *got.Sampling.Logprobs)
 
-	s = newTestServer(t, backendWith(scripted(engine.Usage{}, nil, engine.Delta{FinishReason: "stop"}), &got))
+	s = newTestServer(t, backendWith(scripted(llm.Usage{}, nil, llm.Delta{FinishReason: "stop"}), &got))
 	rec = do(s, http.MethodPost, "/v1/chat/completions", hello+`,"logprobs":false}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	require.Contains(t, rec.Body.String(), `"logprobs":null`)
@@ -77,8 +77,8 @@ func TestChatLogprobsDefaultTop(t *testing.T) {
 
 func TestCompletionLogprobs(t *testing.T) {
 	t.Parallel()
-	var got engine.Request
-	s := newTestServer(t, backendWith(scripted(engine.Usage{PromptTokens: 1, CompletionTokens: 2}, nil, logprobDeltas()...), &got))
+	var got llm.Request
+	s := newTestServer(t, backendWith(scripted(llm.Usage{PromptTokens: 1, CompletionTokens: 2}, nil, logprobDeltas()...), &got))
 	rec := do(s, http.MethodPost, "/v1/completions", `{"prompt":"a","logprobs":1}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	require.JSONEq(t, `{
@@ -90,7 +90,7 @@ func TestCompletionLogprobs(t *testing.T) {
 	}`, rec.Body.String())
 	require.Equal(t, 1, *got.Sampling.Logprobs)
 
-	s = newTestServer(t, backendWith(scripted(engine.Usage{}, nil, logprobDeltas()...), nil))
+	s = newTestServer(t, backendWith(scripted(llm.Usage{}, nil, logprobDeltas()...), nil))
 	rec = do(s, http.MethodPost, "/v1/completions", `{"prompt":"a","logprobs":1,"stream":true}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	body := rec.Body.String()

@@ -16,7 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 func TestMain(m *testing.M) {
@@ -25,16 +25,16 @@ func TestMain(m *testing.M) {
 
 // fakeBackend is a Backend whose behaviour each test sets through function fields.
 type fakeBackend struct {
-	info       engine.ModelInfo
-	generateFn func(ctx context.Context, req engine.Request) (TokenStream, error)
+	info       llm.ModelInfo
+	generateFn func(ctx context.Context, req llm.Request) (llm.TokenStream, error)
 	healthFn   func() error
 }
 
-func (f *fakeBackend) Generate(ctx context.Context, req engine.Request) (TokenStream, error) {
+func (f *fakeBackend) Generate(ctx context.Context, req llm.Request) (llm.TokenStream, error) {
 	return f.generateFn(ctx, req)
 }
 
-func (f *fakeBackend) Model() engine.ModelInfo { return f.info }
+func (f *fakeBackend) Model() llm.ModelInfo { return f.info }
 
 func (f *fakeBackend) Health() error {
 	if f.healthFn == nil {
@@ -43,21 +43,21 @@ func (f *fakeBackend) Health() error {
 	return f.healthFn()
 }
 
-// fakeStream is a TokenStream whose Recv is a function field. It records Close.
+// fakeStream is a llm.TokenStream whose Recv is a function field. It records Close.
 type fakeStream struct {
-	recvFn    func() (engine.Delta, error)
-	usage     engine.Usage
+	recvFn    func() (llm.Delta, error)
+	usage     llm.Usage
 	closeOnce sync.Once
 	closed    chan struct{}
 }
 
-func newFakeStream(recv func() (engine.Delta, error), u engine.Usage) *fakeStream {
+func newFakeStream(recv func() (llm.Delta, error), u llm.Usage) *fakeStream {
 	return &fakeStream{recvFn: recv, usage: u, closed: make(chan struct{})}
 }
 
-func (s *fakeStream) Recv() (engine.Delta, error) { return s.recvFn() }
-func (s *fakeStream) Usage() engine.Usage         { return s.usage }
-func (s *fakeStream) Close()                      { s.closeOnce.Do(func() { close(s.closed) }) }
+func (s *fakeStream) Recv() (llm.Delta, error) { return s.recvFn() }
+func (s *fakeStream) Usage() llm.Usage         { return s.usage }
+func (s *fakeStream) Close()                   { s.closeOnce.Do(func() { close(s.closed) }) }
 
 func (s *fakeStream) isClosed() bool {
 	select {
@@ -69,17 +69,17 @@ func (s *fakeStream) isClosed() bool {
 }
 
 // scripted returns a stream that yields deltas in order and then end (io.EOF when nil).
-func scripted(u engine.Usage, end error, deltas ...engine.Delta) *fakeStream {
+func scripted(u llm.Usage, end error, deltas ...llm.Delta) *fakeStream {
 	if end == nil {
 		end = io.EOF
 	}
 	i := 0
-	return newFakeStream(func() (engine.Delta, error) {
+	return newFakeStream(func() (llm.Delta, error) {
 		if i < len(deltas) {
 			i++
 			return deltas[i-1], nil
 		}
-		return engine.Delta{}, end
+		return llm.Delta{}, end
 	}, u)
 }
 
@@ -89,11 +89,11 @@ const (
 	testCreated = 1700000000
 )
 
-var testInfo = engine.ModelInfo{ID: testModel, Root: "/models/test", MaxModelLen: 2048, Backend: "fake"}
+var testInfo = llm.ModelInfo{ID: testModel, Root: "/models/test", MaxModelLen: 2048, Backend: "fake"}
 
 // backendWith returns a backend that records the request and answers with stream.
-func backendWith(stream TokenStream, got *engine.Request) *fakeBackend {
-	return &fakeBackend{info: testInfo, generateFn: func(_ context.Context, req engine.Request) (TokenStream, error) {
+func backendWith(stream llm.TokenStream, got *llm.Request) *fakeBackend {
+	return &fakeBackend{info: testInfo, generateFn: func(_ context.Context, req llm.Request) (llm.TokenStream, error) {
 		if got != nil {
 			*got = req
 		}
@@ -102,7 +102,7 @@ func backendWith(stream TokenStream, got *engine.Request) *fakeBackend {
 }
 
 // newTestServer returns a Server with a fixed id and clock that logs to the test.
-func newTestServer(t *testing.T, b Backend, opts ...func(*Config)) *Server {
+func newTestServer(t *testing.T, b llm.Generator, opts ...func(*Config)) *Server {
 	t.Helper()
 	cfg := Config{
 		Backend: b,

@@ -9,11 +9,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
-// StatsFunc reports the engine's own view of its load (see engine.Engine.Stats).
-type StatsFunc func(context.Context) (engine.Stats, error)
+// StatsFunc reports the engine's own view of its load (engine.Engine.Stats does).
+type StatsFunc func(context.Context) (llm.Stats, error)
 
 // Histogram buckets, in seconds, as vLLM's (vllm/v1/metrics/buckets.py), so that dashboards
 // and alerts built for vLLM read govllm's metrics alike.

@@ -1,5 +1,5 @@
 // Package server is govllm's OpenAI-compatible HTTP layer: it decodes and validates requests,
-// runs them on a [Backend] and writes the answers as JSON or server-sent events.
+// runs them on an [llm.Generator] and writes the answers as JSON or server-sent events.
 package server
 
 import (
@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/govllm/govllm/llm"
 )
 
 // DefaultMaxBodyBytes is the request body limit when [Config.MaxBodyBytes] is zero.
@@ -21,7 +23,7 @@ const DefaultMaxBodyBytes = 16 << 20
 // Config configures a [Server].
 type Config struct {
 	// Backend runs the requests; it is required.
-	Backend Backend
+	Backend llm.Generator
 	// Logger receives the server's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// MaxBodyBytes limits request bodies; larger ones get 413. Zero means DefaultMaxBodyBytes.
@@ -60,7 +62,7 @@ const DefaultWriteTimeout = 30 * time.Second
 // POST /v1/completions, GET /v1/models, GET /health and GET /metrics (Prometheus). Unknown paths get 404 and known paths with the wrong
 // method get 405, both with an OpenAI error body.
 type Server struct {
-	backend      Backend
+	backend      llm.Generator
 	log          *slog.Logger
 	maxBodyBytes int64
 	apiKey       []byte

@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -10,7 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 func TestRoutes(t *testing.T) {
@@ -57,7 +56,7 @@ func TestHealth(t *testing.T) {
 		status int
 	}{
 		{"healthy", nil, http.StatusOK},
-		{"dead", fmt.Errorf("engine: poller stopped: %w", engine.ErrEngineDead), http.StatusServiceUnavailable},
+		{"dead", fmt.Errorf("engine: poller stopped: %w", llm.ErrEngineDead), http.StatusServiceUnavailable},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -77,8 +76,8 @@ func TestHealth(t *testing.T) {
 
 func TestAPIKey(t *testing.T) {
 	t.Parallel()
-	stream := func() TokenStream { return scripted(engine.Usage{}, nil, engine.Delta{FinishReason: "stop"}) }
-	b := &fakeBackend{info: testInfo, generateFn: func(context.Context, engine.Request) (TokenStream, error) {
+	stream := func() llm.TokenStream { return scripted(llm.Usage{}, nil, llm.Delta{FinishReason: "stop"}) }
+	b := &fakeBackend{info: testInfo, generateFn: func(context.Context, llm.Request) (llm.TokenStream, error) {
 		return stream(), nil
 	}}
 	s := newTestServer(t, b, func(c *Config) { c.APIKey = "sk-secret" })
@@ -118,45 +117,10 @@ func TestNewWithoutBackend(t *testing.T) {
 	require.PanicsWithValue(t, ErrNoBackend, func() { New(Config{}) })
 }
 
-// fakeEngine has the method set of *engine.Engine, with a concrete stream type.
-type fakeEngine struct {
-	err    error
-	stream *fakeStream
-}
-
-func (e *fakeEngine) Generate(context.Context, engine.Request) (*fakeStream, error) {
-	if e.err != nil {
-		return nil, e.err
-	}
-	return e.stream, nil
-}
-func (e *fakeEngine) Model() engine.ModelInfo { return testInfo }
-func (e *fakeEngine) Health() error           { return e.err }
-
-func TestFromEngine(t *testing.T) {
-	t.Parallel()
-	fs := scripted(engine.Usage{}, nil)
-	b := FromEngine(&fakeEngine{stream: fs}) // the stream type is inferred
-	st, err := b.Generate(t.Context(), engine.Request{})
-	require.NoError(t, err)
-	require.Same(t, fs, st)
-	require.Equal(t, testInfo, b.Model())
-	require.NoError(t, b.Health())
-
-	b = FromEngine(&fakeEngine{err: engine.ErrClosed})
-	st, err = b.Generate(t.Context(), engine.Request{})
-	require.ErrorIs(t, err, engine.ErrClosed)
-	require.Nil(t, st, "a nil stream must be a nil interface")
-	require.True(t, errors.Is(b.Health(), engine.ErrClosed))
-}
-
-// The real engine adapts without naming its stream type.
-var _ = func(e *engine.Engine) Backend { return FromEngine(e) }
-
 func TestMetrics(t *testing.T) {
-	fb := &fakeBackend{info: engine.ModelInfo{ID: "m"}}
+	fb := &fakeBackend{info: llm.ModelInfo{ID: "m"}}
 	srv := newTestServer(t, fb, func(c *Config) {
-		c.Stats = func(context.Context) (engine.Stats, error) { return engine.Stats{BackendRunning: 3}, nil }
+		c.Stats = func(context.Context) (llm.Stats, error) { return llm.Stats{BackendRunning: 3}, nil }
 	})
 	rec := httptest.NewRecorder()
 	srv.ServeHTTP(rec, newRequest(http.MethodGet, "/metrics", ""))

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 // Limits on request fields.
@@ -20,10 +20,11 @@ const (
 	maxChoices = 16
 	// maxStopStrings is the most stop strings a request may carry (OpenAI allows 4, vLLM any).
 	maxStopStrings = 64
-	// maxRepetitionPenalty bounds repetition_penalty; vLLM only requires it positive, but
-	// beyond this it only turns logits into infinities.
-	maxRepetitionPenalty = 100
 )
+
+// maxLogprobs is the most top logprobs per token a request may ask for (OpenAI's and vLLM's
+// default limit); the contract's bound.
+const maxLogprobs = llm.MaxLogprobs
 
 // chatRequest is the body of POST /v1/chat/completions. Fields the server does not know are
 // ignored, as vLLM and OpenAI do.
@@ -148,12 +149,8 @@ type callParams struct {
 	logprobs     bool // the client asked for logprobs: render them (else "logprobs": null)
 }
 
-// maxLogprobs is the most top logprobs per token a request may ask for (OpenAI's and vLLM's
-// default limit).
-const maxLogprobs = 20
-
 // checkModel answers 404 unless name is empty or the served model.
-func checkModel(name string, m engine.ModelInfo) *apiError {
+func checkModel(name string, m llm.ModelInfo) *apiError {
 	if name != "" && name != m.ID {
 		return errorf(http.StatusNotFound, "model", "The model `%s` does not exist.", name)
 	}
@@ -161,8 +158,8 @@ func checkModel(name string, m engine.ModelInfo) *apiError {
 }
 
 // toEngine validates c against the served model and converts it into an engine request.
-func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, callParams, *apiError) {
-	var req engine.Request
+func (c *chatRequest) toEngine(m llm.ModelInfo) (llm.Request, callParams, *apiError) {
+	var req llm.Request
 	p := callParams{n: 1, stream: c.Stream}
 	if err := checkModel(c.Model, m); err != nil {
 		return req, p, err
@@ -171,7 +168,7 @@ func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, callParams, 
 	if len(c.Messages) == 0 {
 		return req, p, badRequest("messages", "`messages` must be a non-empty array.")
 	}
-	req.Messages = make([]engine.Message, len(c.Messages))
+	req.Messages = make([]llm.Message, len(c.Messages))
 	for i, msg := range c.Messages {
 		role, err := messageRole(i, msg.Role)
 		if err != nil {
@@ -181,7 +178,7 @@ func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, callParams, 
 		if err != nil {
 			return req, p, err
 		}
-		req.Messages[i] = engine.Message{Role: role, Content: content}
+		req.Messages[i] = llm.Message{Role: role, Content: content}
 	}
 
 	sp := &req.Sampling
@@ -225,34 +222,31 @@ func (c *chatRequest) toEngine(m engine.ModelInfo) (engine.Request, callParams, 
 }
 
 // apply validates the shared fields into sp and p; sp.MaxTokens must be set already.
-func (c *samplingRequest) apply(sp *engine.SamplingParams, p *callParams) *apiError {
+func (c *samplingRequest) apply(sp *llm.SamplingParams, p *callParams) *apiError {
 	if t := c.Temperature; t != nil {
-		if *t < 0 || *t > 2 {
-			return badRequest("temperature", "temperature must be in [0, 2], got %v.", *t)
+		if !(*t >= 0 && *t <= llm.MaxTemperature) {
+			return badRequest("temperature", "temperature must be in [0, %v], got %v.", llm.MaxTemperature, *t)
 		}
 		sp.Temperature = t
 	}
 	if t := c.TopP; t != nil {
-		if *t <= 0 || *t > 1 {
+		if !(*t > 0 && *t <= 1) {
 			return badRequest("top_p", "top_p must be in (0, 1], got %v.", *t)
 		}
 		sp.TopP = t
 	}
 	if k := c.TopK; k != nil {
-		switch {
-		case *k == -1:
-			// -1 disables top-k, like 0.
-		case *k < 0:
+		if *k < -1 {
 			return badRequest("top_k", "top_k must be 0 or -1 (disable), or at least 1, got %d.", *k)
-		default:
-			sp.TopK = *k
 		}
+		// Sent as set, -1 as 0: both switch top-k off, also against the model's default.
+		sp.TopK = llm.Ptr(max(*k, 0))
 	}
 	if v := c.MinP; v != nil {
-		if *v < 0 || *v > 1 {
+		if !(*v >= 0 && *v <= 1) {
 			return badRequest("min_p", "min_p must be in [0, 1], got %v.", *v)
 		}
-		sp.MinP = *v
+		sp.MinP = v
 	}
 	for _, pen := range []struct {
 		name string
@@ -270,12 +264,10 @@ func (c *samplingRequest) apply(sp *engine.SamplingParams, p *callParams) *apiEr
 		}
 	}
 	if v := c.RepetitionPenalty; v != nil {
-		if *v <= 0 || *v > maxRepetitionPenalty {
-			return badRequest("repetition_penalty", "repetition_penalty must be in (0, %v], got %v.", maxRepetitionPenalty, *v)
+		if !(*v > 0 && *v <= llm.MaxRepetitionPenalty) {
+			return badRequest("repetition_penalty", "repetition_penalty must be in (0, %v], got %v.", llm.MaxRepetitionPenalty, *v)
 		}
-		if *v != 1 {
-			sp.RepetitionPenalty = *v
-		}
+		sp.RepetitionPenalty = v
 	}
 	if v := c.MinTokens; v != nil {
 		switch {

@@ -9,7 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 )
 
 func TestChatBadRequests(t *testing.T) {
@@ -82,9 +82,9 @@ func TestChatBadRequests(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			b := &fakeBackend{info: testInfo, generateFn: func(context.Context, engine.Request) (TokenStream, error) {
+			b := &fakeBackend{info: testInfo, generateFn: func(context.Context, llm.Request) (llm.TokenStream, error) {
 				t.Error("Generate called for a bad request")
-				return nil, engine.ErrClosed
+				return nil, llm.ErrClosed
 			}}
 			s := newTestServer(t, b)
 			if tt.status == 0 {
@@ -106,14 +106,14 @@ func TestChatRequestMapping(t *testing.T) {
 	tests := []struct {
 		name string
 		body string
-		want engine.Request
+		want llm.Request
 	}{
 		{
 			name: "defaults",
 			body: `{"messages":[{"role":"user","content":"hi"}]}`,
-			want: engine.Request{
-				Messages: []engine.Message{{Role: "user", Content: "hi"}},
-				Sampling: engine.SamplingParams{N: 1},
+			want: llm.Request{
+				Messages: []llm.Message{{Role: "user", Content: "hi"}},
+				Sampling: llm.SamplingParams{N: 1},
 			},
 		},
 		{
@@ -127,15 +127,15 @@ func TestChatRequestMapping(t *testing.T) {
 				"stop":"\n\n","stop_token_ids":[2],"seed":-42,"ignore_eos":true,"user":"u1",
 				"presence_penalty":0,"logprobs":false,"tools":[],"some_future_field":{"x":1},
 				"stream":true,"stream_options":{"include_usage":true}}`,
-			want: engine.Request{
-				Messages: []engine.Message{
+			want: llm.Request{
+				Messages: []llm.Message{
 					{Role: "system", Content: "be brief"},
 					{Role: "system", Content: "a\nb"},
 					{Role: "assistant", Content: ""},
 					{Role: "user", Content: "q"},
 				},
-				Sampling: engine.SamplingParams{
-					MaxTokens: 20, Temperature: f(0), TopP: f(0.5), TopK: 0, Seed: &seed,
+				Sampling: llm.SamplingParams{
+					MaxTokens: 20, Temperature: f(0), TopP: f(0.5), TopK: llm.Ptr(0), Seed: &seed,
 					Stop: []string{"\n\n"}, StopTokenIDs: []int32{2}, IgnoreEOS: true, N: 3,
 				},
 			},
@@ -144,38 +144,47 @@ func TestChatRequestMapping(t *testing.T) {
 			name: "penalties and min_p",
 			body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":8,"min_p":0.05,"presence_penalty":-2,
 				"frequency_penalty":1.5,"repetition_penalty":1.1,"min_tokens":3,"logit_bias":{},"response_format":{"type":"text"}}`,
-			want: engine.Request{
-				Messages: []engine.Message{{Role: "user", Content: "hi"}},
-				Sampling: engine.SamplingParams{MaxTokens: 8, N: 1, MinP: 0.05, PresencePenalty: -2,
-					FrequencyPenalty: 1.5, RepetitionPenalty: 1.1, MinTokens: 3},
+			want: llm.Request{
+				Messages: []llm.Message{{Role: "user", Content: "hi"}},
+				Sampling: llm.SamplingParams{MaxTokens: 8, N: 1, MinP: f(0.05), PresencePenalty: -2,
+					FrequencyPenalty: 1.5, RepetitionPenalty: f(1.1), MinTokens: 3},
 			},
 		},
 		{
-			name: "neutral repetition_penalty",
-			body: `{"messages":[{"role":"user","content":"hi"}],"repetition_penalty":1,"min_tokens":0}`,
-			want: engine.Request{
-				Messages: []engine.Message{{Role: "user", Content: "hi"}},
-				Sampling: engine.SamplingParams{N: 1},
+			// Neutral values the client set are sent as set: they switch the model's defaults off.
+			name: "neutral values stay set",
+			body: `{"messages":[{"role":"user","content":"hi"}],"repetition_penalty":1,"min_tokens":0,"top_k":0,"top_p":1,"min_p":0}`,
+			want: llm.Request{
+				Messages: []llm.Message{{Role: "user", Content: "hi"}},
+				Sampling: llm.SamplingParams{N: 1, RepetitionPenalty: f(1), TopK: llm.Ptr(0), TopP: f(1), MinP: f(0)},
+			},
+		},
+		{
+			name: "unset values stay unset",
+			body: `{"messages":[{"role":"user","content":"hi"}],"top_k":null,"top_p":null}`,
+			want: llm.Request{
+				Messages: []llm.Message{{Role: "user", Content: "hi"}},
+				Sampling: llm.SamplingParams{N: 1},
 			},
 		},
 		{
 			name: "max_tokens and stop list",
 			body: `{"messages":[{"role":"user","content":"hi"}],"max_tokens":2048,"stop":["a","b"],"top_k":40,"stop":null}`,
-			want: engine.Request{
-				Messages: []engine.Message{{Role: "user", Content: "hi"}},
-				Sampling: engine.SamplingParams{MaxTokens: 2048, TopK: 40, N: 1},
+			want: llm.Request{
+				Messages: []llm.Message{{Role: "user", Content: "hi"}},
+				Sampling: llm.SamplingParams{MaxTokens: 2048, TopK: llm.Ptr(40), N: 1},
 			},
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			var got engine.Request
-			var deltas []engine.Delta
+			var got llm.Request
+			var deltas []llm.Delta
 			for i := range tt.want.Sampling.N {
-				deltas = append(deltas, engine.Delta{Index: i, FinishReason: "stop"})
+				deltas = append(deltas, llm.Delta{Index: i, FinishReason: "stop"})
 			}
-			s := newTestServer(t, backendWith(scripted(engine.Usage{}, nil, deltas...), &got))
+			s := newTestServer(t, backendWith(scripted(llm.Usage{}, nil, deltas...), &got))
 			rec := do(s, http.MethodPost, "/v1/chat/completions", tt.body)
 			require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 			tt.want.ID = testID
@@ -190,7 +199,7 @@ func TestBodyLimit(t *testing.T) {
 	for _, limit := range []int64{int64(len(body)) - 1, int64(len(body))} {
 		t.Run(fmt.Sprint(limit), func(t *testing.T) {
 			t.Parallel()
-			stream := scripted(engine.Usage{}, nil, engine.Delta{FinishReason: "stop"})
+			stream := scripted(llm.Usage{}, nil, llm.Delta{FinishReason: "stop"})
 			s := newTestServer(t, backendWith(stream, nil), func(c *Config) { c.MaxBodyBytes = limit })
 			rec := do(s, http.MethodPost, "/v1/chat/completions", body)
 			if limit < int64(len(body)) {

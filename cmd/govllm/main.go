@@ -8,7 +8,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -19,11 +18,12 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/internal/pyfind"
+	"github.com/govllm/govllm/launch"
 	"github.com/govllm/govllm/server"
 )
 
@@ -73,7 +73,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 // defaultModel is the bootstrap's model directory, found above the binary or the working dir.
 func defaultModel() string {
 	const rel = "models/SmolLM2-135M-Instruct"
-	for _, d := range engine.SearchDirs() {
+	for _, d := range pyfind.SearchDirs() {
 		p := filepath.Join(d, rel)
 		if st, err := os.Stat(p); err == nil && st.IsDir() {
 			return p
@@ -82,42 +82,16 @@ func defaultModel() string {
 	return rel
 }
 
-// engineArgFlag collects --engine-arg KEY=VALUE pairs.
-type engineArgFlag map[string]any
-
-func (f *engineArgFlag) String() string { return fmt.Sprint(map[string]any(*f)) }
-
-func (f *engineArgFlag) Set(s string) error {
-	k, v, ok := strings.Cut(s, "=")
-	if !ok || k == "" {
-		return fmt.Errorf("want KEY=VALUE, got %q", s)
-	}
-	if *f == nil {
-		*f = engineArgFlag{}
-	}
-	var parsed any
-	if err := json.Unmarshal([]byte(v), &parsed); err != nil {
-		parsed = v // a plain string
-	}
-	(*f)[k] = parsed
-	return nil
-}
-
 func serve(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("govllm serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	lf := addLaunchFlags(fs)
 	var (
-		model       = fs.String("model", "", "Hugging Face checkpoint directory (default: the bootstrap's models/SmolLM2-135M-Instruct)")
-		eng         = fs.String("engine", "auto", "engine: auto (vllm when importable, else transformers), vllm, transformers, or module:attr")
-		python      = fs.String("python", "", "Python interpreter to embed (default: $GOVLLM_PYTHON, the project's .venv, $VIRTUAL_ENV, python3)")
 		pythonPath  = fs.String("python-path", "", "extra directories for sys.path, separated by ':' (custom backends)")
 		host        = fs.String("host", "127.0.0.1", "address to listen on")
 		port        = fs.Int("port", 8000, "port to listen on")
 		served      = fs.String("served-model-name", "", "model name clients use (default: the model directory's name)")
-		maxModelLen = fs.Int("max-model-len", 0, "context length (default: the model's)")
 		maxNumSeqs  = fs.Int("max-num-seqs", 0, "requests decoded together (default: the engine's)")
-		dtype       = fs.String("dtype", "auto", "weights dtype: auto, float32, bfloat16, float16")
-		device      = fs.String("device", "", "cpu or cuda (default: cuda when available)")
 		seed        = fs.Int("seed", 0, "engine seed")
 		apiKey      = fs.String("api-key", os.Getenv("GOVLLM_API_KEY"), "require this Bearer key on /v1/ routes (default: $GOVLLM_API_KEY)")
 		maxBody     = fs.Int64("max-body-bytes", server.DefaultMaxBodyBytes, "request body limit")
@@ -126,14 +100,9 @@ func serve(args []string, stderr io.Writer) int {
 		maxQueued   = fs.Int("max-queued-requests", 1024, "completions that may wait for a slot; beyond, 429 with Retry-After")
 		reqTimeout  = fs.Duration("request-timeout", 0, "abort a completion this long after it arrived, answering what it generated with finish_reason abort (0: none)")
 		writeTO     = fs.Duration("write-timeout", server.DefaultWriteTimeout, "drop a client, aborting its request, when one write to it blocks this long (a reader that stopped reading)")
-		loadFormat  = fs.String("load-format", "", "weights format: auto, safetensors, dummy (random weights for a config.json; both engines), or any vLLM load format")
-		tp          = fs.Int("tensor-parallel-size", 0, "GPUs per model replica (vllm)")
-		gpuOpts     = addGPUFlags(fs)
-		engineArgs  engineArgFlag
 		exitOnDeath = fs.Bool("exit-on-engine-death", false, "exit non-zero when the engine dies (for a supervisor to restart); otherwise keep answering 503")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 	)
-	fs.Var(&engineArgs, "engine-arg", "extra engine argument KEY=VALUE (VALUE parsed as JSON when it can be, e.g. enforce_eager=false); repeatable")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -147,8 +116,10 @@ func serve(args []string, stderr io.Writer) int {
 		return 2
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
-	if *model == "" {
-		*model = defaultModel()
+	opts := lf.options(true)
+	if err := launch.Check(opts); err != nil {
+		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
+		return 2
 	}
 
 	// Listen before loading the model so that a busy port fails in a second, not a minute.
@@ -162,34 +133,26 @@ func serve(args []string, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// A second signal while the engine loads ends the process at once, as it does later.
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
 	var extraPath []string
 	if *pythonPath != "" {
 		extraPath = filepath.SplitList(*pythonPath)
 	}
-	extra := map[string]any{}
-	for k, v := range engineArgs {
-		extra[k] = v
-	}
-	if *loadFormat != "" {
-		extra["load_format"] = *loadFormat
-	}
-	if *tp > 0 {
-		extra["tensor_parallel_size"] = *tp
-	}
-	// Place the model on GPUs before any weight is loaded (on CPU: one line, nothing else).
-	gpuSet, err := setupGPUs(log, serveGPUOptions{
-		flags: gpuOpts, model: *model, engine: *eng, device: *device, dtype: *dtype,
-		maxModelLen: *maxModelLen, tp: *tp, extra: extra,
-	})
+	// The plan places the model on GPUs before any weight is loaded (on CPU: one line).
+	gpuSet, plan, err := setupLaunch(ctx, log, opts)
 	if err != nil {
 		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
 		return 1
 	}
 	defer gpuSet.Close()
 	e, err := engine.Open(ctx, engine.Config{
-		Model: *model, Engine: *eng, Python: *python, PythonPath: extraPath,
-		ServedModelName: *served, MaxModelLen: *maxModelLen, MaxNumSeqs: *maxNumSeqs,
-		Dtype: *dtype, Device: *device, Seed: *seed, Extra: extra, Logger: log,
+		Model: opts.Model, Engine: plan.Engine, Python: plan.Python.Executable, PythonPath: extraPath,
+		ServedModelName: *served, MaxModelLen: opts.MaxModelLen, MaxNumSeqs: *maxNumSeqs,
+		Dtype: plan.Dtype, Device: plan.Device, Seed: *seed, Extra: plan.EngineArgs, Logger: log,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
@@ -199,7 +162,7 @@ func serve(args []string, stderr io.Writer) int {
 
 	gpuSet.startMonitor(ctx)
 	handler := server.New(server.Config{
-		Backend: server.FromEngine(e), Logger: log, MaxBodyBytes: *maxBody, APIKey: *apiKey, Stats: e.Stats,
+		Backend: e, Logger: log, MaxBodyBytes: *maxBody, APIKey: *apiKey, Stats: e.Stats,
 		Collectors: gpuSet.collectors(), HealthChecks: gpuSet.healthChecks(),
 		MaxConcurrent: *maxRunning, MaxQueue: *maxQueued, RequestTimeout: *reqTimeout, WriteTimeout: *writeTO,
 	})

@@ -1,4 +1,4 @@
-package engine_test
+package pyfind_test
 
 import (
 	"context"
@@ -9,7 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/internal/pyfind"
 )
 
 // fakePython writes an executable that answers the probe like an interpreter would.
@@ -70,8 +70,8 @@ func TestFindPythonFailuresNameTheFix(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := engine.FindPython(context.Background(), tt.python(t), tt.modules...)
-			require.ErrorIs(t, err, engine.ErrPythonNotFound)
+			_, err := pyfind.FindPython(context.Background(), tt.python(t), tt.modules...)
+			require.ErrorIs(t, err, pyfind.ErrPythonNotFound)
 			for _, w := range tt.want {
 				require.ErrorContains(t, err, w)
 			}
@@ -81,7 +81,7 @@ func TestFindPythonFailuresNameTheFix(t *testing.T) {
 
 func TestFindPythonRealVenv(t *testing.T) {
 	py := venvPython(t)
-	info, err := engine.FindPython(context.Background(), py, "torch", "transformers")
+	info, err := pyfind.FindPython(context.Background(), py, "torch", "transformers")
 	require.NoError(t, err)
 	require.Equal(t, py, info.Executable, "a venv's python stays the venv's, so its site-packages apply")
 	require.FileExists(t, info.LibPython)
@@ -95,7 +95,7 @@ func TestFindPythonStaticDebianPython(t *testing.T) {
 	if _, err := exec.LookPath("/usr/bin/python3"); err != nil {
 		t.Skip("no /usr/bin/python3")
 	}
-	info, err := engine.InspectPython(context.Background(), "/usr/bin/python3")
+	info, err := pyfind.InspectPython(context.Background(), "/usr/bin/python3")
 	require.NoError(t, err)
 	if info.LibPython != "" {
 		t.Skipf("/usr/bin/python3 has a shared libpython (%s)", info.LibPython)
@@ -103,7 +103,41 @@ func TestFindPythonStaticDebianPython(t *testing.T) {
 	require.ErrorContains(t, info.Check(), "no shared libpython")
 }
 
-func TestOpenModelMissing(t *testing.T) {
-	_, err := engine.Open(context.Background(), engine.Config{Model: "/nonexistent/model"})
-	require.ErrorContains(t, err, "scripts/bootstrap")
+// repoRoot is the module root, two levels above this package.
+func repoRoot() string {
+	wd, _ := os.Getwd()
+	return filepath.Dir(filepath.Dir(wd))
+}
+
+func TestChooseBackend(t *testing.T) {
+	py := func(missing ...string) *pyfind.PythonInfo {
+		m := map[string]string{}
+		for _, n := range missing {
+			m[n] = "No module named " + n
+		}
+		return &pyfind.PythonInfo{Executable: "/venv/bin/python", Missing: m}
+	}
+	for _, tc := range []struct {
+		name, engine string
+		py           *pyfind.PythonInfo
+		want, err    string
+	}{
+		{"auto with vllm", "auto", py(), "vllm", ""},
+		{"auto without vllm", "auto", py("vllm"), "transformers", ""},
+		{"auto with nothing", "auto", py("vllm", "torch"), "", "can import neither vllm nor transformers+torch"},
+		{"explicit", "transformers", py("vllm"), "transformers", ""},
+		{"custom", "mypkg.backend:create", py("vllm", "torch", "transformers"), "mypkg.backend:create", ""},
+		{"unknown", "llama.cpp", py(), "", `unknown engine "llama.cpp": use auto, vllm, transformers, or module:attr`},
+		{"half custom", "mod:", py(), "", "unknown engine"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := pyfind.ChooseBackend(tc.engine, tc.py)
+			if tc.err != "" {
+				require.ErrorContains(t, err, tc.err)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tc.want, got)
+		})
+	}
 }

@@ -1,9 +1,15 @@
-package engine
+// Package pyfind finds the Python interpreter govllm embeds and says what it can run: it asks
+// the interpreter itself (one subprocess, no import of the backends) for its version, its shared
+// libpython, its sys.prefix and sys.path, and which backend modules it can import. It holds the
+// list of engine names and the rule that resolves "auto", so that the launch plan, the engine
+// and the registry agree on them. Pure Go: no cgo, no purego.
+package pyfind
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,6 +17,9 @@ import (
 	"strings"
 	"time"
 )
+
+// ErrPythonNotFound means no usable Python interpreter was found.
+var ErrPythonNotFound = errors.New("engine: no usable python")
 
 // PythonInfo is what an interpreter reports about itself: enough to embed it.
 type PythonInfo struct {

@@ -1,0 +1,50 @@
+package llm
+
+import "fmt"
+
+// MaxChoices bounds SamplingParams.N: the wire format numbers choices with 16 bits.
+const MaxChoices = 1<<16 - 1
+
+// Message is one turn of a chat conversation.
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// Request is one generation request. Exactly one of Messages, Prompt and PromptTokenIDs is set:
+// Messages are rendered with the model's chat template, Prompt is tokenized as is.
+type Request struct {
+	// ID names the request in logs on both sides of the engine and in the backend (vLLM's
+	// request id); the server sets it from X-Request-Id or generates one. Empty means the
+	// engine's own number.
+	ID             string         `json:"request_id,omitempty"`
+	Messages       []Message      `json:"messages,omitempty"`
+	Prompt         string         `json:"prompt,omitempty"`
+	PromptTokenIDs []int32        `json:"prompt_token_ids,omitempty"`
+	Sampling       SamplingParams `json:"sampling"`
+}
+
+// Validate reports whether the request is well formed before it reaches the engine. It checks
+// the shape and the bounds the engine's wire format needs; the HTTP layer checks more, with
+// OpenAI's messages.
+func (r *Request) Validate() error {
+	n := 0
+	if len(r.Messages) > 0 {
+		n++
+	}
+	if r.Prompt != "" {
+		n++
+	}
+	if len(r.PromptTokenIDs) > 0 {
+		n++
+	}
+	if n != 1 {
+		return &RequestError{Status: 400, Type: "BadRequestError", Message: "exactly one of messages, prompt and prompt_token_ids must be set"}
+	}
+	return r.Sampling.Validate()
+}
+
+// invalid is a 400 naming param.
+func invalid(param, format string, args ...any) *RequestError {
+	return &RequestError{Status: 400, Type: "BadRequestError", Param: param, Message: fmt.Sprintf(format, args...)}
+}
