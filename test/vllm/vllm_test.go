@@ -27,7 +27,9 @@ import (
 const maxModelLen = 1024
 
 var (
-	// deviceArgs are added to every serve command; gpu_test.go (-tags gpu) sets CUDA.
+	// deviceArgs are added to every serve command; gpu_test.go (-tags gpu) sets CUDA. On CPU
+	// the shared server runs on the defaults of `make run` (engine auto, dtype auto), which the
+	// README's quick start documents.
 	deviceArgs []string
 
 	srv *govtest.Server
@@ -53,8 +55,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "test/vllm:", err)
 		os.Exit(1)
 	}
-	srv, err = govtest.Start(ctx, bin, dir, append([]string{"--engine", "vllm", "--model", govtest.Model("SmolLM2-135M-Instruct"),
-		"--python", govtest.VenvPython(), "--dtype", "float32", "--max-model-len", strconv.Itoa(maxModelLen)}, deviceArgs...)...)
+	srv, err = govtest.Start(ctx, bin, dir, append([]string{"--model", govtest.Model("SmolLM2-135M-Instruct"),
+		"--python", govtest.VenvPython(), "--max-model-len", strconv.Itoa(maxModelLen)}, deviceArgs...)...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "test/vllm: start govllm:", err)
 		os.Exit(1)
