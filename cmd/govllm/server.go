@@ -545,8 +545,11 @@ func startDetached(exe string, e registry.Entry, st registry.State, inst registr
 		return fail("%v", err)
 	}
 	inst.PID = cmd.Process.Pid
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	// exited is closed once the server has exited and been reaped, waitErr set before: both
+	// waitHealthy and the cleanup below see it (a value sent once would reach only the first).
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
 	if err := st.Write(inst); err != nil {
 		_ = syscall.Kill(-inst.PID, syscall.SIGKILL)
 		<-exited
@@ -556,7 +559,7 @@ func startDetached(exe string, e registry.Entry, st registry.State, inst registr
 		e.Name, inst.PID, wait, inst.URL, inst.Log)
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	err = waitHealthy(ctx, inst.URL, exited)
+	err = waitHealthy(ctx, inst.URL, exited, func() error { return waitErr })
 	if err == nil {
 		fmt.Fprintf(stdout, "server %s is ready at %s (pid %d); log: %s; stop it with `govllm server stop %s`\n",
 			e.Name, inst.URL, inst.PID, inst.Log, e.Name)
@@ -573,8 +576,9 @@ func startDetached(exe string, e registry.Entry, st registry.State, inst registr
 	return fail("server %s did not become healthy: %v\n--- last lines of %s ---\n%s", e.Name, err, inst.Log, logTail(inst.Log, 40))
 }
 
-// waitHealthy polls url/health until it answers 200, the process exits or ctx ends.
-func waitHealthy(ctx context.Context, url string, exited <-chan error) error {
+// waitHealthy polls url/health until it answers 200, the process exits (exited is closed;
+// exitErr is then its Wait error) or ctx ends.
+func waitHealthy(ctx context.Context, url string, exited <-chan struct{}, exitErr func() error) error {
 	client := &http.Client{Timeout: 2 * time.Second}
 	defer client.CloseIdleConnections()
 	last := "no answer yet"
@@ -590,7 +594,8 @@ func waitHealthy(ctx context.Context, url string, exited <-chan error) error {
 			last = fmt.Sprintf("/health answered %d %s", resp.StatusCode, bytes.TrimSpace(b))
 		}
 		select {
-		case err := <-exited:
+		case <-exited:
+			err := exitErr()
 			if err == nil {
 				err = errors.New("exit status 0")
 			}
