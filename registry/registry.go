@@ -19,6 +19,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/govllm/govllm/internal/atomicfile"
+	"github.com/govllm/govllm/internal/xdg"
 )
 
 // Engines are the engine names an entry may use; a custom backend "module:attr" is also
@@ -209,9 +212,9 @@ type file struct {
 // DefaultPath is the registry file: $XDG_CONFIG_HOME/govllm/servers.json, with
 // XDG_CONFIG_HOME defaulting to ~/.config (a relative value is ignored, as the XDG spec says).
 func DefaultPath() (string, error) {
-	dir, err := xdgDir("XDG_CONFIG_HOME", ".config")
+	dir, err := xdg.ConfigHome()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("registry: %w", err)
 	}
 	return filepath.Join(dir, "govllm", "servers.json"), nil
 }
@@ -219,22 +222,11 @@ func DefaultPath() (string, error) {
 // StateDir is where a server's pid file, metadata and log live:
 // $XDG_STATE_HOME/govllm/<name>, with XDG_STATE_HOME defaulting to ~/.local/state.
 func StateDir(name string) (string, error) {
-	dir, err := xdgDir("XDG_STATE_HOME", filepath.Join(".local", "state"))
+	dir, err := xdg.StateHome()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("registry: %w", err)
 	}
 	return filepath.Join(dir, "govllm", name), nil
-}
-
-func xdgDir(env, fallback string) (string, error) {
-	if d := os.Getenv(env); filepath.IsAbs(d) {
-		return d, nil
-	}
-	home, err := os.UserHomeDir()
-	if err != nil {
-		return "", fmt.Errorf("registry: no $%s and no home directory: %w", env, err)
-	}
-	return filepath.Join(home, fallback), nil
 }
 
 // Store is the registry file at one path.
@@ -385,33 +377,8 @@ func (s *Store) write(f file) error {
 
 // writeAtomic writes data to path through a temporary file renamed over it.
 func writeAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
-	if err != nil {
+	if err := atomicfile.WriteFile(path, data, perm); err != nil {
 		return fmt.Errorf("registry: %w", err)
-	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("registry: write %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Chmod(perm); err != nil {
-		tmp.Close()
-		return fmt.Errorf("registry: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("registry: sync %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("registry: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("registry: %w", err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		d.Close()
 	}
 	return nil
 }
