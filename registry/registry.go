@@ -3,8 +3,8 @@
 // endpoints that `govllm bench` can measure. Entries live in one JSON file in the XDG config
 // directory ($XDG_CONFIG_HOME/govllm/servers.json, default ~/.config), rewritten atomically
 // (a temporary file renamed over it) under an exclusive flock on a lock file beside it, so
-// concurrent edits by several processes lose no entry. The state of started servers (pid
-// file, metadata, log) lives in $XDG_STATE_HOME/govllm/<name>/ (default ~/.local/state).
+// concurrent edits by several processes lose no entry. The registry only stores entries:
+// starting, probing and stopping their processes is package supervise's.
 package registry
 
 import (
@@ -19,6 +19,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/govllm/govllm/internal/atomicfile"
 	"github.com/govllm/govllm/internal/xdg"
@@ -219,16 +221,6 @@ func DefaultPath() (string, error) {
 	return filepath.Join(dir, "govllm", "servers.json"), nil
 }
 
-// StateDir is where a server's pid file, metadata and log live:
-// $XDG_STATE_HOME/govllm/<name>, with XDG_STATE_HOME defaulting to ~/.local/state.
-func StateDir(name string) (string, error) {
-	dir, err := xdg.StateHome()
-	if err != nil {
-		return "", fmt.Errorf("registry: %w", err)
-	}
-	return filepath.Join(dir, "govllm", name), nil
-}
-
 // Store is the registry file at one path.
 type Store struct {
 	path string
@@ -321,6 +313,28 @@ func (s *Store) Remove(name string) error {
 		}
 		return slices.Delete(entries, i, i+1), nil
 	})
+}
+
+// lockFile takes an exclusive flock on path, creating it, and returns the unlock.
+func lockFile(path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("registry: lock: %w", err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("registry: lock %s: %w", path, err)
+	}
+	return func() {
+		_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
+		f.Close()
+	}, nil
 }
 
 // Update runs fn on the entries under the registry's lock and writes what it returns

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/govllm/govllm/registry"
+	"github.com/govllm/govllm/supervise"
 )
 
 const serverUsage = `Usage: govllm server COMMAND [flags]
@@ -112,16 +113,16 @@ func openRegistry() (*registry.Store, error) {
 }
 
 // lookup opens the registry and returns the entry called name and its state directory.
-func lookup(name string) (registry.Entry, registry.State, error) {
+func lookup(name string) (registry.Entry, supervise.State, error) {
 	reg, err := openRegistry()
 	if err != nil {
-		return registry.Entry{}, registry.State{}, err
+		return registry.Entry{}, supervise.State{}, err
 	}
 	e, err := reg.Get(name)
 	if err != nil {
-		return e, registry.State{}, err
+		return e, supervise.State{}, err
 	}
-	st, err := registry.StateOf(name)
+	st, err := supervise.StateOf(name)
 	return e, st, err
 }
 
@@ -202,7 +203,7 @@ func statusOf(e registry.Entry) (serverStatus, error) {
 	if e.Remote() {
 		return s, nil
 	}
-	st, err := registry.StateOf(e.Name)
+	st, err := supervise.StateOf(e.Name)
 	if err != nil {
 		return s, err
 	}
@@ -434,7 +435,7 @@ func serverStart(args []string, stdout, stderr io.Writer) int {
 		return fail("cannot find the govllm binary: %v", err)
 	}
 	argv := append(e.ServeArgs(), extra...)
-	inst = registry.Instance{URL: e.URL(), Args: argv, Started: time.Now().UTC().Truncate(time.Second), Detached: *detach}
+	inst = supervise.Instance{URL: e.URL(), Args: argv, Started: time.Now().UTC().Truncate(time.Second), Detached: *detach}
 	if *detach {
 		return startDetached(exe, e, st, inst, *wait, stdout, stderr)
 	}
@@ -469,7 +470,7 @@ func portFree(e registry.Entry) error {
 
 // startForeground runs the server attached to this terminal and waits for it. It runs in its
 // own process group so that a Ctrl-C reaches it once, forwarded from here.
-func startForeground(exe string, e registry.Entry, st registry.State, inst registry.Instance, stdout, stderr io.Writer) int {
+func startForeground(exe string, e registry.Entry, st supervise.State, inst supervise.Instance, stdout, stderr io.Writer) int {
 	cmd := exec.Command(exe, inst.Args...)
 	cmd.Stdout, cmd.Stderr = stdout, stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
@@ -520,7 +521,7 @@ func startForeground(exe string, e registry.Entry, st registry.State, inst regis
 // startDetached starts the server in its own session with its output in the log, records
 // its pid, and waits until /health answers 200. On failure it stops the server and shows the
 // end of the log.
-func startDetached(exe string, e registry.Entry, st registry.State, inst registry.Instance, wait time.Duration, stdout, stderr io.Writer) int {
+func startDetached(exe string, e registry.Entry, st supervise.State, inst supervise.Instance, wait time.Duration, stdout, stderr io.Writer) int {
 	fail := func(format string, a ...any) int {
 		fmt.Fprintf(stderr, "govllm server start: "+format+"\n", a...)
 		return 1
@@ -565,7 +566,7 @@ func startDetached(exe string, e registry.Entry, st registry.State, inst registr
 			e.Name, inst.URL, inst.PID, inst.Log, e.Name)
 		return 0
 	}
-	if registry.Alive(inst.PID) {
+	if supervise.Alive(inst.PID) {
 		_ = syscall.Kill(-inst.PID, syscall.SIGKILL)
 	}
 	select {
@@ -651,7 +652,7 @@ func serverStop(args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	}
-	killed, err := registry.Stop(inst.PID, *grace)
+	killed, err := supervise.Stop(inst.PID, *grace)
 	if err != nil {
 		fmt.Fprintf(stderr, "govllm server stop: %v\n", err)
 		return 1

@@ -19,7 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/govllm/govllm/bench"
-	"github.com/govllm/govllm/registry"
+	"github.com/govllm/govllm/supervise"
 )
 
 // cli runs govllm with args in this process.
@@ -164,7 +164,7 @@ func TestServerStartStopDetached(t *testing.T) {
 	require.Equal(t, 0, code, errOut)
 	url := "http://127.0.0.1:" + strconv.Itoa(port)
 	require.Contains(t, out, "server s is ready at "+url)
-	st := registry.State{Dir: filepath.Join(state, "govllm", "s")}
+	st := supervise.State{Dir: filepath.Join(state, "govllm", "s")}
 	inst, running, _, err := st.Running()
 	require.NoError(t, err)
 	require.True(t, running)
@@ -214,7 +214,7 @@ func TestServerStartStopDetached(t *testing.T) {
 	require.Equal(t, 0, code, errOut)
 	require.Equal(t, "stopped server s (pid "+strconv.Itoa(inst.PID)+")\n", out)
 	require.NoFileExists(t, st.PIDFile())
-	require.False(t, registry.Alive(inst.PID))
+	require.False(t, supervise.Alive(inst.PID))
 	log, _ = os.ReadFile(st.LogFile())
 	require.Contains(t, string(log), "fake serve: stopped", "SIGTERM: a clean exit")
 	out, _, code = cli("server", "stop", "s")
@@ -222,12 +222,12 @@ func TestServerStartStopDetached(t *testing.T) {
 	require.Equal(t, "server s is not running\n", out)
 
 	// A stale pid file (the process is gone).
-	require.NoError(t, st.Write(registry.Instance{PID: inst.PID, Args: []string{"serve"}}))
+	require.NoError(t, st.Write(supervise.Instance{PID: inst.PID, Args: []string{"serve"}}))
 	out, _, code = cli("server", "stop", "s")
 	require.Equal(t, 0, code)
 	require.Contains(t, out, "removed its stale pid file")
 	require.NoFileExists(t, st.PIDFile())
-	require.NoError(t, st.Write(registry.Instance{PID: inst.PID, Args: []string{"serve"}}))
+	require.NoError(t, st.Write(supervise.Instance{PID: inst.PID, Args: []string{"serve"}}))
 	out, errOut, code = cli("server", "start", "s", "--detach", "--port", strconv.Itoa(freePort(t)))
 	require.Equal(t, 0, code, errOut)
 	require.Contains(t, errOut, "removed the stale pid file of s")
@@ -287,7 +287,7 @@ func TestServerStartForeground(t *testing.T) {
 	port := freePort(t)
 	_, _, code := cli("server", "add", "f", "--model", modelDir(t), "--port", strconv.Itoa(port))
 	require.Equal(t, 0, code)
-	st := registry.State{Dir: filepath.Join(state, "govllm", "f")}
+	st := supervise.State{Dir: filepath.Join(state, "govllm", "f")}
 	type result struct {
 		out, errOut string
 		code        int
@@ -297,7 +297,7 @@ func TestServerStartForeground(t *testing.T) {
 		out, errOut, code := cli("server", "start", "f")
 		done <- result{out, errOut, code}
 	}()
-	var inst registry.Instance
+	var inst supervise.Instance
 	require.Eventually(t, func() bool {
 		i, running, _, err := st.Running()
 		inst = i

@@ -1,4 +1,4 @@
-package registry
+package supervise
 
 import (
 	"os"
@@ -110,4 +110,19 @@ func TestStop(t *testing.T) {
 		require.NoError(t, err)
 		require.False(t, killed)
 	})
+}
+
+func TestStateDir(t *testing.T) {
+	t.Setenv("HOME", "/home/u")
+	t.Setenv("XDG_STATE_HOME", "")
+	d, err := StateDir("a")
+	require.NoError(t, err)
+	require.Equal(t, "/home/u/.local/state/govllm/a", d)
+	t.Setenv("XDG_STATE_HOME", "/st")
+	st, err := StateOf("a")
+	require.NoError(t, err)
+	require.Equal(t, "/st/govllm/a", st.Dir)
+	require.Equal(t, "/st/govllm/a/server.pid", st.PIDFile())
+	require.Equal(t, "/st/govllm/a/server.json", st.InfoFile())
+	require.Equal(t, "/st/govllm/a/server.log", st.LogFile())
 }
