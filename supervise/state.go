@@ -98,28 +98,48 @@ func (s State) Clear() error {
 	return errors.Join(errs...)
 }
 
-// Running returns the server's instance when its pid file names a live process that is the
-// server (its command line is the recorded one). A pid file whose process is gone, or was
-// reused by another program, is stale: Running removes it and reports stale. A missing pid
-// file is (Instance{}, false, false, nil).
-func (s State) Running() (inst Instance, running, stale bool, err error) {
+// Status is what Probe found in a server's state directory.
+type Status struct {
+	// Instance is the recorded server (zero without a record); when Running, its PID is the
+	// pid file's.
+	Instance
+	// Running is whether the pid file names a live process that is the recorded server.
+	Running bool
+	// Stale is whether the pid file named no such process: its process is gone, or the pid
+	// was reused by another program, or the file is garbage.
+	Stale bool
+}
+
+// Probe tells whether the server runs: whether its pid file names a live process that is the
+// server (its command line is the recorded one). Probe is not a pure query: a stale pid file
+// is removed, with the info file, and reported as Stale, so that the next start finds a
+// clean directory. A missing pid file is Status{}.
+func (s State) Probe() (Status, error) {
+	st, err := s.inspect()
+	if err != nil || !st.Stale {
+		return st, err
+	}
+	return st, s.Clear()
+}
+
+// inspect is Probe without the removal of a stale pid file.
+func (s State) inspect() (Status, error) {
 	b, err := os.ReadFile(s.PIDFile())
 	if errors.Is(err, os.ErrNotExist) {
-		return Instance{}, false, false, nil
+		return Status{}, nil
 	}
 	if err != nil {
-		return Instance{}, false, false, fmt.Errorf("supervise: %w", err)
+		return Status{}, fmt.Errorf("supervise: %w", err)
 	}
-	pid, perr := strconv.Atoi(strings.TrimSpace(string(b)))
+	var st Status
 	if ib, err := os.ReadFile(s.InfoFile()); err == nil {
-		_ = json.Unmarshal(ib, &inst)
+		_ = json.Unmarshal(ib, &st.Instance)
 	}
-	if perr == nil && pid > 0 && Alive(pid) && isServer(pid, inst) {
-		inst.PID = pid
-		return inst, true, false, nil
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err == nil && pid > 0 && Alive(pid) && isServer(pid, st.Instance) {
+		st.PID, st.Running = pid, true
+		return st, nil
 	}
-	if err := s.Clear(); err != nil {
-		return inst, false, true, err
-	}
-	return inst, false, true, nil
+	st.Stale = true
+	return st, nil
 }

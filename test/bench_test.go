@@ -327,8 +327,8 @@ func TestBenchServerRegistry(t *testing.T) {
 	t.Cleanup(func() {
 		// Whatever happened, leave no server behind.
 		st := supervise.State{Dir: stateDir}
-		if inst, running, _, _ := st.Running(); running {
-			_, _ = supervise.Stop(inst.PID, time.Minute)
+		if ps, _ := st.Probe(); ps.Running {
+			_, _ = supervise.Stop(ps.PID, time.Minute)
 		}
 	})
 	require.Equal(t, 0, code, "stdout: %s\nstderr: %s", out, errOut)
@@ -336,9 +336,9 @@ func TestBenchServerRegistry(t *testing.T) {
 	require.Contains(t, out, "server smol is ready at "+url)
 	pidFile := filepath.Join(stateDir, "server.pid")
 	require.FileExists(t, pidFile)
-	inst, running, _, err := supervise.State{Dir: stateDir}.Running()
+	inst, err := supervise.State{Dir: stateDir}.Probe()
 	require.NoError(t, err)
-	require.True(t, running)
+	require.True(t, inst.Running)
 
 	out, _, code = cli("server", "list")
 	require.Equal(t, 0, code)

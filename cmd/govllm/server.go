@@ -209,14 +209,14 @@ func statusOf(e registry.Entry) (serverStatus, error) {
 	}
 	s.Status, s.StateDir, s.PIDFile, s.Log = "stopped", st.Dir, st.PIDFile(), st.LogFile()
 	s.Command = "govllm " + shellJoin(e.ServeArgs())
-	inst, running, _, err := st.Running()
+	ps, err := st.Probe()
 	if err != nil {
 		return s, err
 	}
-	if running {
-		s.Status, s.PID = "running", inst.PID
-		if inst.URL != "" {
-			s.URL = inst.URL
+	if ps.Running {
+		s.Status, s.PID = "running", ps.PID
+		if ps.URL != "" {
+			s.URL = ps.URL
 		}
 	}
 	return s, nil
@@ -367,8 +367,8 @@ func serverRemove(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if !e.Remote() {
-		if inst, running, _, err := st.Running(); err == nil && running {
-			fmt.Fprintf(stderr, "govllm server rm: server %s is running (pid %d): `govllm server stop %s` first\n", name, inst.PID, name)
+		if ps, err := st.Probe(); err == nil && ps.Running {
+			fmt.Fprintf(stderr, "govllm server rm: server %s is running (pid %d): `govllm server stop %s` first\n", name, ps.PID, name)
 			return 1
 		}
 	}
@@ -414,15 +414,15 @@ func serverStart(args []string, stdout, stderr io.Writer) int {
 	if err := e.Validate(); err != nil { // the model may have gone since add
 		return fail("server %s: %v", name, err)
 	}
-	inst, running, stale, err := st.Running()
+	ps, err := st.Probe()
 	if err != nil {
 		return fail("%v", err)
 	}
-	if running {
-		return fail("server %s is already running (pid %d, %s): `govllm server stop %s` first", name, inst.PID, inst.URL, name)
+	if ps.Running {
+		return fail("server %s is already running (pid %d, %s): `govllm server stop %s` first", name, ps.PID, ps.URL, name)
 	}
-	if stale {
-		fmt.Fprintf(stderr, "govllm server start: removed the stale pid file of %s (pid %d is gone)\n", name, inst.PID)
+	if ps.Stale {
+		fmt.Fprintf(stderr, "govllm server start: removed the stale pid file of %s (pid %d is gone)\n", name, ps.PID)
 	}
 	if *port > 0 {
 		e.Port = *port
@@ -435,7 +435,7 @@ func serverStart(args []string, stdout, stderr io.Writer) int {
 		return fail("cannot find the govllm binary: %v", err)
 	}
 	argv := append(e.ServeArgs(), extra...)
-	inst = supervise.Instance{URL: e.URL(), Args: argv, Started: time.Now().UTC().Truncate(time.Second), Detached: *detach}
+	inst := supervise.Instance{URL: e.URL(), Args: argv, Started: time.Now().UTC().Truncate(time.Second), Detached: *detach}
 	if *detach {
 		return startDetached(exe, e, st, inst, *wait, stdout, stderr)
 	}
@@ -639,13 +639,13 @@ func serverStop(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "govllm server stop: server %s is remote (%s): govllm does not run it\n", name, e.EndpointURL)
 		return 1
 	}
-	inst, running, stale, err := st.Running()
+	inst, err := st.Probe()
 	if err != nil {
 		fmt.Fprintf(stderr, "govllm server stop: %v\n", err)
 		return 1
 	}
-	if !running {
-		if stale {
+	if !inst.Running {
+		if inst.Stale {
 			fmt.Fprintf(stdout, "server %s is not running (removed its stale pid file: pid %d is gone)\n", name, inst.PID)
 		} else {
 			fmt.Fprintf(stdout, "server %s is not running\n", name)

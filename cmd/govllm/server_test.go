@@ -165,9 +165,9 @@ func TestServerStartStopDetached(t *testing.T) {
 	url := "http://127.0.0.1:" + strconv.Itoa(port)
 	require.Contains(t, out, "server s is ready at "+url)
 	st := supervise.State{Dir: filepath.Join(state, "govllm", "s")}
-	inst, running, _, err := st.Running()
+	inst, err := st.Probe()
 	require.NoError(t, err)
-	require.True(t, running)
+	require.True(t, inst.Running)
 	require.True(t, inst.Detached)
 	require.Equal(t, url, inst.URL)
 	sid, err := unix.Getsid(inst.PID)
@@ -297,11 +297,11 @@ func TestServerStartForeground(t *testing.T) {
 		out, errOut, code := cli("server", "start", "f")
 		done <- result{out, errOut, code}
 	}()
-	var inst supervise.Instance
+	var inst supervise.Status
 	require.Eventually(t, func() bool {
-		i, running, _, err := st.Running()
+		i, err := st.Probe()
 		inst = i
-		return err == nil && running
+		return err == nil && i.Running
 	}, 30*time.Second, 20*time.Millisecond)
 	require.False(t, inst.Detached)
 	pgid, err := syscall.Getpgid(inst.PID)
