@@ -113,15 +113,16 @@ func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))
 }
 
-// Validate checks the entry and fills in its defaults: engine auto, host 127.0.0.1, an
-// absolute model path, a canonical endpoint URL. Its errors wrap ErrInvalid and name the fix.
-// It checks the file system (the model directory, the interpreter) but not ports.
-func (e *Entry) Validate() error {
+// Normalize checks the entry and rewrites it in place: it fills in the defaults (engine
+// auto, host 127.0.0.1), makes the model and interpreter paths absolute and the endpoint URL
+// canonical. Its errors wrap ErrInvalid and name the fix. It checks the file system (the
+// model directory, the interpreter) but not ports.
+func (e *Entry) Normalize() error {
 	if !nameRE.MatchString(e.Name) {
 		return invalid("server name %q: use letters, digits, '.', '_' and '-' (up to 64, starting with a letter or digit)", e.Name)
 	}
 	if e.Remote() {
-		return e.validateRemote()
+		return e.normalizeRemote()
 	}
 	if e.Engine == "" {
 		e.Engine = "auto"
@@ -180,7 +181,7 @@ func isCustomEngine(s string) bool {
 	return ok && mod != "" && attr != ""
 }
 
-func (e *Entry) validateRemote() error {
+func (e *Entry) normalizeRemote() error {
 	var local []string
 	for _, f := range []struct {
 		flag string
@@ -260,11 +261,11 @@ func notFound(name string) error {
 		ErrNotFound, name, name)
 }
 
-// Add validates e and stores it, replacing an entry of the same name only when replace is
+// Add normalizes e and stores it, replacing an entry of the same name only when replace is
 // set (else the error wraps ErrExists). A local entry without a port gets the first free one
 // from DefaultPort among the entries on its host. It returns the entry as stored.
 func (s *Store) Add(e Entry, replace bool) (Entry, error) {
-	if err := e.Validate(); err != nil {
+	if err := e.Normalize(); err != nil {
 		return e, err
 	}
 	if e.Added.IsZero() {

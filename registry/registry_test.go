@@ -38,7 +38,7 @@ func modelDir(t *testing.T) string {
 	return d
 }
 
-func TestValidate(t *testing.T) {
+func TestNormalize(t *testing.T) {
 	model := modelDir(t)
 	noConfig := t.TempDir()
 	aFile := filepath.Join(noConfig, "weights.bin")
@@ -88,7 +88,7 @@ func TestValidate(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := tc.entry
-			err := e.Validate()
+			err := e.Normalize()
 			if tc.err != "" {
 				require.ErrorIs(t, err, ErrInvalid)
 				require.ErrorContains(t, err, tc.err)

@@ -411,7 +411,7 @@ func serverStart(args []string, stdout, stderr io.Writer) int {
 	if e.Remote() {
 		return fail("server %s is remote (%s): govllm cannot start it; start it where it runs. `govllm bench %s` measures it", name, e.EndpointURL, name)
 	}
-	if err := e.Validate(); err != nil { // the model may have gone since add
+	if err := e.Normalize(); err != nil { // the model may have gone since add
 		return fail("server %s: %v", name, err)
 	}
 	ps, err := st.Probe()
