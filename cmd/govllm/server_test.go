@@ -143,13 +143,11 @@ func TestServerAddBadEntries(t *testing.T) {
 	require.Contains(t, out, "no servers in")
 }
 
-// fakeServer makes `server start` run this test binary as a fake `govllm serve` in mode.
+// fakeServer makes `server start` run a fake `govllm serve` in mode: the binary it runs is
+// os.Executable's, this test binary, which the mode makes a fake (see TestMain).
 func fakeServer(t *testing.T, mode string) {
 	t.Helper()
 	t.Setenv(fakeServeEnv, mode)
-	old := startExecutable
-	startExecutable = func() (string, error) { return os.Args[0], nil }
-	t.Cleanup(func() { startExecutable = old })
 }
 
 func TestServerStartStopDetached(t *testing.T) {
