@@ -221,26 +221,27 @@ func serverList(args []string, stdout, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	reg, err := openRegistry()
-	if err == nil {
-		var list []registry.Entry
-		if list, err = reg.List(); err == nil {
-			statuses := []serverStatus{}
-			for _, e := range list {
-				s, serr := statusOf(e)
-				if serr != nil {
-					err = serr
-					break
-				}
-				statuses = append(statuses, s)
-			}
-			if err == nil {
-				return printList(stdout, stderr, statuses, *asJSON, reg.Path())
-			}
-		}
+	fail := func(err error) int {
+		fmt.Fprintf(stderr, "govllm server list: %v\n", err)
+		return 1
 	}
-	fmt.Fprintf(stderr, "govllm server list: %v\n", err)
-	return 1
+	reg, err := openRegistry()
+	if err != nil {
+		return fail(err)
+	}
+	list, err := reg.List()
+	if err != nil {
+		return fail(err)
+	}
+	statuses := make([]serverStatus, 0, len(list)) // [] in JSON when empty, not null
+	for _, e := range list {
+		s, err := statusOf(e)
+		if err != nil {
+			return fail(err)
+		}
+		statuses = append(statuses, s)
+	}
+	return printList(stdout, stderr, statuses, *asJSON, reg.Path())
 }
 
 func printList(stdout, stderr io.Writer, statuses []serverStatus, asJSON bool, path string) int {
