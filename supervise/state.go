@@ -27,17 +27,25 @@ import (
 // Instance describes a started server: its process, where it answers, its log and the
 // arguments it was started with (argv[1:], which identify the process later).
 type Instance struct {
-	PID     int       `json:"pid"`
-	URL     string    `json:"url"`
-	Log     string    `json:"log,omitempty"`
+	// PID is the server's process id (for a detached server, also its session and process
+	// group id).
+	PID int `json:"pid"`
+	// URL is the base URL it answers on (http://host:port).
+	URL string `json:"url"`
+	// Log is the file its output goes to; empty for a foreground server.
+	Log string `json:"log,omitempty"`
+	// Started is when it was started (UTC, to the second).
 	Started time.Time `json:"started"`
-	Args    []string  `json:"args"`
+	// Args are its arguments after argv[0] (`serve …`); Probe compares them with the
+	// process's command line to tell the server from a program that reuses its pid.
+	Args []string `json:"args"`
 	// Detached is whether it runs in its own session (govllm server start --detach).
 	Detached bool `json:"detached"`
 }
 
 // State is one server's state directory.
 type State struct {
+	// Dir is the directory; it is created when the server starts.
 	Dir string
 }
 
