@@ -51,21 +51,28 @@ var (
 // Entry is one named server: local (Model, Engine, …; `govllm server start` runs
 // `govllm serve` with them) or remote (EndpointURL only).
 type Entry struct {
+	// Name identifies the server in the registry and names its state directory.
 	Name string `json:"name"`
 	// Model is the checkpoint directory (an absolute path).
-	Model  string `json:"model,omitempty"`
+	Model string `json:"model,omitempty"`
+	// Engine is govllm serve's --engine.
 	Engine string `json:"engine,omitempty"`
 	// TensorParallel is --tensor-parallel-size (0: not passed).
-	TensorParallel int    `json:"tensor_parallel,omitempty"`
-	Host           string `json:"host,omitempty"`
-	Port           int    `json:"port,omitempty"`
-	Python         string `json:"python,omitempty"`
-	GPUs           string `json:"gpus,omitempty"`
+	TensorParallel int `json:"tensor_parallel,omitempty"`
+	// Host is the address the server listens on (--host).
+	Host string `json:"host,omitempty"`
+	// Port is the port it listens on (--port).
+	Port int `json:"port,omitempty"`
+	// Python is the interpreter to embed (--python; empty: serve's discovery).
+	Python string `json:"python,omitempty"`
+	// GPUs are the devices to use (--gpus: nvidia-smi indexes or UUIDs, comma-separated).
+	GPUs string `json:"gpus,omitempty"`
 	// Args are more `govllm serve` flags, passed after the others.
 	Args []string `json:"args,omitempty"`
 	// EndpointURL is a remote server's base URL (http://host:port, without /v1).
-	EndpointURL string    `json:"endpoint_url,omitempty"`
-	Added       time.Time `json:"added"`
+	EndpointURL string `json:"endpoint_url,omitempty"`
+	// Added is when the entry was added (UTC, to the second).
+	Added time.Time `json:"added"`
 }
 
 // Remote reports whether the entry is a remote endpoint, which govllm does not start.
