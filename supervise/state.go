@@ -1,7 +1,8 @@
-// Package supervise runs govllm's local servers as processes: it starts `govllm serve` for a
-// registry entry, in the foreground (signals forwarded) or detached (its own session, a log
-// file, a pid file), waits until /health answers, tells whether a recorded server still runs,
-// and stops it (SIGTERM, then SIGKILL to its process group).
+// Package supervise runs govllm's local servers as processes: it checks that a registry
+// entry's port is free, starts `govllm serve` for the entry in the foreground (signals
+// forwarded) or detached (its own session, a log file, a pid file), waits until /health
+// answers, tells whether a recorded server still runs, and stops it (SIGTERM, then SIGKILL to
+// its process group).
 //
 // It is apart from package registry because the two keep different things: registry is the
 // store of what servers there are (one JSON file under a lock, edited by `govllm server add`

@@ -183,7 +183,7 @@ func (s *Supervisor) Run(ctx context.Context, e registry.Entry, opts StartOption
 // Start returns the instance of the healthy server, which runs on after this process exits
 // (Stop ends it). When the server exits first or the wait ends, Start kills its process
 // group, removes its pid file and returns an error that wraps ErrUnhealthy and shows the
-// log's last lines.
+// log's last lines, with the instance (its Log still names the log).
 func (s *Supervisor) Start(ctx context.Context, e registry.Entry, opts StartOptions) (Instance, error) {
 	st, exe, inst, err := s.prepare(e, opts, true)
 	if err != nil {
