@@ -3,8 +3,8 @@
 // endpoints that `govllm bench` can measure. Entries live in one JSON file in the XDG config
 // directory ($XDG_CONFIG_HOME/govllm/servers.json, default ~/.config), rewritten atomically
 // (a temporary file renamed over it) under an exclusive flock on a lock file beside it, so
-// concurrent edits by several processes lose no entry. The state of started servers (pid
-// file, metadata, log) lives in $XDG_STATE_HOME/govllm/<name>/ (default ~/.local/state).
+// concurrent edits by several processes lose no entry. The registry only stores entries:
+// starting, probing and stopping their processes is package supervise's.
 package registry
 
 import (
@@ -19,6 +19,11 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/govllm/govllm/internal/atomicfile"
+	"github.com/govllm/govllm/internal/xdg"
 )
 
 // Engines are the engine names an entry may use; a custom backend "module:attr" is also
@@ -46,21 +51,28 @@ var (
 // Entry is one named server: local (Model, Engine, …; `govllm server start` runs
 // `govllm serve` with them) or remote (EndpointURL only).
 type Entry struct {
+	// Name identifies the server in the registry and names its state directory.
 	Name string `json:"name"`
 	// Model is the checkpoint directory (an absolute path).
-	Model  string `json:"model,omitempty"`
+	Model string `json:"model,omitempty"`
+	// Engine is govllm serve's --engine.
 	Engine string `json:"engine,omitempty"`
 	// TensorParallel is --tensor-parallel-size (0: not passed).
-	TensorParallel int    `json:"tensor_parallel,omitempty"`
-	Host           string `json:"host,omitempty"`
-	Port           int    `json:"port,omitempty"`
-	Python         string `json:"python,omitempty"`
-	GPUs           string `json:"gpus,omitempty"`
+	TensorParallel int `json:"tensor_parallel,omitempty"`
+	// Host is the address the server listens on (--host).
+	Host string `json:"host,omitempty"`
+	// Port is the port it listens on (--port).
+	Port int `json:"port,omitempty"`
+	// Python is the interpreter to embed (--python; empty: serve's discovery).
+	Python string `json:"python,omitempty"`
+	// GPUs are the devices to use (--gpus: nvidia-smi indexes or UUIDs, comma-separated).
+	GPUs string `json:"gpus,omitempty"`
 	// Args are more `govllm serve` flags, passed after the others.
 	Args []string `json:"args,omitempty"`
 	// EndpointURL is a remote server's base URL (http://host:port, without /v1).
-	EndpointURL string    `json:"endpoint_url,omitempty"`
-	Added       time.Time `json:"added"`
+	EndpointURL string `json:"endpoint_url,omitempty"`
+	// Added is when the entry was added (UTC, to the second).
+	Added time.Time `json:"added"`
 }
 
 // Remote reports whether the entry is a remote endpoint, which govllm does not start.
@@ -108,15 +120,16 @@ func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))
 }
 
-// Validate checks the entry and fills in its defaults: engine auto, host 127.0.0.1, an
-// absolute model path, a canonical endpoint URL. Its errors wrap ErrInvalid and name the fix.
-// It checks the file system (the model directory, the interpreter) but not ports.
-func (e *Entry) Validate() error {
+// Normalize checks the entry and rewrites it in place: it fills in the defaults (engine
+// auto, host 127.0.0.1), makes the model and interpreter paths absolute and the endpoint URL
+// canonical. Its errors wrap ErrInvalid and name the fix. It checks the file system (the
+// model directory, the interpreter) but not ports.
+func (e *Entry) Normalize() error {
 	if !nameRE.MatchString(e.Name) {
 		return invalid("server name %q: use letters, digits, '.', '_' and '-' (up to 64, starting with a letter or digit)", e.Name)
 	}
 	if e.Remote() {
-		return e.validateRemote()
+		return e.normalizeRemote()
 	}
 	if e.Engine == "" {
 		e.Engine = "auto"
@@ -175,7 +188,7 @@ func isCustomEngine(s string) bool {
 	return ok && mod != "" && attr != ""
 }
 
-func (e *Entry) validateRemote() error {
+func (e *Entry) normalizeRemote() error {
 	var local []string
 	for _, f := range []struct {
 		flag string
@@ -209,32 +222,11 @@ type file struct {
 // DefaultPath is the registry file: $XDG_CONFIG_HOME/govllm/servers.json, with
 // XDG_CONFIG_HOME defaulting to ~/.config (a relative value is ignored, as the XDG spec says).
 func DefaultPath() (string, error) {
-	dir, err := xdgDir("XDG_CONFIG_HOME", ".config")
+	dir, err := xdg.ConfigHome()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("registry: %w", err)
 	}
 	return filepath.Join(dir, "govllm", "servers.json"), nil
-}
-
-// StateDir is where a server's pid file, metadata and log live:
-// $XDG_STATE_HOME/govllm/<name>, with XDG_STATE_HOME defaulting to ~/.local/state.
-func StateDir(name string) (string, error) {
-	dir, err := xdgDir("XDG_STATE_HOME", filepath.Join(".local", "state"))
-	if err != nil {
-		return "", err
-	}
-	return filepath.Join(dir, "govllm", name), nil
-}
-
-func xdgDir(env, fallback string) (string, error) {
-	if d := os.Getenv(env); filepath.IsAbs(d) {
-		return d, nil
-	}
-	home, err := os.UserHomeDir()
-	if err != nil {
-		return "", fmt.Errorf("registry: no $%s and no home directory: %w", env, err)
-	}
-	return filepath.Join(home, fallback), nil
 }
 
 // Store is the registry file at one path.
@@ -276,11 +268,11 @@ func notFound(name string) error {
 		ErrNotFound, name, name)
 }
 
-// Add validates e and stores it, replacing an entry of the same name only when replace is
+// Add normalizes e and stores it, replacing an entry of the same name only when replace is
 // set (else the error wraps ErrExists). A local entry without a port gets the first free one
 // from DefaultPort among the entries on its host. It returns the entry as stored.
 func (s *Store) Add(e Entry, replace bool) (Entry, error) {
-	if err := e.Validate(); err != nil {
+	if err := e.Normalize(); err != nil {
 		return e, err
 	}
 	if e.Added.IsZero() {
@@ -329,6 +321,28 @@ func (s *Store) Remove(name string) error {
 		}
 		return slices.Delete(entries, i, i+1), nil
 	})
+}
+
+// lockFile takes an exclusive flock on path, creating it, and returns the unlock.
+func lockFile(path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("registry: lock: %w", err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("registry: lock %s: %w", path, err)
+	}
+	return func() {
+		_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
+		f.Close()
+	}, nil
 }
 
 // Update runs fn on the entries under the registry's lock and writes what it returns
@@ -385,33 +399,8 @@ func (s *Store) write(f file) error {
 
 // writeAtomic writes data to path through a temporary file renamed over it.
 func writeAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
-	if err != nil {
+	if err := atomicfile.WriteFile(path, data, perm); err != nil {
 		return fmt.Errorf("registry: %w", err)
-	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("registry: write %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Chmod(perm); err != nil {
-		tmp.Close()
-		return fmt.Errorf("registry: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("registry: sync %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("registry: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("registry: %w", err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		d.Close()
 	}
 	return nil
 }

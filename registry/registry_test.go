@@ -38,7 +38,7 @@ func modelDir(t *testing.T) string {
 	return d
 }
 
-func TestValidate(t *testing.T) {
+func TestNormalize(t *testing.T) {
 	model := modelDir(t)
 	noConfig := t.TempDir()
 	aFile := filepath.Join(noConfig, "weights.bin")
@@ -88,7 +88,7 @@ func TestValidate(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := tc.entry
-			err := e.Validate()
+			err := e.Normalize()
 			if tc.err != "" {
 				require.ErrorIs(t, err, ErrInvalid)
 				require.ErrorContains(t, err, tc.err)
@@ -116,20 +116,13 @@ func TestEntryURLAndArgs(t *testing.T) {
 func TestXDGPaths(t *testing.T) {
 	t.Setenv("HOME", "/home/u")
 	t.Setenv("XDG_CONFIG_HOME", "")
-	t.Setenv("XDG_STATE_HOME", "")
 	p, err := DefaultPath()
 	require.NoError(t, err)
 	require.Equal(t, "/home/u/.config/govllm/servers.json", p)
-	d, err := StateDir("a")
-	require.NoError(t, err)
-	require.Equal(t, "/home/u/.local/state/govllm/a", d)
 
 	t.Setenv("XDG_CONFIG_HOME", "/cfg")
-	t.Setenv("XDG_STATE_HOME", "/st")
 	p, _ = DefaultPath()
 	require.Equal(t, "/cfg/govllm/servers.json", p)
-	d, _ = StateDir("a")
-	require.Equal(t, "/st/govllm/a", d)
 
 	t.Setenv("XDG_CONFIG_HOME", "relative/dir") // ignored, as the spec says
 	p, _ = DefaultPath()

@@ -19,7 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/govllm/govllm/bench"
-	"github.com/govllm/govllm/registry"
+	"github.com/govllm/govllm/supervise"
 	"github.com/govllm/govllm/test/internal/govtest"
 )
 
@@ -326,9 +326,9 @@ func TestBenchServerRegistry(t *testing.T) {
 	stateDir := filepath.Join(state, "govllm", "smol")
 	t.Cleanup(func() {
 		// Whatever happened, leave no server behind.
-		st := registry.State{Dir: stateDir}
-		if inst, running, _, _ := st.Running(); running {
-			_, _ = registry.Stop(inst.PID, time.Minute)
+		st := supervise.State{Dir: stateDir}
+		if ps, _ := st.Probe(); ps.Running {
+			_, _ = supervise.Stop(ps.PID, time.Minute)
 		}
 	})
 	require.Equal(t, 0, code, "stdout: %s\nstderr: %s", out, errOut)
@@ -336,9 +336,9 @@ func TestBenchServerRegistry(t *testing.T) {
 	require.Contains(t, out, "server smol is ready at "+url)
 	pidFile := filepath.Join(stateDir, "server.pid")
 	require.FileExists(t, pidFile)
-	inst, running, _, err := registry.State{Dir: stateDir}.Running()
+	inst, err := supervise.State{Dir: stateDir}.Probe()
 	require.NoError(t, err)
-	require.True(t, running)
+	require.True(t, inst.Running)
 
 	out, _, code = cli("server", "list")
 	require.Equal(t, 0, code)
@@ -359,7 +359,7 @@ func TestBenchServerRegistry(t *testing.T) {
 	require.Equal(t, 0, code, errOut)
 	require.Equal(t, fmt.Sprintf("stopped server smol (pid %d)\n", inst.PID), out)
 	require.NoFileExists(t, pidFile)
-	require.False(t, registry.Alive(inst.PID))
+	require.False(t, supervise.Alive(inst.PID))
 	log, err := os.ReadFile(filepath.Join(stateDir, "server.log"))
 	require.NoError(t, err)
 	require.Contains(t, string(log), "govllm: serving")

@@ -187,8 +187,8 @@ func registeredURL(name string) (string, error) {
 		return "", err
 	}
 	if !e.Remote() {
-		if inst, running, _, err := st.Running(); err == nil && running && inst.URL != "" {
-			return inst.URL, nil
+		if ps, err := st.Probe(); err == nil && ps.Running && ps.URL != "" {
+			return ps.URL, nil
 		}
 	}
 	return e.URL(), nil

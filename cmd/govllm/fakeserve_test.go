@@ -13,8 +13,8 @@ import (
 	"time"
 )
 
-// fakeServeEnv makes the test binary act as `govllm serve` (for `server start` tests, through
-// startExecutable): "ok" serves a tiny OpenAI API on --host/--port, "ignore-term" also
+// fakeServeEnv makes the test binary act as `govllm serve` (for `server start` tests: the
+// binary that start runs is os.Executable, this one): "ok" serves a tiny OpenAI API on --host/--port, "ignore-term" also
 // ignores SIGTERM, "fail" exits 1 at once with an error on stderr.
 const fakeServeEnv = "GOVLLM_TEST_FAKE_SERVE"
 

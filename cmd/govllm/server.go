@@ -1,25 +1,16 @@
 package main
 
 import (
-	"bytes"
-	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
-	"os"
-	"os/exec"
-	"os/signal"
 	"strconv"
-	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/govllm/govllm/registry"
+	"github.com/govllm/govllm/supervise"
 )
 
 const serverUsage = `Usage: govllm server COMMAND [flags]
@@ -112,16 +103,16 @@ func openRegistry() (*registry.Store, error) {
 }
 
 // lookup opens the registry and returns the entry called name and its state directory.
-func lookup(name string) (registry.Entry, registry.State, error) {
+func lookup(name string) (registry.Entry, supervise.State, error) {
 	reg, err := openRegistry()
 	if err != nil {
-		return registry.Entry{}, registry.State{}, err
+		return registry.Entry{}, supervise.State{}, err
 	}
 	e, err := reg.Get(name)
 	if err != nil {
-		return e, registry.State{}, err
+		return e, supervise.State{}, err
 	}
-	st, err := registry.StateOf(name)
+	st, err := supervise.StateOf(name)
 	return e, st, err
 }
 
@@ -202,35 +193,23 @@ func statusOf(e registry.Entry) (serverStatus, error) {
 	if e.Remote() {
 		return s, nil
 	}
-	st, err := registry.StateOf(e.Name)
+	st, err := supervise.StateOf(e.Name)
 	if err != nil {
 		return s, err
 	}
 	s.Status, s.StateDir, s.PIDFile, s.Log = "stopped", st.Dir, st.PIDFile(), st.LogFile()
-	s.Command = "govllm " + shellJoin(e.ServeArgs())
-	inst, running, _, err := st.Running()
+	s.Command = "govllm " + supervise.ShellJoin(e.ServeArgs())
+	ps, err := st.Probe()
 	if err != nil {
 		return s, err
 	}
-	if running {
-		s.Status, s.PID = "running", inst.PID
-		if inst.URL != "" {
-			s.URL = inst.URL
+	if ps.Running {
+		s.Status, s.PID = "running", ps.PID
+		if ps.URL != "" {
+			s.URL = ps.URL
 		}
 	}
 	return s, nil
-}
-
-// shellJoin quotes args for a shell where needed.
-func shellJoin(args []string) string {
-	out := make([]string, len(args))
-	for i, a := range args {
-		if a == "" || strings.ContainsAny(a, " \t\n'\"\\$`*?[]{}()<>|&;#~!") {
-			a = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
-		}
-		out[i] = a
-	}
-	return strings.Join(out, " ")
 }
 
 func serverList(args []string, stdout, stderr io.Writer) int {
@@ -240,26 +219,27 @@ func serverList(args []string, stdout, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	reg, err := openRegistry()
-	if err == nil {
-		var list []registry.Entry
-		if list, err = reg.List(); err == nil {
-			statuses := []serverStatus{}
-			for _, e := range list {
-				s, serr := statusOf(e)
-				if serr != nil {
-					err = serr
-					break
-				}
-				statuses = append(statuses, s)
-			}
-			if err == nil {
-				return printList(stdout, stderr, statuses, *asJSON, reg.Path())
-			}
-		}
+	fail := func(err error) int {
+		fmt.Fprintf(stderr, "govllm server list: %v\n", err)
+		return 1
 	}
-	fmt.Fprintf(stderr, "govllm server list: %v\n", err)
-	return 1
+	reg, err := openRegistry()
+	if err != nil {
+		return fail(err)
+	}
+	list, err := reg.List()
+	if err != nil {
+		return fail(err)
+	}
+	statuses := make([]serverStatus, 0, len(list)) // [] in JSON when empty, not null
+	for _, e := range list {
+		s, err := statusOf(e)
+		if err != nil {
+			return fail(err)
+		}
+		statuses = append(statuses, s)
+	}
+	return printList(stdout, stderr, statuses, *asJSON, reg.Path())
 }
 
 func printList(stdout, stderr io.Writer, statuses []serverStatus, asJSON bool, path string) int {
@@ -366,8 +346,8 @@ func serverRemove(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if !e.Remote() {
-		if inst, running, _, err := st.Running(); err == nil && running {
-			fmt.Fprintf(stderr, "govllm server rm: server %s is running (pid %d): `govllm server stop %s` first\n", name, inst.PID, name)
+		if ps, err := st.Probe(); err == nil && ps.Running {
+			fmt.Fprintf(stderr, "govllm server rm: server %s is running (pid %d): `govllm server stop %s` first\n", name, ps.PID, name)
 			return 1
 		}
 	}
@@ -380,284 +360,5 @@ func serverRemove(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	fmt.Fprintf(stdout, "removed server %s\n", name)
-	return 0
-}
-
-// startExecutable is the binary that `server start` runs (a seam for tests).
-var startExecutable = os.Executable
-
-func serverStart(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("govllm server start", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var (
-		detach = fs.Bool("detach", false, "run in the background: pid file and log in the state directory; return once /health answers 200")
-		port   = fs.Int("port", 0, "listen on this port this time (default: the server's)")
-		wait   = fs.Duration("wait", 10*time.Minute, "with --detach: how long to wait for /health before giving up")
-	)
-	fs.Usage = usageFunc(fs, "govllm server start NAME [--detach] [--port N] [--wait 10m] [-- MORE SERVE FLAGS]")
-	name, extra, ok := oneName(fs, args, stderr)
-	if !ok {
-		return 2
-	}
-	fail := func(format string, a ...any) int {
-		fmt.Fprintf(stderr, "govllm server start: "+format+"\n", a...)
-		return 1
-	}
-	e, st, err := lookup(name)
-	if err != nil {
-		return fail("%v", err)
-	}
-	if e.Remote() {
-		return fail("server %s is remote (%s): govllm cannot start it; start it where it runs. `govllm bench %s` measures it", name, e.EndpointURL, name)
-	}
-	if err := e.Validate(); err != nil { // the model may have gone since add
-		return fail("server %s: %v", name, err)
-	}
-	inst, running, stale, err := st.Running()
-	if err != nil {
-		return fail("%v", err)
-	}
-	if running {
-		return fail("server %s is already running (pid %d, %s): `govllm server stop %s` first", name, inst.PID, inst.URL, name)
-	}
-	if stale {
-		fmt.Fprintf(stderr, "govllm server start: removed the stale pid file of %s (pid %d is gone)\n", name, inst.PID)
-	}
-	if *port > 0 {
-		e.Port = *port
-	}
-	if err := portFree(e); err != nil {
-		return fail("%v", err)
-	}
-	exe, err := startExecutable()
-	if err != nil {
-		return fail("cannot find the govllm binary: %v", err)
-	}
-	argv := append(e.ServeArgs(), extra...)
-	inst = registry.Instance{URL: e.URL(), Args: argv, Started: time.Now().UTC().Truncate(time.Second), Detached: *detach}
-	if *detach {
-		return startDetached(exe, e, st, inst, *wait, stdout, stderr)
-	}
-	return startForeground(exe, e, st, inst, stdout, stderr)
-}
-
-// portFree checks that the entry's port can be listened on, naming who holds it otherwise.
-func portFree(e registry.Entry) error {
-	addr := net.JoinHostPort(e.Host, strconv.Itoa(e.Port))
-	ln, err := net.Listen("tcp", addr)
-	if err == nil {
-		return ln.Close()
-	}
-	holder := "another process"
-	if reg, rerr := openRegistry(); rerr == nil {
-		if list, lerr := reg.List(); lerr == nil {
-			for _, o := range list {
-				if o.Name == e.Name || o.Remote() {
-					continue
-				}
-				s, serr := statusOf(o)
-				if serr == nil && s.Status == "running" && strings.HasSuffix(s.URL, ":"+strconv.Itoa(e.Port)) {
-					holder = fmt.Sprintf("server %s (pid %d; `govllm server stop %s` stops it)", o.Name, s.PID, o.Name)
-				}
-			}
-		}
-	}
-	return fmt.Errorf("port %d on %s is in use by %s (%v): stop it, or pick another port: "+
-		"`govllm server start %s --port N` for this run, `govllm server add %s --replace --port N …` for good",
-		e.Port, e.Host, holder, errors.Unwrap(err), e.Name, e.Name)
-}
-
-// startForeground runs the server attached to this terminal and waits for it. It runs in its
-// own process group so that a Ctrl-C reaches it once, forwarded from here.
-func startForeground(exe string, e registry.Entry, st registry.State, inst registry.Instance, stdout, stderr io.Writer) int {
-	cmd := exec.Command(exe, inst.Args...)
-	cmd.Stdout, cmd.Stderr = stdout, stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT)
-	defer signal.Stop(sigs)
-	if err := cmd.Start(); err != nil {
-		fmt.Fprintf(stderr, "govllm server start: %v\n", err)
-		return 1
-	}
-	inst.PID = cmd.Process.Pid
-	if err := st.Write(inst); err != nil {
-		fmt.Fprintf(stderr, "govllm server start: %v (the server runs without a pid file)\n", err)
-	}
-	defer func() {
-		if err := st.Clear(); err != nil {
-			fmt.Fprintf(stderr, "govllm server start: %v\n", err)
-		}
-	}()
-	done := make(chan struct{})
-	go func() {
-		for {
-			select {
-			case s := <-sigs:
-				_ = cmd.Process.Signal(s)
-			case <-done:
-				return
-			}
-		}
-	}()
-	err := cmd.Wait()
-	close(done)
-	var exit *exec.ExitError
-	switch {
-	case err == nil:
-		return 0
-	case errors.As(err, &exit):
-		if ws, ok := exit.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return 128 + int(ws.Signal())
-		}
-		return exit.ExitCode()
-	default:
-		fmt.Fprintf(stderr, "govllm server start: %v\n", err)
-		return 1
-	}
-}
-
-// startDetached starts the server in its own session with its output in the log, records
-// its pid, and waits until /health answers 200. On failure it stops the server and shows the
-// end of the log.
-func startDetached(exe string, e registry.Entry, st registry.State, inst registry.Instance, wait time.Duration, stdout, stderr io.Writer) int {
-	fail := func(format string, a ...any) int {
-		fmt.Fprintf(stderr, "govllm server start: "+format+"\n", a...)
-		return 1
-	}
-	if err := os.MkdirAll(st.Dir, 0o755); err != nil {
-		return fail("%v", err)
-	}
-	inst.Log = st.LogFile()
-	if _, err := os.Stat(inst.Log); err == nil {
-		_ = os.Rename(inst.Log, inst.Log+".1")
-	}
-	logf, err := os.OpenFile(inst.Log, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
-	if err != nil {
-		return fail("%v", err)
-	}
-	defer logf.Close()
-	fmt.Fprintf(logf, "# govllm server start %s, %s: %s %s\n", e.Name, inst.Started.Format(time.RFC3339), exe, shellJoin(inst.Args))
-	cmd := exec.Command(exe, inst.Args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		return fail("%v", err)
-	}
-	inst.PID = cmd.Process.Pid
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	if err := st.Write(inst); err != nil {
-		_ = syscall.Kill(-inst.PID, syscall.SIGKILL)
-		<-exited
-		return fail("%v", err)
-	}
-	fmt.Fprintf(stderr, "govllm server start: %s starting (pid %d), waiting up to %s for %s/health; log: %s\n",
-		e.Name, inst.PID, wait, inst.URL, inst.Log)
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
-	defer cancel()
-	err = waitHealthy(ctx, inst.URL, exited)
-	if err == nil {
-		fmt.Fprintf(stdout, "server %s is ready at %s (pid %d); log: %s; stop it with `govllm server stop %s`\n",
-			e.Name, inst.URL, inst.PID, inst.Log, e.Name)
-		return 0
-	}
-	if registry.Alive(inst.PID) {
-		_ = syscall.Kill(-inst.PID, syscall.SIGKILL)
-	}
-	select {
-	case <-exited:
-	case <-time.After(10 * time.Second):
-	}
-	_ = st.Clear()
-	return fail("server %s did not become healthy: %v\n--- last lines of %s ---\n%s", e.Name, err, inst.Log, logTail(inst.Log, 40))
-}
-
-// waitHealthy polls url/health until it answers 200, the process exits or ctx ends.
-func waitHealthy(ctx context.Context, url string, exited <-chan error) error {
-	client := &http.Client{Timeout: 2 * time.Second}
-	defer client.CloseIdleConnections()
-	last := "no answer yet"
-	for {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/health", nil)
-		resp, err := client.Do(req)
-		if err == nil {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			last = fmt.Sprintf("/health answered %d %s", resp.StatusCode, bytes.TrimSpace(b))
-		}
-		select {
-		case err := <-exited:
-			if err == nil {
-				err = errors.New("exit status 0")
-			}
-			return fmt.Errorf("it exited (%v)", err)
-		case <-ctx.Done():
-			return fmt.Errorf("%w (%s)", ctx.Err(), last)
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
-}
-
-// logTail returns the last n lines of the file at path.
-func logTail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
-func serverStop(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("govllm server stop", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	grace := fs.Duration("timeout", 60*time.Second, "how long the server may drain after SIGTERM before SIGKILL")
-	fs.Usage = usageFunc(fs, "govllm server stop NAME [--timeout 60s]")
-	name, _, ok := oneName(fs, args, stderr)
-	if !ok {
-		return 2
-	}
-	e, st, err := lookup(name)
-	if err != nil {
-		fmt.Fprintf(stderr, "govllm server stop: %v\n", err)
-		return 1
-	}
-	if e.Remote() {
-		fmt.Fprintf(stderr, "govllm server stop: server %s is remote (%s): govllm does not run it\n", name, e.EndpointURL)
-		return 1
-	}
-	inst, running, stale, err := st.Running()
-	if err != nil {
-		fmt.Fprintf(stderr, "govllm server stop: %v\n", err)
-		return 1
-	}
-	if !running {
-		if stale {
-			fmt.Fprintf(stdout, "server %s is not running (removed its stale pid file: pid %d is gone)\n", name, inst.PID)
-		} else {
-			fmt.Fprintf(stdout, "server %s is not running\n", name)
-		}
-		return 0
-	}
-	killed, err := registry.Stop(inst.PID, *grace)
-	if err != nil {
-		fmt.Fprintf(stderr, "govllm server stop: %v\n", err)
-		return 1
-	}
-	if err := st.Clear(); err != nil {
-		fmt.Fprintf(stderr, "govllm server stop: %v\n", err)
-	}
-	if killed {
-		fmt.Fprintf(stdout, "server %s (pid %d) did not exit within %s of SIGTERM: killed\n", name, inst.PID, *grace)
-		return 0
-	}
-	fmt.Fprintf(stdout, "stopped server %s (pid %d)\n", name, inst.PID)
 	return 0
 }

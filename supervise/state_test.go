@@ -1,4 +1,4 @@
-package registry
+package supervise
 
 import (
 	"os"
@@ -27,12 +27,12 @@ func startProc(t *testing.T, name string, args ...string) *exec.Cmd {
 	return cmd
 }
 
-func TestStateRunning(t *testing.T) {
+func TestStateProbe(t *testing.T) {
+	t.Parallel()
 	st := State{Dir: filepath.Join(t.TempDir(), "a")}
-	_, running, stale, err := st.Running()
+	got, err := st.Probe()
 	require.NoError(t, err)
-	require.False(t, running)
-	require.False(t, stale)
+	require.Equal(t, Status{}, got, "no pid file")
 
 	cmd := startProc(t, "sleep", "60")
 	inst := Instance{PID: cmd.Process.Pid, URL: "http://127.0.0.1:1", Args: []string{"60"}, Started: time.Now().UTC()}
@@ -40,18 +40,19 @@ func TestStateRunning(t *testing.T) {
 	b, err := os.ReadFile(st.PIDFile())
 	require.NoError(t, err)
 	require.Equal(t, strconv.Itoa(cmd.Process.Pid)+"\n", string(b))
-	got, running, stale, err := st.Running()
+	got, err = st.Probe()
 	require.NoError(t, err)
-	require.True(t, running)
-	require.False(t, stale)
+	require.True(t, got.Running)
+	require.False(t, got.Stale)
 	require.Equal(t, inst.URL, got.URL)
+	require.Equal(t, inst.PID, got.PID)
 
-	// Another program under the recorded pid (reuse): stale.
+	// Another program under the recorded pid (reuse): stale, and Probe removes the files.
 	require.NoError(t, st.Write(Instance{PID: cmd.Process.Pid, Args: []string{"serve", "--port", "1"}}))
-	_, running, stale, err = st.Running()
+	got, err = st.Probe()
 	require.NoError(t, err)
-	require.False(t, running)
-	require.True(t, stale)
+	require.False(t, got.Running)
+	require.True(t, got.Stale)
 	require.NoFileExists(t, st.PIDFile())
 	require.NoFileExists(t, st.InfoFile())
 
@@ -59,23 +60,39 @@ func TestStateRunning(t *testing.T) {
 	require.NoError(t, st.Write(inst))
 	require.NoError(t, syscall.Kill(cmd.Process.Pid, syscall.SIGKILL))
 	require.Eventually(t, func() bool { return !Alive(cmd.Process.Pid) }, 5*time.Second, 10*time.Millisecond)
-	_, running, stale, err = st.Running()
+	got, err = st.Probe()
 	require.NoError(t, err)
-	require.False(t, running)
-	require.True(t, stale)
+	require.False(t, got.Running)
+	require.True(t, got.Stale)
+	require.Equal(t, inst.PID, got.PID, "the recorded pid, for the message")
 	require.NoFileExists(t, st.PIDFile())
 
 	// A pid file with garbage: stale.
 	require.NoError(t, os.MkdirAll(st.Dir, 0o755))
 	require.NoError(t, os.WriteFile(st.PIDFile(), []byte("nope\n"), 0o644))
-	_, running, stale, err = st.Running()
+	got, err = st.Probe()
 	require.NoError(t, err)
-	require.False(t, running)
-	require.True(t, stale)
+	require.False(t, got.Running)
+	require.True(t, got.Stale)
+	require.NoFileExists(t, st.PIDFile())
+}
+
+// TestStateInspect: the port check's read of other servers' state leaves their files alone.
+func TestStateInspect(t *testing.T) {
+	t.Parallel()
+	st := State{Dir: t.TempDir()}
+	require.NoError(t, st.Write(Instance{PID: 1 << 22, Args: []string{"serve"}})) // no such pid: pids stay below 2^22 (PID_MAX_LIMIT)
+	got, err := st.inspect()
+	require.NoError(t, err)
+	require.True(t, got.Stale)
+	require.FileExists(t, st.PIDFile())
+	require.FileExists(t, st.InfoFile())
 }
 
 func TestStop(t *testing.T) {
+	t.Parallel()
 	t.Run("SIGTERM is enough", func(t *testing.T) {
+		t.Parallel()
 		cmd := startProc(t, "sleep", "60")
 		killed, err := Stop(cmd.Process.Pid, 10*time.Second)
 		require.NoError(t, err)
@@ -83,6 +100,7 @@ func TestStop(t *testing.T) {
 		require.False(t, Alive(cmd.Process.Pid))
 	})
 	t.Run("SIGKILL after the grace period, to the whole group", func(t *testing.T) {
+		t.Parallel()
 		dir := t.TempDir()
 		// The shell and its child ignore SIGTERM; the child writes its pid.
 		cmd := startProc(t, "sh", "-c", `trap "" TERM; sleep 60 & echo $! > `+dir+`/child; wait`)
@@ -104,10 +122,26 @@ func TestStop(t *testing.T) {
 		require.Eventually(t, func() bool { return !Alive(child) }, 5*time.Second, 10*time.Millisecond, "the group is killed")
 	})
 	t.Run("already gone", func(t *testing.T) {
+		t.Parallel()
 		cmd := startProc(t, "true")
 		require.Eventually(t, func() bool { return !Alive(cmd.Process.Pid) }, 5*time.Second, 10*time.Millisecond)
 		killed, err := Stop(cmd.Process.Pid, time.Second)
 		require.NoError(t, err)
 		require.False(t, killed)
 	})
+}
+
+func TestStateDir(t *testing.T) {
+	t.Setenv("HOME", "/home/u")
+	t.Setenv("XDG_STATE_HOME", "")
+	d, err := StateDir("a")
+	require.NoError(t, err)
+	require.Equal(t, "/home/u/.local/state/govllm/a", d)
+	t.Setenv("XDG_STATE_HOME", "/st")
+	st, err := StateOf("a")
+	require.NoError(t, err)
+	require.Equal(t, "/st/govllm/a", st.Dir)
+	require.Equal(t, "/st/govllm/a/server.pid", st.PIDFile())
+	require.Equal(t, "/st/govllm/a/server.json", st.InfoFile())
+	require.Equal(t, "/st/govllm/a/server.log", st.LogFile())
 }
