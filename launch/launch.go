@@ -108,7 +108,7 @@ var dtypes = []string{"auto", "float32", "bfloat16", "float16"}
 func Check(opts Options) error {
 	engine := orDefault(opts.Engine, pyfind.Auto)
 	if err := pyfind.CheckEngine(engine); err != nil {
-		return fmt.Errorf("%w: --engine: %v", ErrBadOptions, err)
+		return fmt.Errorf("%w: %v", ErrBadOptions, err)
 	}
 	if d := opts.Device; d != "" && d != "cpu" && d != "cuda" {
 		return fmt.Errorf("%w: --device %q: use cpu or cuda (or leave it out: cuda when a GPU is visible)", ErrBadOptions, d)

@@ -23,12 +23,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/govllm/govllm/internal/atomicfile"
+	"github.com/govllm/govllm/internal/pyfind"
 	"github.com/govllm/govllm/internal/xdg"
 )
-
-// Engines are the engine names an entry may use; a custom backend "module:attr" is also
-// accepted, as govllm serve does.
-var Engines = []string{"auto", "vllm", "transformers"}
 
 // DefaultHost and DefaultPort are where a local server listens unless told otherwise; an
 // entry added without a port gets the first port from DefaultPort that no other entry on its
@@ -134,8 +131,8 @@ func (e *Entry) Normalize() error {
 	if e.Engine == "" {
 		e.Engine = "auto"
 	}
-	if !slices.Contains(Engines, e.Engine) && !isCustomEngine(e.Engine) {
-		return invalid("unknown engine %q: use --engine %s (or module:attr for a custom backend)", e.Engine, strings.Join(Engines, ", "))
+	if err := pyfind.CheckEngine(e.Engine); err != nil {
+		return invalid("%v", err)
 	}
 	if e.Model == "" {
 		return invalid("no model: pass --model DIR, a Hugging Face checkpoint directory")
@@ -161,9 +158,6 @@ func (e *Entry) Normalize() error {
 	if e.TensorParallel < 0 {
 		return invalid("--tensor-parallel %d: use 1 or more", e.TensorParallel)
 	}
-	if e.TensorParallel > 1 && e.Engine == "transformers" {
-		return invalid("the transformers engine runs on one device: --tensor-parallel %d needs --engine vllm", e.TensorParallel)
-	}
 	if e.Host == "" {
 		e.Host = DefaultHost
 	}
@@ -181,11 +175,6 @@ func (e *Entry) Normalize() error {
 		e.Python = p
 	}
 	return nil
-}
-
-func isCustomEngine(s string) bool {
-	mod, attr, ok := strings.Cut(s, ":")
-	return ok && mod != "" && attr != ""
 }
 
 func (e *Entry) normalizeRemote() error {

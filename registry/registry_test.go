@@ -68,8 +68,6 @@ func TestNormalize(t *testing.T) {
 			err: "does not exist: pass --model DIR (a Hugging Face checkpoint directory), or run scripts/bootstrap (make bootstrap)"},
 		{name: "model is a file", entry: Entry{Name: "a", Model: aFile}, err: "is not a directory: pass --model DIR"},
 		{name: "model without config.json", entry: Entry{Name: "a", Model: noConfig}, err: "has no config.json"},
-		{name: "transformers is one device", entry: Entry{Name: "a", Model: model, Engine: "transformers", TensorParallel: 2},
-			err: "--tensor-parallel 2 needs --engine vllm"},
 		{name: "negative tensor parallel", entry: Entry{Name: "a", Model: model, TensorParallel: -1}, err: "--tensor-parallel -1"},
 		{name: "port out of range", entry: Entry{Name: "a", Model: model, Port: 70000}, err: "--port 70000: use 1 to 65535"},
 		{name: "missing python", entry: Entry{Name: "a", Model: model, Python: "/no/such/python"}, err: "--python /no/such/python: no such file"},

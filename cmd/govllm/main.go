@@ -82,26 +82,73 @@ func defaultModel() string {
 	return rel
 }
 
-func serve(args []string, stderr io.Writer) int {
+// serveFlags are govllm serve's flags; server add parses an entry's serve command with them.
+type serveFlags struct {
+	launch                           *launchFlags
+	pythonPath, host, served, apiKey *string
+	logLevel                         *string
+	port, maxNumSeqs, seed           *int
+	maxRunning, maxQueued            *int
+	maxBody                          *int64
+	drain, reqTimeout, writeTO       *time.Duration
+	exitOnDeath                      *bool
+}
+
+func newServeFlags(stderr io.Writer) (*flag.FlagSet, *serveFlags) {
 	fs := flag.NewFlagSet("govllm serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	lf := addLaunchFlags(fs)
+	return fs, &serveFlags{
+		launch:      addLaunchFlags(fs),
+		pythonPath:  fs.String("python-path", "", "extra directories for sys.path, separated by ':' (custom backends)"),
+		host:        fs.String("host", "127.0.0.1", "address to listen on"),
+		port:        fs.Int("port", 8000, "port to listen on"),
+		served:      fs.String("served-model-name", "", "model name clients use (default: the model directory's name)"),
+		maxNumSeqs:  fs.Int("max-num-seqs", 0, "requests decoded together (default: the engine's)"),
+		seed:        fs.Int("seed", 0, "engine seed"),
+		apiKey:      fs.String("api-key", os.Getenv("GOVLLM_API_KEY"), "require this Bearer key on /v1/ routes (default: $GOVLLM_API_KEY)"),
+		maxBody:     fs.Int64("max-body-bytes", server.DefaultMaxBodyBytes, "request body limit"),
+		drain:       fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long in-flight requests may take to finish before they are aborted"),
+		maxRunning:  fs.Int("max-concurrent-requests", 512, "completions run at once; more wait in the queue (0: no limit)"),
+		maxQueued:   fs.Int("max-queued-requests", 1024, "completions that may wait for a slot; beyond, 429 with Retry-After"),
+		reqTimeout:  fs.Duration("request-timeout", 0, "abort a completion this long after it arrived, answering what it generated with finish_reason abort (0: none)"),
+		writeTO:     fs.Duration("write-timeout", server.DefaultWriteTimeout, "drop a client, aborting its request, when one write to it blocks this long (a reader that stopped reading)"),
+		exitOnDeath: fs.Bool("exit-on-engine-death", false, "exit non-zero when the engine dies (for a supervisor to restart); otherwise keep answering 503"),
+		logLevel:    fs.String("log-level", "info", "debug, info, warn or error"),
+	}
+}
+
+// checkServeArgs checks a serve command line (without "serve") as serve would before it loads
+// anything: its flags, then the launch options they make.
+func checkServeArgs(args []string) error {
+	fs, f := newServeFlags(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("serve flags: %w", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("serve flags: unexpected argument %q", fs.Arg(0))
+	}
+	return launch.Check(f.launch.options(false))
+}
+
+func serve(args []string, stderr io.Writer) int {
+	fs, f := newServeFlags(stderr)
 	var (
-		pythonPath  = fs.String("python-path", "", "extra directories for sys.path, separated by ':' (custom backends)")
-		host        = fs.String("host", "127.0.0.1", "address to listen on")
-		port        = fs.Int("port", 8000, "port to listen on")
-		served      = fs.String("served-model-name", "", "model name clients use (default: the model directory's name)")
-		maxNumSeqs  = fs.Int("max-num-seqs", 0, "requests decoded together (default: the engine's)")
-		seed        = fs.Int("seed", 0, "engine seed")
-		apiKey      = fs.String("api-key", os.Getenv("GOVLLM_API_KEY"), "require this Bearer key on /v1/ routes (default: $GOVLLM_API_KEY)")
-		maxBody     = fs.Int64("max-body-bytes", server.DefaultMaxBodyBytes, "request body limit")
-		drain       = fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long in-flight requests may take to finish before they are aborted")
-		maxRunning  = fs.Int("max-concurrent-requests", 512, "completions run at once; more wait in the queue (0: no limit)")
-		maxQueued   = fs.Int("max-queued-requests", 1024, "completions that may wait for a slot; beyond, 429 with Retry-After")
-		reqTimeout  = fs.Duration("request-timeout", 0, "abort a completion this long after it arrived, answering what it generated with finish_reason abort (0: none)")
-		writeTO     = fs.Duration("write-timeout", server.DefaultWriteTimeout, "drop a client, aborting its request, when one write to it blocks this long (a reader that stopped reading)")
-		exitOnDeath = fs.Bool("exit-on-engine-death", false, "exit non-zero when the engine dies (for a supervisor to restart); otherwise keep answering 503")
-		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
+		lf          = f.launch
+		pythonPath  = f.pythonPath
+		host        = f.host
+		port        = f.port
+		served      = f.served
+		maxNumSeqs  = f.maxNumSeqs
+		seed        = f.seed
+		apiKey      = f.apiKey
+		maxBody     = f.maxBody
+		drain       = f.drain
+		maxRunning  = f.maxRunning
+		maxQueued   = f.maxQueued
+		reqTimeout  = f.reqTimeout
+		writeTO     = f.writeTO
+		exitOnDeath = f.exitOnDeath
+		logLevel    = f.logLevel
 	)
 	if err := fs.Parse(args); err != nil {
 		return 2

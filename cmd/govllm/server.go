@@ -149,6 +149,17 @@ func serverAdd(args []string, stdout, stderr io.Writer) int {
 	if e.EndpointURL == "" && e.Model == "" {
 		e.Model = defaultModel()
 	}
+	if !e.Remote() {
+		// What start will run must pass serve's own checks now, not at start.
+		if err := e.Normalize(); err != nil {
+			fmt.Fprintf(stderr, "govllm server add: %v\n", err)
+			return 1
+		}
+		if err := checkServeArgs(e.ServeArgs()[1:]); err != nil {
+			fmt.Fprintf(stderr, "govllm server add: %v\n", err)
+			return 1
+		}
+	}
 	reg, err := openRegistry()
 	if err != nil {
 		fmt.Fprintf(stderr, "govllm server add: %v\n", err)

@@ -32,7 +32,7 @@ func CheckEngine(name string) error {
 	if slices.Contains(Engines, name) || IsCustom(name) {
 		return nil
 	}
-	return fmt.Errorf("unknown engine %q: use %s, or module:attr for a custom backend", name, strings.Join(Engines, ", "))
+	return fmt.Errorf("unknown engine %q: use --engine %s (or module:attr for a custom backend)", name, strings.Join(Engines, ", "))
 }
 
 // IsCustom reports whether name is a custom backend, "module:attr".

@@ -127,7 +127,7 @@ func TestChooseBackend(t *testing.T) {
 		{"auto with nothing", "auto", py("vllm", "torch"), "", "can import neither vllm nor transformers+torch"},
 		{"explicit", "transformers", py("vllm"), "transformers", ""},
 		{"custom", "mypkg.backend:create", py("vllm", "torch", "transformers"), "mypkg.backend:create", ""},
-		{"unknown", "llama.cpp", py(), "", `unknown engine "llama.cpp": use auto, vllm, transformers, or module:attr`},
+		{"unknown", "llama.cpp", py(), "", `unknown engine "llama.cpp": use --engine auto, vllm, transformers (or module:attr for a custom backend)`},
 		{"half custom", "mod:", py(), "", "unknown engine"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
