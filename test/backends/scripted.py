@@ -3,6 +3,9 @@
 It exists to make the bridge's and the server's failure paths happen on cue (exceptions, hangs,
 engine death, floods). It never stands in for the tests of the real backends.
 
+Config: ``--engine-arg start_delay=S`` makes start() take S seconds; ``fail_start=MSG`` makes it
+raise RuntimeError(MSG).
+
 The prompt (a completion prompt, or the last chat message) is one command:
   echo:TEXT          stream TEXT one character per delta, then finish "stop"
   count:N            N tokens (ids 0..N-1, text " i"), "length" if max_tokens cuts it
@@ -45,6 +48,9 @@ class ScriptedBackend:
         self.dead: str | None = None
 
     async def start(self) -> None:
+        if self.config.extra.get("start_delay"):
+            # A model that takes this long to load: startup must stay cancellable meanwhile.
+            await asyncio.sleep(float(self.config.extra["start_delay"]))
         if self.config.extra.get("fail_start"):
             raise RuntimeError(str(self.config.extra["fail_start"]))
 
