@@ -48,12 +48,17 @@ static void set_error(const char *msg) {
   pthread_mutex_unlock(&err_mu);
 }
 
-const char *shim_last_error(void) {
-  /* The string stays valid until the next error; Go copies it at once. */
+int64_t shim_last_error(char *buf, int64_t cap) {
+  /* Copied under the lock: another thread's set_error frees the text it replaces. */
   pthread_mutex_lock(&err_mu);
-  const char *s = last_error ? last_error : "";
+  size_t n = last_error ? strlen(last_error) : 0;
+  if (buf != NULL && cap > 0) {
+    size_t c = n < (size_t)cap ? n : (size_t)cap - 1;
+    if (c) memcpy(buf, last_error, c);
+    buf[c] = 0;
+  }
   pthread_mutex_unlock(&err_mu);
-  return s;
+  return (int64_t)n;
 }
 
 /* Format the pending Python exception (type, message, traceback) into last_error and clear it.

@@ -29,7 +29,10 @@ int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us);
 /* shim_polled returns the batch that the last shim_poll returned. */
 uint8_t *shim_polled(void);
 
-/* shim_last_error returns the last error text (Python exceptions include their traceback). */
-const char *shim_last_error(void);
+/* shim_last_error copies the last error text (Python exceptions include their traceback) into
+ * buf, truncated to cap-1 bytes and NUL-terminated (nothing is written when cap is 0), and
+ * returns the text's full length: a result >= cap means it was cut short. Safe to call from any
+ * thread, concurrently with errors being set. */
+int64_t shim_last_error(char *buf, int64_t cap);
 
 #endif

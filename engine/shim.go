@@ -27,13 +27,28 @@ var pythonPackage embed.FS
 
 // shimAPI holds the C entry points of cshim/shim.h.
 type shimAPI struct {
-	init      func(programName, pythonHome string, queueBytes int64) int32
-	open      func()
-	run       func(code string) int32
-	send      func(kind int32, reqID int64, data *byte, n int64) int32
-	poll      func(timeoutMS, coalesceUS int32) int64
-	polled    func() unsafe.Pointer
-	lastError func() string
+	init   func(programName, pythonHome string, queueBytes int64) int32
+	open   func()
+	run    func(code string) int32
+	send   func(kind int32, reqID int64, data *byte, n int64) int32
+	poll   func(timeoutMS, coalesceUS int32) int64
+	polled func() unsafe.Pointer
+	// lastErrorInto is shim_last_error; lastError wraps it.
+	lastErrorInto func(buf *byte, n int64) int64
+}
+
+// lastError returns the shim's last error text. The shim copies it into buf under its lock, so
+// a concurrent error (many requests failing at once) cannot free it under the copy; a text
+// longer than buf is asked for again with room for it.
+func (a *shimAPI) lastError() string {
+	buf := make([]byte, 1024)
+	for {
+		n := a.lastErrorInto(&buf[0], int64(len(buf)))
+		if n < int64(len(buf)) {
+			return string(buf[:n])
+		}
+		buf = make([]byte, n+1) // the text may have changed meanwhile: the loop checks again
+	}
 }
 
 // Commands from Go to the bridge (shim_send kinds).
@@ -136,7 +151,7 @@ func loadShim(libpython, shimPath string) (*shimAPI, error) {
 	purego.RegisterLibFunc(&api.send, h, "shim_send")
 	purego.RegisterLibFunc(&api.poll, h, "shim_poll")
 	purego.RegisterLibFunc(&api.polled, h, "shim_polled")
-	purego.RegisterLibFunc(&api.lastError, h, "shim_last_error")
+	purego.RegisterLibFunc(&api.lastErrorInto, h, "shim_last_error")
 	return api, nil
 }
 
