@@ -465,12 +465,22 @@ static inline void make_header(uint8_t *h, int kind, int finish, int index, size
 
 static PyObject *int_zero; /* the int 0 (a cached singleton in CPython), set at shim_init */
 
+/* token_list_shrank replaces PyList_GetItem's IndexError with one that says what happened:
+ * another thread shortened the tokens list while emit ran. Returns -1. */
+static int token_list_shrank(void) {
+  PyErr_SetString(PyExc_RuntimeError, "emit: the tokens list was shortened while emit was converting it");
+  return -1;
+}
+
 /* Store tokens[0:n] as int32 at dst if every item is an exact int. Returns 1 when stored, 0 when
  * an item is not an exact int (whose __index__ could run Python code: the caller converts those
- * apart), -1 with a Python exception set on error. Runs no Python code. */
+ * apart), -1 with a Python exception set on error. Runs no Python code, but its caller may have
+ * released the GIL since it read n (stage_reserve waiting for room), and other threads may have
+ * shortened a list meanwhile. */
 static int store_exact_ints(uint8_t *dst, PyObject *seq, int is_list, Py_ssize_t n) {
   for (Py_ssize_t i = 0; i < n; i++) {
     PyObject *item = is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i);
+    if (__builtin_expect(item == NULL, 0)) return token_list_shrank();
     if (Py_TYPE(item) != &PyLong_Type) return 0;
     long v = PyLong_AsLong(item);
     if (v == -1 && PyErr_Occurred()) return -1;
@@ -547,7 +557,16 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (!toks) return PyErr_NoMemory();
   }
   for (Py_ssize_t i = 0; i < ntok; i++) {
-    long v = PyLong_AsLong(is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i));
+    /* An int-like item's __index__ is Python code, which may shorten the list and drop the
+     * item: hold a reference while converting, and check the index is still there. */
+    PyObject *item = is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i);
+    if (item == NULL) {
+      token_list_shrank();
+      goto fail;
+    }
+    Py_INCREF(item);
+    long v = PyLong_AsLong(item);
+    Py_DECREF(item);
     if (v == -1 && PyErr_Occurred()) goto fail;
     toks[i] = (int32_t)v;
   }
