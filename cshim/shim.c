@@ -709,6 +709,7 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
     return -1;
   }
   if (queue_bytes < (1 << 17)) queue_bytes = 1 << 17;
+  if (queue_bytes > SHIM_MAX_QUEUE_BYTES) queue_bytes = SHIM_MAX_QUEUE_BYTES; /* u32 record lengths */
   outbox.cap = (size_t)queue_bytes / 2;
   outbox.bufs[0] = malloc(outbox.cap);
   outbox.bufs[1] = malloc(outbox.cap);

@@ -4,8 +4,14 @@
 
 #include <stdint.h>
 
+/* The most queue_bytes that shim_init takes (larger values are clamped): each of the two event
+ * buffers then holds at most 2 GiB, so a record and each of its parts fit the u32 lengths of
+ * the record format. engine/shim.go's maxQueueBytes is the same number. */
+#define SHIM_MAX_QUEUE_BYTES ((int64_t)1 << 32)
+
 /* shim_init initializes the interpreter on the calling thread, which becomes Python's main
- * thread. queue_bytes sizes the Python->Go event ring. Returns 0, or -1 (see shim_last_error). */
+ * thread. queue_bytes sizes the Python->Go event ring (two buffers of half of it, at least
+ * 64 KiB and at most SHIM_MAX_QUEUE_BYTES / 2 each). Returns 0, or -1 (see shim_last_error). */
 int32_t shim_init(const char *program_name, const char *python_home, int64_t queue_bytes);
 
 /* shim_open (re)opens the queues for the next engine; call it before starting its poller and

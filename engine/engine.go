@@ -120,6 +120,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.QueueBytes <= 0 {
 		cfg.QueueBytes = 8 << 20
 	}
+	cfg.QueueBytes = min(cfg.QueueBytes, maxQueueBytes)
 	if cfg.ServedModelName == "" {
 		cfg.ServedModelName = filepath.Base(cfg.Model)
 	}

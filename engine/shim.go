@@ -59,6 +59,10 @@ const (
 	cmdStats    = 4
 )
 
+// maxQueueBytes caps Config.QueueBytes (SHIM_MAX_QUEUE_BYTES in cshim/shim.h): records carry
+// u32 lengths, and with two buffers of at most 2 GiB no record that fits can overflow them.
+const maxQueueBytes = 1 << 32
+
 // interpreter is the process's one embedded CPython. Its main thread is a goroutine locked to
 // its OS thread for the life of the process; engines run on it one after another.
 type interpreter struct {
