@@ -790,14 +790,20 @@ int32_t shim_run(const char *code) {
   } else {
     PyObject *globals = PyDict_New();
     PyObject *builtins = PyImport_ImportModule("builtins");
-    if (globals && builtins) PyDict_SetItemString(globals, "__builtins__", builtins);
-    if (globals) PyDict_SetItemString(globals, "__name__", PyUnicode_FromString("__govllm__"));
-    PyObject *res = globals ? PyEval_EvalCode(compiled, globals, globals) : NULL;
-    if (res == NULL) {
-      set_error_from_python("python");
+    PyObject *name = PyUnicode_FromString("__govllm__"); /* PyDict_SetItemString does not steal it */
+    if (globals == NULL || builtins == NULL || name == NULL ||
+        PyDict_SetItemString(globals, "__builtins__", builtins) < 0 || PyDict_SetItemString(globals, "__name__", name) < 0) {
+      set_error_from_python("shim_run: boot globals");
       rc = -1;
+    } else {
+      PyObject *res = PyEval_EvalCode(compiled, globals, globals);
+      if (res == NULL) {
+        set_error_from_python("python");
+        rc = -1;
+      }
+      Py_XDECREF(res);
     }
-    Py_XDECREF(res);
+    Py_XDECREF(name);
     Py_XDECREF(builtins);
     Py_XDECREF(globals);
     Py_DECREF(compiled);
