@@ -656,7 +656,27 @@ static PyObject *py_inbox_fd(PyObject *self, PyObject *unused) {
   return PyLong_FromLong(inbox_fd);
 }
 
-/* take() -> list[tuple[int, int, bytes]]: every waiting (kind, req_id, data) command, in order. */
+/* Put the commands from c on back at the front of the inbox, in order, and make the eventfd
+ * readable again so that the loop calls take() once more. */
+static void inbox_requeue(cmd_t *c) {
+  cmd_t *last = c;
+  while (last->next != NULL) last = last->next;
+  pthread_mutex_lock(&inbox_mu);
+  last->next = inbox_head;
+  inbox_head = c;
+  if (inbox_tail == NULL) inbox_tail = last;
+  uint64_t one = 1;
+  ssize_t w;
+  do {
+    w = write(inbox_fd, &one, sizeof one);
+  } while (w < 0 && errno == EINTR);
+  pthread_mutex_unlock(&inbox_mu);
+}
+
+/* take() -> list[tuple[int, int, bytes]]: every waiting (kind, req_id, data) command, in order.
+ * Out of memory part way, it returns the commands taken so far and leaves the rest queued for the
+ * next take() (MemoryError when it could take none): a submit is never lost, which would leave
+ * its request waiting for an END that never comes. */
 static PyObject *py_take(PyObject *self, PyObject *unused) {
   (void)self;
   (void)unused;
@@ -668,17 +688,25 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
   inbox_head = inbox_tail = NULL;
   pthread_mutex_unlock(&inbox_mu);
   PyObject *out = PyList_New(0);
-  while (c != NULL) {
-    cmd_t *next = c->next;
-    if (out != NULL) {
-      PyObject *item = Py_BuildValue("(iLy#)", (int)c->kind, (long long)c->req_id, c->data, (Py_ssize_t)c->len);
-      if (item == NULL || PyList_Append(out, item) < 0) {
-        Py_CLEAR(out);
-      }
+  while (c != NULL && out != NULL) {
+    PyObject *item = Py_BuildValue("(iLy#)", (int)c->kind, (long long)c->req_id, c->data, (Py_ssize_t)c->len);
+    if (item == NULL || PyList_Append(out, item) < 0) {
       Py_XDECREF(item);
+      break;
     }
+    Py_DECREF(item);
+    cmd_t *next = c->next;
     free(c);
     c = next;
+  }
+  if (c != NULL) {
+    inbox_requeue(c);
+    if (out != NULL && PyList_Size(out) > 0) {
+      PyErr_Clear(); /* deliver what was taken; the rest comes with the next take() */
+    } else {
+      if (!PyErr_Occurred()) PyErr_NoMemory();
+      Py_CLEAR(out);
+    }
   }
   return out;
 }
