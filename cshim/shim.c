@@ -349,13 +349,26 @@ static void outbox_close(void) {
 
 static uint8_t *polled; /* the buffer last handed to Go */
 
+/* The poller's timed wait measures its deadline on CLOCK_MONOTONIC, which a step of the wall
+ * clock (NTP, an operator) does not move; shim_init sets this up before the first poll. */
+static pthread_once_t readable_clock_once = PTHREAD_ONCE_INIT;
+
+static void readable_use_monotonic_clock(void) {
+  pthread_condattr_t attr;
+  pthread_condattr_init(&attr);
+  pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+  pthread_cond_destroy(&outbox.readable);
+  pthread_cond_init(&outbox.readable, &attr);
+  pthread_condattr_destroy(&attr);
+}
+
 int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
   pthread_mutex_lock(&outbox.mu);
   outbox.lens[1 - outbox.w] = 0; /* Go is done with the buffer it had */
   int waited = 0;
   if (outbox.lens[outbox.w] == 0 && !outbox.closed && timeout_ms != 0) {
     struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
     deadline.tv_sec += timeout_ms / 1000;
     deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
     if (deadline.tv_nsec >= 1000000000L) {
@@ -378,8 +391,9 @@ int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
      * the rest arrive before taking the batch, so that a producer slower than the poller does not
      * pay a futex wake per event. Emitters do not signal while no poller waits. */
     pthread_mutex_unlock(&outbox.mu);
-    struct timespec pause = {0, (long)coalesce_us * 1000L};
-    nanosleep(&pause, NULL);
+    struct timespec pause = {coalesce_us / 1000000, (long)(coalesce_us % 1000000) * 1000L}; /* tv_nsec < 1e9 */
+    while (nanosleep(&pause, &pause) < 0 && errno == EINTR) {
+    }
     pthread_mutex_lock(&outbox.mu);
   }
   int64_t n = (int64_t)outbox.lens[outbox.w];
@@ -736,6 +750,7 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
     set_error("shim_init: the interpreter is already initialized in this process");
     return -1;
   }
+  pthread_once(&readable_clock_once, readable_use_monotonic_clock);
   if (queue_bytes < (1 << 17)) queue_bytes = 1 << 17;
   if (queue_bytes > SHIM_MAX_QUEUE_BYTES) queue_bytes = SHIM_MAX_QUEUE_BYTES; /* u32 record lengths */
   outbox.cap = (size_t)queue_bytes / 2;

@@ -268,8 +268,9 @@ func orDefault(s, d string) string {
 // poll drains event batches from the shim and routes them; it ends when the shim closes.
 func (e *Engine) poll() {
 	defer close(e.pollerDone)
+	coalesce := coalesceMicros(e.cfg.PollCoalesce)
 	for {
-		n := e.api.poll(200, int32(e.cfg.PollCoalesce/time.Microsecond))
+		n := e.api.poll(200, coalesce)
 		switch {
 		case n == 0:
 			continue

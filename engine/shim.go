@@ -6,10 +6,12 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/ebitengine/purego"
@@ -62,6 +64,19 @@ const (
 // maxQueueBytes caps Config.QueueBytes (SHIM_MAX_QUEUE_BYTES in cshim/shim.h): records carry
 // u32 lengths, and with two buffers of at most 2 GiB no record that fits can overflow them.
 const maxQueueBytes = 1 << 32
+
+// coalesceMicros converts Config.PollCoalesce into shim_poll's coalesce_us, clamped to int32
+// (none for zero or less).
+func coalesceMicros(d time.Duration) int32 {
+	us := d / time.Microsecond
+	switch {
+	case us <= 0:
+		return 0
+	case us > math.MaxInt32:
+		return math.MaxInt32
+	}
+	return int32(us)
+}
 
 // interpreter is the process's one embedded CPython. Its main thread is a goroutine locked to
 // its OS thread for the life of the process; engines run on it one after another.

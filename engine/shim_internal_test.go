@@ -1,9 +1,11 @@
 package engine
 
 import (
+	"math"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/stretchr/testify/require"
@@ -63,4 +65,18 @@ func TestLastErrorLongText(t *testing.T) {
 	}}
 	require.Equal(t, texts[1], api.lastError())
 	require.Equal(t, 3, calls, "1 KiB, then 5001 bytes (too small by then), then 20001")
+}
+
+// TestCoalesceMicros: PollCoalesce reaches shim_poll as int32 microseconds without wrapping
+// (the shim splits a second or more into seconds and nanoseconds for nanosleep).
+func TestCoalesceMicros(t *testing.T) {
+	for _, tt := range []struct {
+		d    time.Duration
+		want int32
+	}{
+		{-time.Second, 0}, {0, 0}, {999 * time.Nanosecond, 0}, {100 * time.Microsecond, 100},
+		{1500 * time.Millisecond, 1_500_000}, {time.Hour, math.MaxInt32}, {math.MaxInt64, math.MaxInt32},
+	} {
+		require.Equal(t, tt.want, coalesceMicros(tt.d), "%v", tt.d)
+	}
 }
