@@ -347,8 +347,6 @@ static void outbox_close(void) {
   pthread_mutex_unlock(&outbox.mu);
 }
 
-static uint8_t *polled; /* the buffer last handed to Go */
-
 /* The poller's timed wait measures its deadline on CLOCK_MONOTONIC, which a step of the wall
  * clock (NTP, an operator) does not move; shim_init sets this up before the first poll. */
 static pthread_once_t readable_clock_once = PTHREAD_ONCE_INIT;
@@ -362,7 +360,8 @@ static void readable_use_monotonic_clock(void) {
   pthread_condattr_destroy(&attr);
 }
 
-int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
+int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us, uint8_t **batch) {
+  *batch = NULL;
   pthread_mutex_lock(&outbox.mu);
   outbox.lens[1 - outbox.w] = 0; /* Go is done with the buffer it had */
   int waited = 0;
@@ -398,7 +397,7 @@ int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
   }
   int64_t n = (int64_t)outbox.lens[outbox.w];
   if (n > 0) {
-    polled = outbox.bufs[outbox.w];
+    *batch = outbox.bufs[outbox.w];
     outbox.w = 1 - outbox.w;
     if (outbox.emitters_waiting) pthread_cond_broadcast(&outbox.writable);
   } else if (outbox.closed) {
@@ -407,8 +406,6 @@ int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
   pthread_mutex_unlock(&outbox.mu);
   return n;
 }
-
-uint8_t *shim_polled(void) { return polled; }
 
 /* ---------------------------------------------------------------- inbox */
 

@@ -28,12 +28,9 @@ int32_t shim_send(int32_t kind, int64_t req_id, const char *data, int64_t len);
 
 /* shim_poll waits up to timeout_ms (-1: forever) for events and takes the whole batch; when it
  * had to wait, it lets a burst gather for coalesce_us first. Returns the batch's size in bytes
- * (the records are at shim_polled() until the next shim_poll call); 0 on timeout; -1 when
- * closed and drained. One poller at a time. */
-int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us);
-
-/* shim_polled returns the batch that the last shim_poll returned. */
-uint8_t *shim_polled(void);
+ * and stores where its records are in *batch (they stay there until the next shim_poll call);
+ * 0 on timeout; -1 when closed and drained (*batch is then NULL). One poller at a time. */
+int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us, uint8_t **batch);
 
 /* shim_last_error copies the last error text (Python exceptions include their traceback) into
  * buf, truncated to cap-1 bytes and NUL-terminated (nothing is written when cap is 0), and

@@ -269,8 +269,9 @@ func orDefault(s, d string) string {
 func (e *Engine) poll() {
 	defer close(e.pollerDone)
 	coalesce := coalesceMicros(e.cfg.PollCoalesce)
+	var batch unsafe.Pointer // C memory: the shim stores where each batch is
 	for {
-		n := e.api.poll(200, coalesce)
+		n := e.api.poll(200, coalesce, &batch)
 		switch {
 		case n == 0:
 			continue
@@ -284,7 +285,7 @@ func (e *Engine) poll() {
 			return
 		}
 		// The batch is C memory that stays ours until the next poll; handle copies what it keeps.
-		buf := unsafe.Slice((*byte)(e.api.polled()), n)
+		buf := unsafe.Slice((*byte)(batch), n)
 		err := decodeEvents(buf, e.handle)
 		for _, s := range e.touched {
 			s.touched = false

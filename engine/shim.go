@@ -29,14 +29,12 @@ var pythonPackage embed.FS
 
 // shimAPI holds the C entry points of cshim/shim.h.
 type shimAPI struct {
-	init   func(programName, pythonHome string, queueBytes int64) int32
-	open   func()
-	run    func(code string) int32
-	send   func(kind int32, reqID int64, data *byte, n int64) int32
-	poll   func(timeoutMS, coalesceUS int32) int64
-	polled func() unsafe.Pointer
-	// lastErrorInto is shim_last_error; lastError wraps it.
-	lastErrorInto func(buf *byte, n int64) int64
+	init          func(programName, pythonHome string, queueBytes int64) int32
+	open          func()
+	run           func(code string) int32
+	send          func(kind int32, reqID int64, data *byte, n int64) int32
+	poll          func(timeoutMS, coalesceUS int32, batch *unsafe.Pointer) int64
+	lastErrorInto func(buf *byte, n int64) int64 // shim_last_error; lastError wraps it
 }
 
 // lastError returns the shim's last error text. The shim copies it into buf under its lock, so
@@ -169,7 +167,6 @@ func loadShim(libpython, shimPath string) (*shimAPI, error) {
 	purego.RegisterLibFunc(&api.open, h, "shim_open")
 	purego.RegisterLibFunc(&api.send, h, "shim_send")
 	purego.RegisterLibFunc(&api.poll, h, "shim_poll")
-	purego.RegisterLibFunc(&api.polled, h, "shim_polled")
 	purego.RegisterLibFunc(&api.lastErrorInto, h, "shim_last_error")
 	return api, nil
 }
