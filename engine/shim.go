@@ -157,17 +157,36 @@ func loadShim(libpython, shimPath string) (*shimAPI, error) {
 	if _, err := purego.Dlopen(libpython, purego.RTLD_NOW|purego.RTLD_GLOBAL); err != nil {
 		return nil, fmt.Errorf("%w: dlopen %s: %v", ErrShim, libpython, err)
 	}
-	h, err := purego.Dlopen(shimPath, purego.RTLD_NOW|purego.RTLD_GLOBAL)
+	return openShim(shimPath)
+}
+
+// openShim dlopens the shim and binds its entry points. A shim that lacks one (a stale or
+// foreign file where the cache should hold this build's) is an error naming the symbol, and is
+// closed again; purego.RegisterLibFunc would panic instead.
+func openShim(path string) (*shimAPI, error) {
+	h, err := purego.Dlopen(path, purego.RTLD_NOW|purego.RTLD_GLOBAL)
 	if err != nil {
-		return nil, fmt.Errorf("%w: dlopen %s: %v", ErrShim, shimPath, err)
+		return nil, fmt.Errorf("%w: dlopen %s: %v", ErrShim, path, err)
 	}
 	api := &shimAPI{}
-	purego.RegisterLibFunc(&api.init, h, "shim_init")
-	purego.RegisterLibFunc(&api.run, h, "shim_run")
-	purego.RegisterLibFunc(&api.open, h, "shim_open")
-	purego.RegisterLibFunc(&api.send, h, "shim_send")
-	purego.RegisterLibFunc(&api.poll, h, "shim_poll")
-	purego.RegisterLibFunc(&api.lastErrorInto, h, "shim_last_error")
+	for _, f := range []struct {
+		fn   any // pointer to the func field
+		name string
+	}{
+		{&api.init, "shim_init"},
+		{&api.open, "shim_open"},
+		{&api.run, "shim_run"},
+		{&api.send, "shim_send"},
+		{&api.poll, "shim_poll"},
+		{&api.lastErrorInto, "shim_last_error"},
+	} {
+		sym, err := purego.Dlsym(h, f.name)
+		if err != nil {
+			_ = purego.Dlclose(h)
+			return nil, fmt.Errorf("%w: %s has no %s (not this build's shim: remove it, or clear the cache dir): %v", ErrShim, path, f.name, err)
+		}
+		purego.RegisterFunc(f.fn, sym)
+	}
 	return api, nil
 }
 

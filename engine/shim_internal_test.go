@@ -2,6 +2,9 @@ package engine
 
 import (
 	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -79,4 +82,36 @@ func TestCoalesceMicros(t *testing.T) {
 	} {
 		require.Equal(t, tt.want, coalesceMicros(tt.d), "%v", tt.d)
 	}
+}
+
+// TestOpenShimMissingSymbol: a shim without one of the entry points (a stale file in the cache)
+// is refused with ErrShim naming the symbol, where purego.RegisterLibFunc would panic.
+func TestOpenShimMissingSymbol(t *testing.T) {
+	gcc, err := exec.LookPath("gcc")
+	if err != nil {
+		t.Skip("no gcc to build a stale shim with")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "stale.c")
+	// Every entry point but shim_poll, as an older shim might lack a newer one.
+	require.NoError(t, os.WriteFile(src, []byte(`#include <stdint.h>
+int32_t shim_init(const char *a, const char *b, int64_t q) { return -1; }
+void shim_open(void) {}
+int32_t shim_run(const char *code) { return -1; }
+int32_t shim_send(int32_t kind, int64_t id, const char *data, int64_t len) { return -1; }
+int64_t shim_last_error(char *buf, int64_t cap) { return 0; }
+`), 0o644))
+	so := filepath.Join(dir, "libstale_shim.so")
+	out, err := exec.Command(gcc, "-shared", "-fPIC", "-o", so, src).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+
+	var api *shimAPI
+	require.NotPanics(t, func() { api, err = openShim(so) })
+	require.Nil(t, api)
+	require.ErrorIs(t, err, ErrShim)
+	require.ErrorContains(t, err, "shim_poll")
+	require.ErrorContains(t, err, so)
+
+	_, err = openShim(filepath.Join(dir, "missing.so"))
+	require.ErrorIs(t, err, ErrShim)
 }
