@@ -741,10 +741,27 @@ static struct PyModuleDef shim_module = {
 /* ---------------------------------------------------------------- lifecycle */
 
 static int initialized;
+static int init_broken; /* shim_init failed after starting the interpreter */
+
+/* A failure after Py_InitializeEx: the interpreter cannot be finalized and started again
+ * (extension modules do not survive it), so it stays up but unusable, and later shim_init and
+ * shim_run calls are refused. The GIL is released first: the calling thread returns to Go,
+ * which ends it, and a GIL held by a thread that is gone would block every Python thread
+ * forever. Returns -1. */
+static int32_t init_failed_after_start(void) {
+  initialized = 0;
+  init_broken = 1;
+  PyEval_SaveThread();
+  return -1;
+}
 
 int32_t shim_init(const char *program_name, const char *python_home, int64_t queue_bytes) {
   if (initialized) {
     set_error("shim_init: the interpreter is already initialized in this process");
+    return -1;
+  }
+  if (init_broken) {
+    set_error("shim_init: an earlier shim_init failed after starting the interpreter: restart the process");
     return -1;
   }
   pthread_once(&readable_clock_once, readable_use_monotonic_clock);
@@ -783,14 +800,14 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
   PyObject *mod = PyModule_Create(&shim_module);
   if (mod == NULL) {
     set_error_from_python("shim_init: creating _govllm_shim");
-    return -1;
+    return init_failed_after_start();
   }
   PyObject *modules = PyImport_GetModuleDict();
   int rc = PyDict_SetItemString(modules, "_govllm_shim", mod);
   Py_DECREF(mod);
   if (rc < 0) {
     set_error_from_python("shim_init: registering _govllm_shim");
-    return -1;
+    return init_failed_after_start();
   }
   return 0;
 }

@@ -138,6 +138,8 @@ func releaseInterpreter() {
 func (it *interpreter) mainThread(py *PythonInfo, queueBytes int64, initErr chan<- error) {
 	runtime.LockOSThread() // never unlocked: Python's main thread must stay this OS thread
 	if rc := it.api.init(py.Executable, py.BasePrefix, queueBytes); rc != 0 {
+		// The goroutine ends locked to its thread, so Go ends the thread; shim_init released
+		// the GIL first if it had started the interpreter.
 		initErr <- fmt.Errorf("%w: initialize %s: %s", ErrShim, py.LibPython, it.api.lastError())
 		return
 	}
