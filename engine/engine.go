@@ -69,9 +69,7 @@ type Engine struct {
 	log    *slog.Logger
 	api    *shimAPI
 	python *PythonInfo
-	info   ModelInfo
-
-	nextID atomic.Int64
+	info   atomic.Pointer[ModelInfo] // set by the poller on READY
 
 	mu        sync.Mutex
 	streams   map[int64]*Stream
@@ -173,7 +171,8 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		e.Close()
 		return nil, fmt.Errorf("engine: start cancelled: %w", ctx.Err())
 	}
-	e.log.Info("engine: ready", "backend", e.info.Backend, "model", e.info.ID, "max_model_len", e.info.MaxModelLen)
+	info := e.Model()
+	e.log.Info("engine: ready", "backend", info.Backend, "model", info.ID, "max_model_len", info.MaxModelLen)
 	return e, nil
 }
 
@@ -356,7 +355,7 @@ func (e *Engine) handle(ev *event) {
 			e.die(fmt.Errorf("engine: bad ready event: %w", err))
 			return
 		}
-		e.info = ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend}
+		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend})
 		select {
 		case e.ready <- nil:
 		default:
@@ -434,7 +433,7 @@ func (e *Engine) Generate(ctx context.Context, req Request) (*Stream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("engine: encode request: %w", err)
 	}
-	id := e.nextID.Add(1)
+	id := nextRequestID.Add(1)
 	s := newStream(e, id, e.cfg.MaxPendingTokens)
 	e.mu.Lock()
 	switch {
@@ -484,7 +483,7 @@ func (e *Engine) Stats(ctx context.Context) (Stats, error) {
 	if err := e.Health(); err != nil {
 		return Stats{}, err
 	}
-	id := e.nextID.Add(1)
+	id := nextRequestID.Add(1)
 	ch := make(chan Stats, 1)
 	e.mu.Lock()
 	e.statsWait[id] = ch
@@ -508,7 +507,12 @@ func (e *Engine) Stats(ctx context.Context) (Stats, error) {
 }
 
 // Model describes the model being served.
-func (e *Engine) Model() ModelInfo { return e.info }
+func (e *Engine) Model() ModelInfo {
+	if m := e.info.Load(); m != nil {
+		return *m
+	}
+	return ModelInfo{}
+}
 
 // Python describes the embedded interpreter.
 func (e *Engine) Python() PythonInfo { return *e.python }

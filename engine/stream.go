@@ -5,7 +5,14 @@ import (
 	"encoding/json"
 	"io"
 	"sync"
+	"sync/atomic"
 )
+
+// nextRequestID numbers the requests (and stats queries) of every Engine in the process. The
+// engines of a process run one after another on one interpreter, where a backend thread may
+// outlive its engine and still emit: with ids never reused, such a late event matches no
+// request of the next engine, and an id names one request in the logs.
+var nextRequestID atomic.Int64
 
 // Stream is the output of one request. Recv is meant for one reader goroutine; Close may be
 // called from any goroutine.
