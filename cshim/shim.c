@@ -501,7 +501,7 @@ static int store_exact_ints(uint8_t *dst, PyObject *seq, int is_list, Py_ssize_t
 }
 
 /* emit(req_id: int, index: int, tokens: list[int] | tuple[int, ...], text: str, finish: int) -> None
- * The hot path: one delta of one choice. finish: 0 none, 1 stop, 2 length, 3 abort. */
+ * The hot path: one delta of one choice. finish: a SHIM_FINISH_* code (shim.h). */
 static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
   if (nargs != 5 && nargs != 6) {
@@ -553,7 +553,7 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (stored < 0) return NULL;
     if (stored) {
       uint8_t hdr[HDR];
-      make_header(hdr, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
+      make_header(hdr, SHIM_EV_DELTA, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
       frame_record(p, hdr, HDR, NULL, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen);
       if (stage_commit(total) < 0) return NULL;
       Py_RETURN_NONE;
@@ -582,7 +582,7 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     toks[i] = (int32_t)v;
   }
   uint8_t hdr[HDR];
-  make_header(hdr, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
+  make_header(hdr, SHIM_EV_DELTA, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
   int staged = stage_put(hdr, toks, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen);
   if (staged < 0) goto fail;
   if (!staged &&

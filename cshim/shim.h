@@ -4,6 +4,37 @@
 
 #include <stdint.h>
 
+/* The numbers the three languages share. Go has them in engine/shim.go (cmd*) and
+ * engine/event.go (ev*, finishReasons), the bridge in engine/python/govllm/bridge.py (CMD_*,
+ * EV_*, FINISH_CODES); engine/codes_test.go checks that all three agree. */
+
+/* Commands from Go to the bridge: shim_send's kind. */
+enum shim_cmd {
+  SHIM_CMD_SUBMIT = 1,   /* data: the request as JSON */
+  SHIM_CMD_ABORT = 2,    /* stop the request; its END follows */
+  SHIM_CMD_SHUTDOWN = 3, /* end the bridge's loop */
+  SHIM_CMD_STATS = 4,    /* answered with a SHIM_EV_STATS record of the same req_id */
+};
+
+/* Records from the bridge to Go: the kind byte of a record header. */
+enum shim_ev {
+  SHIM_EV_DELTA = 1, /* tokens and text of one choice (written by emit) */
+  SHIM_EV_END = 2,   /* the request finished */
+  SHIM_EV_ERROR = 3, /* the request failed */
+  SHIM_EV_READY = 4, /* the engine started */
+  SHIM_EV_FATAL = 5, /* the engine died */
+  SHIM_EV_LOG = 6,   /* a log line */
+  SHIM_EV_STATS = 7, /* the answer to SHIM_CMD_STATS */
+};
+
+/* A delta's finish byte: why its choice ended, if it did (OpenAI's finish_reason). */
+enum shim_finish {
+  SHIM_FINISH_NONE = 0,
+  SHIM_FINISH_STOP = 1,
+  SHIM_FINISH_LENGTH = 2,
+  SHIM_FINISH_ABORT = 3,
+};
+
 /* The most queue_bytes that shim_init takes (larger values are clamped): each of the two event
  * buffers then holds at most 2 GiB, so a record and each of its parts fit the u32 lengths of
  * the record format. engine/shim.go's maxQueueBytes is the same number. */
@@ -23,7 +54,7 @@ void shim_open(void);
  * the next shim_open. */
 int32_t shim_run(const char *code);
 
-/* shim_send queues a command for the bridge (1 submit, 2 abort, 3 shutdown) without the GIL. */
+/* shim_send queues a command (a SHIM_CMD_* kind) for the bridge without the GIL. */
 int32_t shim_send(int32_t kind, int64_t req_id, const char *data, int64_t len);
 
 /* shim_poll waits up to timeout_ms (-1: forever) for events and takes the whole batch; when it

@@ -51,7 +51,8 @@ func (a *shimAPI) lastError() string {
 	}
 }
 
-// Commands from Go to the bridge (shim_send kinds).
+// Commands from Go to the bridge: shim_send's kinds, SHIM_CMD_* in cshim/shim.h (checked by
+// codes_test.go).
 const (
 	cmdSubmit   = 1
 	cmdAbort    = 2
