@@ -150,7 +150,7 @@ func TestCodesAgree(t *testing.T) {
 	}
 	header := readRepoFile(t, "cshim/shim.h")
 	c := cCodes(t, header)
-	require.Equal(t, goc, c, "cshim/shim.h (want) and the Go constants (got) disagree")
+	require.Equal(t, goc, c, "the Go constants (expected) and cshim/shim.h (actual) disagree")
 
 	py := pythonCodes(t, readRepoFile(t, "engine/python/govllm/bridge.py"))
 	for _, name := range slices.Sorted(maps.Keys(py)) {
