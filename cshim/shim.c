@@ -17,6 +17,12 @@
  *           inbox with _govllm_shim.take().
  * The thread that calls shim_init() becomes Python's main thread and must also call shim_run(),
  * once per engine: after a run ends, another may start on the same interpreter.
+ *
+ * Why one file of this length: it is one translation unit so that the per-token path (py_emit
+ * -> stage_reserve/stage_commit -> frame_record, store_exact_ints, st32) inlines into py_emit
+ * without link-time optimization, and so that the queues' state (outbox, stage, inbox) stays
+ * static, private to the few functions that keep its locking rules. It reads top to bottom in
+ * sections: last error, outbox, staging, poll, inbox, the _govllm_shim module, lifecycle.
  */
 #define Py_LIMITED_API 0x030A0000
 #define PY_SSIZE_T_CLEAN
@@ -339,6 +345,8 @@ static int stage_put(const uint8_t *hdr, const int32_t *toks, size_t ntok, const
   return stage_commit(total) < 0 ? -1 : 1;
 }
 
+/* ---------------------------------------------------------------- poll */
+
 static void outbox_close(void) {
   pthread_mutex_lock(&outbox.mu);
   outbox.closed = 1;
@@ -616,7 +624,9 @@ static PyObject *py_emit_event(PyObject *self, PyObject *const *args, Py_ssize_t
   Py_RETURN_NONE;
 }
 
-/* emit_null(...) -> None: accepts emit's arguments and does nothing. The benchmark baseline. */
+/* emit_null(...) -> None: accepts emit's arguments and does nothing. It ships only as the
+ * baseline of BenchmarkShimPath (engine/bench_test.go: the same Python loop without the shim's
+ * work); the bridge never calls it. */
 static PyObject *py_emit_null(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
   (void)args;
@@ -725,7 +735,7 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
 static PyMethodDef shim_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
     {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
-    {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): no-op baseline"},
+    {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): does nothing; a benchmark baseline, not used by the bridge"},
     {"flush", py_flush, METH_NOARGS, "flush(): deliver the staged token records"},
     {"set_flush_hook", py_set_flush_hook, METH_O, "set_flush_hook(hook | None): stage this thread's emits"},
     {"inbox_fd", py_inbox_fd, METH_NOARGS, "inbox_fd() -> int"},
