@@ -17,6 +17,12 @@
  *           inbox with _govllm_shim.take().
  * The thread that calls shim_init() becomes Python's main thread and must also call shim_run(),
  * once per engine: after a run ends, another may start on the same interpreter.
+ *
+ * Why one file of this length: it is one translation unit so that the per-token path (py_emit
+ * -> stage_reserve/stage_commit -> frame_record, store_exact_ints, st32) inlines into py_emit
+ * without link-time optimization, and so that the queues' state (outbox, stage, inbox) stays
+ * static, private to the few functions that keep its locking rules. It reads top to bottom in
+ * sections: last error, outbox, staging, poll, inbox, the _govllm_shim module, lifecycle.
  */
 #define Py_LIMITED_API 0x030A0000
 #define PY_SSIZE_T_CLEAN
@@ -48,12 +54,17 @@ static void set_error(const char *msg) {
   pthread_mutex_unlock(&err_mu);
 }
 
-const char *shim_last_error(void) {
-  /* The string stays valid until the next error; Go copies it at once. */
+int64_t shim_last_error(char *buf, int64_t cap) {
+  /* Copied under the lock: another thread's set_error frees the text it replaces. */
   pthread_mutex_lock(&err_mu);
-  const char *s = last_error ? last_error : "";
+  size_t n = last_error ? strlen(last_error) : 0;
+  if (buf != NULL && cap > 0) {
+    size_t c = n < (size_t)cap ? n : (size_t)cap - 1;
+    if (c) memcpy(buf, last_error, c);
+    buf[c] = 0;
+  }
   pthread_mutex_unlock(&err_mu);
-  return s;
+  return (int64_t)n;
 }
 
 /* Format the pending Python exception (type, message, traceback) into last_error and clear it.
@@ -334,6 +345,8 @@ static int stage_put(const uint8_t *hdr, const int32_t *toks, size_t ntok, const
   return stage_commit(total) < 0 ? -1 : 1;
 }
 
+/* ---------------------------------------------------------------- poll */
+
 static void outbox_close(void) {
   pthread_mutex_lock(&outbox.mu);
   outbox.closed = 1;
@@ -342,15 +355,27 @@ static void outbox_close(void) {
   pthread_mutex_unlock(&outbox.mu);
 }
 
-static uint8_t *polled; /* the buffer last handed to Go */
+/* The poller's timed wait measures its deadline on CLOCK_MONOTONIC, which a step of the wall
+ * clock (NTP, an operator) does not move; shim_init sets this up before the first poll. */
+static pthread_once_t readable_clock_once = PTHREAD_ONCE_INIT;
 
-int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
+static void readable_use_monotonic_clock(void) {
+  pthread_condattr_t attr;
+  pthread_condattr_init(&attr);
+  pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+  pthread_cond_destroy(&outbox.readable);
+  pthread_cond_init(&outbox.readable, &attr);
+  pthread_condattr_destroy(&attr);
+}
+
+int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us, uint8_t **batch) {
+  *batch = NULL;
   pthread_mutex_lock(&outbox.mu);
   outbox.lens[1 - outbox.w] = 0; /* Go is done with the buffer it had */
   int waited = 0;
   if (outbox.lens[outbox.w] == 0 && !outbox.closed && timeout_ms != 0) {
     struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
     deadline.tv_sec += timeout_ms / 1000;
     deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
     if (deadline.tv_nsec >= 1000000000L) {
@@ -373,13 +398,14 @@ int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
      * the rest arrive before taking the batch, so that a producer slower than the poller does not
      * pay a futex wake per event. Emitters do not signal while no poller waits. */
     pthread_mutex_unlock(&outbox.mu);
-    struct timespec pause = {0, (long)coalesce_us * 1000L};
-    nanosleep(&pause, NULL);
+    struct timespec pause = {coalesce_us / 1000000, (long)(coalesce_us % 1000000) * 1000L}; /* tv_nsec < 1e9 */
+    while (nanosleep(&pause, &pause) < 0 && errno == EINTR) {
+    }
     pthread_mutex_lock(&outbox.mu);
   }
   int64_t n = (int64_t)outbox.lens[outbox.w];
   if (n > 0) {
-    polled = outbox.bufs[outbox.w];
+    *batch = outbox.bufs[outbox.w];
     outbox.w = 1 - outbox.w;
     if (outbox.emitters_waiting) pthread_cond_broadcast(&outbox.writable);
   } else if (outbox.closed) {
@@ -388,8 +414,6 @@ int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us) {
   pthread_mutex_unlock(&outbox.mu);
   return n;
 }
-
-uint8_t *shim_polled(void) { return polled; }
 
 /* ---------------------------------------------------------------- inbox */
 
@@ -460,12 +484,22 @@ static inline void make_header(uint8_t *h, int kind, int finish, int index, size
 
 static PyObject *int_zero; /* the int 0 (a cached singleton in CPython), set at shim_init */
 
+/* token_list_shrank replaces PyList_GetItem's IndexError with one that says what happened:
+ * another thread shortened the tokens list while emit ran. Returns -1. */
+static int token_list_shrank(void) {
+  PyErr_SetString(PyExc_RuntimeError, "emit: the tokens list was shortened while emit was converting it");
+  return -1;
+}
+
 /* Store tokens[0:n] as int32 at dst if every item is an exact int. Returns 1 when stored, 0 when
  * an item is not an exact int (whose __index__ could run Python code: the caller converts those
- * apart), -1 with a Python exception set on error. Runs no Python code. */
+ * apart), -1 with a Python exception set on error. Runs no Python code, but its caller may have
+ * released the GIL since it read n (stage_reserve waiting for room), and other threads may have
+ * shortened a list meanwhile. */
 static int store_exact_ints(uint8_t *dst, PyObject *seq, int is_list, Py_ssize_t n) {
   for (Py_ssize_t i = 0; i < n; i++) {
     PyObject *item = is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i);
+    if (__builtin_expect(item == NULL, 0)) return token_list_shrank();
     if (Py_TYPE(item) != &PyLong_Type) return 0;
     long v = PyLong_AsLong(item);
     if (v == -1 && PyErr_Occurred()) return -1;
@@ -475,7 +509,7 @@ static int store_exact_ints(uint8_t *dst, PyObject *seq, int is_list, Py_ssize_t
 }
 
 /* emit(req_id: int, index: int, tokens: list[int] | tuple[int, ...], text: str, finish: int) -> None
- * The hot path: one delta of one choice. finish: 0 none, 1 stop, 2 length, 3 abort. */
+ * The hot path: one delta of one choice. finish: a SHIM_FINISH_* code (shim.h). */
 static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
   if (nargs != 5 && nargs != 6) {
@@ -527,7 +561,7 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (stored < 0) return NULL;
     if (stored) {
       uint8_t hdr[HDR];
-      make_header(hdr, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
+      make_header(hdr, SHIM_EV_DELTA, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
       frame_record(p, hdr, HDR, NULL, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen);
       if (stage_commit(total) < 0) return NULL;
       Py_RETURN_NONE;
@@ -542,12 +576,21 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (!toks) return PyErr_NoMemory();
   }
   for (Py_ssize_t i = 0; i < ntok; i++) {
-    long v = PyLong_AsLong(is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i));
+    /* An int-like item's __index__ is Python code, which may shorten the list and drop the
+     * item: hold a reference while converting, and check the index is still there. */
+    PyObject *item = is_list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i);
+    if (item == NULL) {
+      token_list_shrank();
+      goto fail;
+    }
+    Py_INCREF(item);
+    long v = PyLong_AsLong(item);
+    Py_DECREF(item);
     if (v == -1 && PyErr_Occurred()) goto fail;
     toks[i] = (int32_t)v;
   }
   uint8_t hdr[HDR];
-  make_header(hdr, 1, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
+  make_header(hdr, SHIM_EV_DELTA, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
   int staged = stage_put(hdr, toks, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen);
   if (staged < 0) goto fail;
   if (!staged &&
@@ -581,7 +624,9 @@ static PyObject *py_emit_event(PyObject *self, PyObject *const *args, Py_ssize_t
   Py_RETURN_NONE;
 }
 
-/* emit_null(...) -> None: accepts emit's arguments and does nothing. The benchmark baseline. */
+/* emit_null(...) -> None: accepts emit's arguments and does nothing. It ships only as the
+ * baseline of BenchmarkShimPath (engine/bench_test.go: the same Python loop without the shim's
+ * work); the bridge never calls it. */
 static PyObject *py_emit_null(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
   (void)args;
@@ -632,7 +677,27 @@ static PyObject *py_inbox_fd(PyObject *self, PyObject *unused) {
   return PyLong_FromLong(inbox_fd);
 }
 
-/* take() -> list[tuple[int, int, bytes]]: every waiting (kind, req_id, data) command, in order. */
+/* Put the commands from c on back at the front of the inbox, in order, and make the eventfd
+ * readable again so that the loop calls take() once more. */
+static void inbox_requeue(cmd_t *c) {
+  cmd_t *last = c;
+  while (last->next != NULL) last = last->next;
+  pthread_mutex_lock(&inbox_mu);
+  last->next = inbox_head;
+  inbox_head = c;
+  if (inbox_tail == NULL) inbox_tail = last;
+  uint64_t one = 1;
+  ssize_t w;
+  do {
+    w = write(inbox_fd, &one, sizeof one);
+  } while (w < 0 && errno == EINTR);
+  pthread_mutex_unlock(&inbox_mu);
+}
+
+/* take() -> list[tuple[int, int, bytes]]: every waiting (kind, req_id, data) command, in order.
+ * Out of memory part way, it returns the commands taken so far and leaves the rest queued for the
+ * next take() (MemoryError when it could take none): a submit is never lost, which would leave
+ * its request waiting for an END that never comes. */
 static PyObject *py_take(PyObject *self, PyObject *unused) {
   (void)self;
   (void)unused;
@@ -644,17 +709,25 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
   inbox_head = inbox_tail = NULL;
   pthread_mutex_unlock(&inbox_mu);
   PyObject *out = PyList_New(0);
-  while (c != NULL) {
-    cmd_t *next = c->next;
-    if (out != NULL) {
-      PyObject *item = Py_BuildValue("(iLy#)", (int)c->kind, (long long)c->req_id, c->data, (Py_ssize_t)c->len);
-      if (item == NULL || PyList_Append(out, item) < 0) {
-        Py_CLEAR(out);
-      }
+  while (c != NULL && out != NULL) {
+    PyObject *item = Py_BuildValue("(iLy#)", (int)c->kind, (long long)c->req_id, c->data, (Py_ssize_t)c->len);
+    if (item == NULL || PyList_Append(out, item) < 0) {
       Py_XDECREF(item);
+      break;
     }
+    Py_DECREF(item);
+    cmd_t *next = c->next;
     free(c);
     c = next;
+  }
+  if (c != NULL) {
+    inbox_requeue(c);
+    if (out != NULL && PyList_Size(out) > 0) {
+      PyErr_Clear(); /* deliver what was taken; the rest comes with the next take() */
+    } else {
+      if (!PyErr_Occurred()) PyErr_NoMemory();
+      Py_CLEAR(out);
+    }
   }
   return out;
 }
@@ -662,7 +735,7 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
 static PyMethodDef shim_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
     {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
-    {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): no-op baseline"},
+    {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): does nothing; a benchmark baseline, not used by the bridge"},
     {"flush", py_flush, METH_NOARGS, "flush(): deliver the staged token records"},
     {"set_flush_hook", py_set_flush_hook, METH_O, "set_flush_hook(hook | None): stage this thread's emits"},
     {"inbox_fd", py_inbox_fd, METH_NOARGS, "inbox_fd() -> int"},
@@ -678,13 +751,32 @@ static struct PyModuleDef shim_module = {
 /* ---------------------------------------------------------------- lifecycle */
 
 static int initialized;
+static int init_broken; /* shim_init failed after starting the interpreter */
+
+/* A failure after Py_InitializeEx: the interpreter cannot be finalized and started again
+ * (extension modules do not survive it), so it stays up but unusable, and later shim_init and
+ * shim_run calls are refused. The GIL is released first: the calling thread returns to Go,
+ * which ends it, and a GIL held by a thread that is gone would block every Python thread
+ * forever. Returns -1. */
+static int32_t init_failed_after_start(void) {
+  initialized = 0;
+  init_broken = 1;
+  PyEval_SaveThread();
+  return -1;
+}
 
 int32_t shim_init(const char *program_name, const char *python_home, int64_t queue_bytes) {
   if (initialized) {
     set_error("shim_init: the interpreter is already initialized in this process");
     return -1;
   }
+  if (init_broken) {
+    set_error("shim_init: an earlier shim_init failed after starting the interpreter: restart the process");
+    return -1;
+  }
+  pthread_once(&readable_clock_once, readable_use_monotonic_clock);
   if (queue_bytes < (1 << 17)) queue_bytes = 1 << 17;
+  if (queue_bytes > SHIM_MAX_QUEUE_BYTES) queue_bytes = SHIM_MAX_QUEUE_BYTES; /* u32 record lengths */
   outbox.cap = (size_t)queue_bytes / 2;
   outbox.bufs[0] = malloc(outbox.cap);
   outbox.bufs[1] = malloc(outbox.cap);
@@ -718,14 +810,14 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
   PyObject *mod = PyModule_Create(&shim_module);
   if (mod == NULL) {
     set_error_from_python("shim_init: creating _govllm_shim");
-    return -1;
+    return init_failed_after_start();
   }
   PyObject *modules = PyImport_GetModuleDict();
   int rc = PyDict_SetItemString(modules, "_govllm_shim", mod);
   Py_DECREF(mod);
   if (rc < 0) {
     set_error_from_python("shim_init: registering _govllm_shim");
-    return -1;
+    return init_failed_after_start();
   }
   return 0;
 }
@@ -765,14 +857,20 @@ int32_t shim_run(const char *code) {
   } else {
     PyObject *globals = PyDict_New();
     PyObject *builtins = PyImport_ImportModule("builtins");
-    if (globals && builtins) PyDict_SetItemString(globals, "__builtins__", builtins);
-    if (globals) PyDict_SetItemString(globals, "__name__", PyUnicode_FromString("__govllm__"));
-    PyObject *res = globals ? PyEval_EvalCode(compiled, globals, globals) : NULL;
-    if (res == NULL) {
-      set_error_from_python("python");
+    PyObject *name = PyUnicode_FromString("__govllm__"); /* PyDict_SetItemString does not steal it */
+    if (globals == NULL || builtins == NULL || name == NULL ||
+        PyDict_SetItemString(globals, "__builtins__", builtins) < 0 || PyDict_SetItemString(globals, "__name__", name) < 0) {
+      set_error_from_python("shim_run: boot globals");
       rc = -1;
+    } else {
+      PyObject *res = PyEval_EvalCode(compiled, globals, globals);
+      if (res == NULL) {
+        set_error_from_python("python");
+        rc = -1;
+      }
+      Py_XDECREF(res);
     }
-    Py_XDECREF(res);
+    Py_XDECREF(name);
     Py_XDECREF(builtins);
     Py_XDECREF(globals);
     Py_DECREF(compiled);

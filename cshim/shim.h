@@ -4,8 +4,45 @@
 
 #include <stdint.h>
 
+/* The numbers the three languages share. Go has them in engine/shim.go (cmd*) and
+ * engine/event.go (ev*, finishReasons), the bridge in engine/python/govllm/bridge.py (CMD_*,
+ * EV_*, FINISH_CODES); engine/codes_test.go checks that all three agree. */
+
+/* Commands from Go to the bridge: shim_send's kind. */
+enum shim_cmd {
+  SHIM_CMD_SUBMIT = 1,   /* data: the request as JSON */
+  SHIM_CMD_ABORT = 2,    /* stop the request; its END follows */
+  SHIM_CMD_SHUTDOWN = 3, /* end the bridge's loop */
+  SHIM_CMD_STATS = 4,    /* answered with a SHIM_EV_STATS record of the same req_id */
+};
+
+/* Records from the bridge to Go: the kind byte of a record header. */
+enum shim_ev {
+  SHIM_EV_DELTA = 1, /* tokens and text of one choice (written by emit) */
+  SHIM_EV_END = 2,   /* the request finished */
+  SHIM_EV_ERROR = 3, /* the request failed */
+  SHIM_EV_READY = 4, /* the engine started */
+  SHIM_EV_FATAL = 5, /* the engine died */
+  SHIM_EV_LOG = 6,   /* a log line */
+  SHIM_EV_STATS = 7, /* the answer to SHIM_CMD_STATS */
+};
+
+/* A delta's finish byte: why its choice ended, if it did (OpenAI's finish_reason). */
+enum shim_finish {
+  SHIM_FINISH_NONE = 0,
+  SHIM_FINISH_STOP = 1,
+  SHIM_FINISH_LENGTH = 2,
+  SHIM_FINISH_ABORT = 3,
+};
+
+/* The most queue_bytes that shim_init takes (larger values are clamped): each of the two event
+ * buffers then holds at most 2 GiB, so a record and each of its parts fit the u32 lengths of
+ * the record format. engine/shim.go's maxQueueBytes is the same number. */
+#define SHIM_MAX_QUEUE_BYTES ((int64_t)1 << 32)
+
 /* shim_init initializes the interpreter on the calling thread, which becomes Python's main
- * thread. queue_bytes sizes the Python->Go event ring. Returns 0, or -1 (see shim_last_error). */
+ * thread. queue_bytes sizes the Python->Go event ring (two buffers of half of it, at least
+ * 64 KiB and at most SHIM_MAX_QUEUE_BYTES / 2 each). Returns 0, or -1 (see shim_last_error). */
 int32_t shim_init(const char *program_name, const char *python_home, int64_t queue_bytes);
 
 /* shim_open (re)opens the queues for the next engine; call it before starting its poller and
@@ -17,19 +54,19 @@ void shim_open(void);
  * the next shim_open. */
 int32_t shim_run(const char *code);
 
-/* shim_send queues a command for the bridge (1 submit, 2 abort, 3 shutdown) without the GIL. */
+/* shim_send queues a command (a SHIM_CMD_* kind) for the bridge without the GIL. */
 int32_t shim_send(int32_t kind, int64_t req_id, const char *data, int64_t len);
 
 /* shim_poll waits up to timeout_ms (-1: forever) for events and takes the whole batch; when it
  * had to wait, it lets a burst gather for coalesce_us first. Returns the batch's size in bytes
- * (the records are at shim_polled() until the next shim_poll call); 0 on timeout; -1 when
- * closed and drained. One poller at a time. */
-int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us);
+ * and stores where its records are in *batch (they stay there until the next shim_poll call);
+ * 0 on timeout; -1 when closed and drained (*batch is then NULL). One poller at a time. */
+int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us, uint8_t **batch);
 
-/* shim_polled returns the batch that the last shim_poll returned. */
-uint8_t *shim_polled(void);
-
-/* shim_last_error returns the last error text (Python exceptions include their traceback). */
-const char *shim_last_error(void);
+/* shim_last_error copies the last error text (Python exceptions include their traceback) into
+ * buf, truncated to cap-1 bytes and NUL-terminated (nothing is written when cap is 0), and
+ * returns the text's full length: a result >= cap means it was cut short. Safe to call from any
+ * thread, concurrently with errors being set. */
+int64_t shim_last_error(char *buf, int64_t cap);
 
 #endif

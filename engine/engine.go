@@ -71,9 +71,7 @@ type Engine struct {
 	log    *slog.Logger
 	api    *shimAPI
 	python *PythonInfo
-	info   ModelInfo
-
-	nextID atomic.Int64
+	info   atomic.Pointer[ModelInfo] // set by the poller on READY
 
 	mu        sync.Mutex
 	streams   map[int64]*Stream
@@ -122,6 +120,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.QueueBytes <= 0 {
 		cfg.QueueBytes = 8 << 20
 	}
+	cfg.QueueBytes = min(cfg.QueueBytes, maxQueueBytes)
 	if cfg.ServedModelName == "" {
 		cfg.ServedModelName = filepath.Base(cfg.Model)
 	}
@@ -174,7 +173,8 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		e.Close()
 		return nil, fmt.Errorf("engine: start cancelled: %w", ctx.Err())
 	}
-	e.log.Info("engine: ready", "backend", e.info.Backend, "model", e.info.ID, "max_model_len", e.info.MaxModelLen)
+	info := e.Model()
+	e.log.Info("engine: ready", "backend", info.Backend, "model", info.ID, "max_model_len", info.MaxModelLen)
 	return e, nil
 }
 
@@ -250,8 +250,10 @@ func orDefault(s, d string) string {
 // poll drains event batches from the shim and routes them; it ends when the shim closes.
 func (e *Engine) poll() {
 	defer close(e.pollerDone)
+	coalesce := coalesceMicros(e.cfg.PollCoalesce)
+	var batch unsafe.Pointer // C memory: the shim stores where each batch is
 	for {
-		n := e.api.poll(200, int32(e.cfg.PollCoalesce/time.Microsecond))
+		n := e.api.poll(200, coalesce, &batch)
 		switch {
 		case n == 0:
 			continue
@@ -265,7 +267,7 @@ func (e *Engine) poll() {
 			return
 		}
 		// The batch is C memory that stays ours until the next poll; handle copies what it keeps.
-		buf := unsafe.Slice((*byte)(e.api.polled()), n)
+		buf := unsafe.Slice((*byte)(batch), n)
 		err := decodeEvents(buf, e.handle)
 		for _, s := range e.touched {
 			s.touched = false
@@ -336,7 +338,7 @@ func (e *Engine) handle(ev *event) {
 			e.die(fmt.Errorf("engine: bad ready event: %w", err))
 			return
 		}
-		e.info = ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend}
+		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend})
 		select {
 		case e.ready <- nil:
 		default:
@@ -423,7 +425,7 @@ func (e *Engine) Start(ctx context.Context, req Request) (*Stream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("engine: encode request: %w", err)
 	}
-	id := e.nextID.Add(1)
+	id := nextRequestID.Add(1)
 	s := newStream(e, id, e.cfg.MaxPendingTokens)
 	e.mu.Lock()
 	switch {
@@ -462,7 +464,7 @@ func (e *Engine) Stats(ctx context.Context) (Stats, error) {
 	if err := e.Health(); err != nil {
 		return Stats{}, err
 	}
-	id := e.nextID.Add(1)
+	id := nextRequestID.Add(1)
 	ch := make(chan Stats, 1)
 	e.mu.Lock()
 	e.statsWait[id] = ch
@@ -486,7 +488,12 @@ func (e *Engine) Stats(ctx context.Context) (Stats, error) {
 }
 
 // Model describes the model being served.
-func (e *Engine) Model() ModelInfo { return e.info }
+func (e *Engine) Model() ModelInfo {
+	if m := e.info.Load(); m != nil {
+		return *m
+	}
+	return ModelInfo{}
+}
 
 // Python describes the embedded interpreter.
 func (e *Engine) Python() PythonInfo { return *e.python }

@@ -6,7 +6,8 @@ import (
 	"unsafe"
 )
 
-// Event kinds written by the bridge (engine/python/govllm/bridge.py) through the shim.
+// Event kinds written by the bridge (engine/python/govllm/bridge.py) through the shim:
+// SHIM_EV_* in cshim/shim.h (checked by codes_test.go).
 const (
 	evDelta = 1 // tokens and text of one choice
 	evEnd   = 2 // the request finished; meta: {"usage": {...}}
@@ -17,7 +18,8 @@ const (
 	evStats = 7 // the answer to a stats command; meta: Stats
 )
 
-// finishReasons maps the shim's finish codes to OpenAI's names.
+// finishReasons maps the shim's finish codes (SHIM_FINISH_* in cshim/shim.h, the bridge's
+// FINISH_CODES) to OpenAI's names.
 var finishReasons = [...]string{"", "stop", "length", "abort"}
 
 // headerSize is the fixed part of a record after its 4-byte length (see cshim/shim.c).

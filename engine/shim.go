@@ -6,10 +6,12 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/ebitengine/purego"
@@ -27,22 +29,53 @@ var pythonPackage embed.FS
 
 // shimAPI holds the C entry points of cshim/shim.h.
 type shimAPI struct {
-	init      func(programName, pythonHome string, queueBytes int64) int32
-	open      func()
-	run       func(code string) int32
-	send      func(kind int32, reqID int64, data *byte, n int64) int32
-	poll      func(timeoutMS, coalesceUS int32) int64
-	polled    func() unsafe.Pointer
-	lastError func() string
+	init          func(programName, pythonHome string, queueBytes int64) int32
+	open          func()
+	run           func(code string) int32
+	send          func(kind int32, reqID int64, data *byte, n int64) int32
+	poll          func(timeoutMS, coalesceUS int32, batch *unsafe.Pointer) int64
+	lastErrorInto func(buf *byte, n int64) int64 // shim_last_error; lastError wraps it
 }
 
-// Commands from Go to the bridge (shim_send kinds).
+// lastError returns the shim's last error text. The shim copies it into buf under its lock, so
+// a concurrent error (many requests failing at once) cannot free it under the copy; a text
+// longer than buf is asked for again with room for it.
+func (a *shimAPI) lastError() string {
+	buf := make([]byte, 1024)
+	for {
+		n := a.lastErrorInto(&buf[0], int64(len(buf)))
+		if n < int64(len(buf)) {
+			return string(buf[:n])
+		}
+		buf = make([]byte, n+1) // the text may have changed meanwhile: the loop checks again
+	}
+}
+
+// Commands from Go to the bridge: shim_send's kinds, SHIM_CMD_* in cshim/shim.h (checked by
+// codes_test.go).
 const (
 	cmdSubmit   = 1
 	cmdAbort    = 2
 	cmdShutdown = 3
 	cmdStats    = 4
 )
+
+// maxQueueBytes caps Config.QueueBytes (SHIM_MAX_QUEUE_BYTES in cshim/shim.h): records carry
+// u32 lengths, and with two buffers of at most 2 GiB no record that fits can overflow them.
+const maxQueueBytes = 1 << 32
+
+// coalesceMicros converts Config.PollCoalesce into shim_poll's coalesce_us, clamped to int32
+// (none for zero or less).
+func coalesceMicros(d time.Duration) int32 {
+	us := d / time.Microsecond
+	switch {
+	case us <= 0:
+		return 0
+	case us > math.MaxInt32:
+		return math.MaxInt32
+	}
+	return int32(us)
+}
 
 // interpreter is the process's one embedded CPython. Its main thread is a goroutine locked to
 // its OS thread for the life of the process; engines run on it one after another.
@@ -106,6 +139,8 @@ func releaseInterpreter() {
 func (it *interpreter) mainThread(py *PythonInfo, queueBytes int64, initErr chan<- error) {
 	runtime.LockOSThread() // never unlocked: Python's main thread must stay this OS thread
 	if rc := it.api.init(py.Executable, py.BasePrefix, queueBytes); rc != 0 {
+		// The goroutine ends locked to its thread, so Go ends the thread; shim_init released
+		// the GIL first if it had started the interpreter.
 		initErr <- fmt.Errorf("%w: initialize %s: %s", ErrShim, py.LibPython, it.api.lastError())
 		return
 	}
@@ -125,18 +160,36 @@ func loadShim(libpython, shimPath string) (*shimAPI, error) {
 	if _, err := purego.Dlopen(libpython, purego.RTLD_NOW|purego.RTLD_GLOBAL); err != nil {
 		return nil, fmt.Errorf("%w: dlopen %s: %v", ErrShim, libpython, err)
 	}
-	h, err := purego.Dlopen(shimPath, purego.RTLD_NOW|purego.RTLD_GLOBAL)
+	return openShim(shimPath)
+}
+
+// openShim dlopens the shim and binds its entry points. A shim that lacks one (a stale or
+// foreign file where the cache should hold this build's) is an error naming the symbol, and is
+// closed again; purego.RegisterLibFunc would panic instead.
+func openShim(path string) (*shimAPI, error) {
+	h, err := purego.Dlopen(path, purego.RTLD_NOW|purego.RTLD_GLOBAL)
 	if err != nil {
-		return nil, fmt.Errorf("%w: dlopen %s: %v", ErrShim, shimPath, err)
+		return nil, fmt.Errorf("%w: dlopen %s: %v", ErrShim, path, err)
 	}
 	api := &shimAPI{}
-	purego.RegisterLibFunc(&api.init, h, "shim_init")
-	purego.RegisterLibFunc(&api.run, h, "shim_run")
-	purego.RegisterLibFunc(&api.open, h, "shim_open")
-	purego.RegisterLibFunc(&api.send, h, "shim_send")
-	purego.RegisterLibFunc(&api.poll, h, "shim_poll")
-	purego.RegisterLibFunc(&api.polled, h, "shim_polled")
-	purego.RegisterLibFunc(&api.lastError, h, "shim_last_error")
+	for _, f := range []struct {
+		fn   any // pointer to the func field
+		name string
+	}{
+		{&api.init, "shim_init"},
+		{&api.open, "shim_open"},
+		{&api.run, "shim_run"},
+		{&api.send, "shim_send"},
+		{&api.poll, "shim_poll"},
+		{&api.lastErrorInto, "shim_last_error"},
+	} {
+		sym, err := purego.Dlsym(h, f.name)
+		if err != nil {
+			_ = purego.Dlclose(h)
+			return nil, fmt.Errorf("%w: %s has no %s (not this build's shim: remove it, or clear the cache dir): %v", ErrShim, path, f.name, err)
+		}
+		purego.RegisterFunc(f.fn, sym)
+	}
 	return api, nil
 }
 

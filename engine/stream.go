@@ -5,7 +5,14 @@ import (
 	"encoding/json"
 	"io"
 	"sync"
+	"sync/atomic"
 )
+
+// nextRequestID numbers the requests (and stats queries) of every Engine in the process. The
+// engines of a process run one after another on one interpreter, where a backend thread may
+// outlive its engine and still emit: with ids never reused, such a late event matches no
+// request of the next engine, and an id names one request in the logs.
+var nextRequestID atomic.Int64
 
 // Stream is the output of one request. Recv is meant for one reader goroutine; Close may be
 // called from any goroutine.
@@ -21,7 +28,8 @@ type Stream struct {
 	mu      sync.Mutex
 	pending []pendingDelta
 	head    int
-	backlog int // unread tokens (+1 per delta): what MaxPendingTokens bounds
+	lastOf  []int // per choice: where in pending its last delta is (valid while unread: see lastUnread)
+	backlog int   // unread tokens plus unread deltas: what MaxPendingTokens bounds
 	done    bool
 	err     error
 	usage   Usage
@@ -85,9 +93,13 @@ func (s *Stream) pushEvent(ev *event) bool {
 		return true
 	}
 	ntok := len(ev.tokens) / 4
-	// A delta merged into the last unread one costs its tokens only: the reader gets one delta.
-	n := len(s.pending)
-	merge := n > s.head && s.pending[n-1].Index == int(ev.index) && s.pending[n-1].FinishReason == ""
+	// A reader that falls behind gets bigger deltas, not more of them (as vLLM's output
+	// collector merges DELTA outputs): an event is merged into its choice's last unread delta,
+	// which keeps its place in the queue, and costs its tokens only. With n > 1 the choices'
+	// events interleave, so the last delta in the queue is usually another choice's.
+	index := int(ev.index)
+	last := s.lastUnread(index)
+	merge := last >= 0 && s.pending[last].FinishReason == ""
 	s.backlog += ntok
 	if !merge {
 		s.backlog++
@@ -100,23 +112,38 @@ func (s *Stream) pushEvent(ev *event) bool {
 		s.e.forget(s.id)
 		return false
 	}
-	// A reader that falls behind gets bigger deltas, not more of them (as vLLM's output
-	// collector merges DELTA outputs): merge into the last unread delta of the same choice.
 	if merge {
-		last := &s.pending[n-1]
-		last.TokenIDs = ev.appendTokenIDs(last.TokenIDs)
-		last.more = append(last.more, ev.text...)
-		last.FinishReason = ev.finishReason()
-		last.Logprobs = append(last.Logprobs, logprobs...)
+		p := &s.pending[last]
+		p.TokenIDs = ev.appendTokenIDs(p.TokenIDs)
+		p.more = append(p.more, ev.text...)
+		p.FinishReason = ev.finishReason()
+		p.Logprobs = append(p.Logprobs, logprobs...)
 		s.mu.Unlock()
 		return true
 	}
 	s.pending = append(s.pending, pendingDelta{Delta: Delta{
-		Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text), FinishReason: ev.finishReason(),
+		Index: index, TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text), FinishReason: ev.finishReason(),
 		Logprobs: logprobs,
 	}})
+	for len(s.lastOf) <= index {
+		s.lastOf = append(s.lastOf, -1)
+	}
+	s.lastOf[index] = len(s.pending) - 1
 	s.mu.Unlock()
 	return true
+}
+
+// lastUnread returns where choice index's last delta is in pending if it is still unread, else
+// -1. lastOf is not cleared when Recv empties the queue: an entry is valid while it points into
+// the unread part at a delta of that choice, for a delta appended there later of the same
+// choice would have moved the entry to itself. Called with mu held.
+func (s *Stream) lastUnread(index int) int {
+	if index < len(s.lastOf) {
+		if p := s.lastOf[index]; p >= s.head && p < len(s.pending) && s.pending[p].Index == index {
+			return p
+		}
+	}
+	return -1
 }
 
 // finish ends the stream with usage, or with err.
@@ -154,8 +181,9 @@ func (s *Stream) Recv() (Delta, error) {
 			if len(p.more) > 0 {
 				d.Text += string(p.more)
 			}
+			s.backlog -= 1 + len(d.TokenIDs)
 			if s.head == len(s.pending) {
-				s.pending, s.head, s.backlog = s.pending[:0], 0, 0
+				s.pending, s.head = s.pending[:0], 0
 			}
 			s.mu.Unlock()
 			return d, nil
