@@ -26,7 +26,11 @@ import (
 	"github.com/govllm/govllm/llm"
 )
 
-// Config says which model to serve, with which engine, in which interpreter.
+// Config says which model to serve, with which engine, in which interpreter. Opening an engine
+// changes the process's environment: the backends set HF_HUB_OFFLINE, VLLM_* and
+// OMP_NUM_THREADS defaults, and vLLM's multiprocessing executable. Fields are taken as given;
+// launch.Resolve makes the plan (auto engine, dtype on CPU, GPU placement) that govllm serve
+// passes here.
 type Config struct {
 	// Model is a Hugging Face checkpoint directory.
 	Model string
@@ -56,7 +60,7 @@ type Config struct {
 	// of a choice are merged, so a reader that falls behind gets fewer, larger deltas.
 	MaxPendingTokens int
 	// QueueBytes sizes the shim's Python-to-Go event buffers (two of half this size); 0 means
-	// 8 MiB.
+	// 8 MiB, and more than 4 GiB is capped there (records carry 32-bit lengths).
 	QueueBytes int64
 	// PollCoalesce is how long the poller, woken by a first event, lets a burst gather before
 	// taking it: fewer wakeups per token for a little latency. 0 means 100µs; negative, none.

@@ -47,7 +47,7 @@ func TestRequestIDsAreProcessWide(t *testing.T) {
 	seen := map[int64]bool{}
 	for i := 0; i < 3; i++ {
 		for _, e := range []*Engine{a, b} {
-			s, err := e.Generate(context.Background(), Request{Prompt: "x"})
+			s, err := e.Start(context.Background(), Request{Prompt: "x"})
 			require.NoError(t, err)
 			require.False(t, seen[s.ID()], "id %d handed out twice", s.ID())
 			seen[s.ID()] = true
