@@ -5,8 +5,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -56,27 +54,12 @@ func env(visible ...string) func(string) (string, bool) {
 	}
 }
 
-// checkpoint writes a model directory: 4 GiB of bfloat16 weights (a sparse file) and a config
-// whose KV cache takes 128 KiB per token (1 GiB for its 8192 positions).
-func checkpoint(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	f, err := os.Create(filepath.Join(dir, "model.safetensors"))
-	require.NoError(t, err)
-	require.NoError(t, f.Truncate(4<<30))
-	require.NoError(t, f.Close())
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "config.json"), []byte(`{"hidden_size":4096,
-		"num_attention_heads":32,"num_key_value_heads":8,"num_hidden_layers":32,"max_position_embeddings":8192,
-		"torch_dtype":"bfloat16"}`), 0o644))
-	return dir
-}
-
 // granted stands for the gpu_memory_utilization the placement computed (gpu's tests check
 // its value); the plan must hand it to the backend under the backend's own name.
 const granted = "granted by placement"
 
 func TestResolve(t *testing.T) {
-	model := checkpoint(t)
+	model := gputest.Checkpoint(t)
 	gpus := eightGPUs(t)
 	for _, tc := range []struct {
 		name string
@@ -219,7 +202,7 @@ func TestResolve(t *testing.T) {
 }
 
 func TestResolveModelSize(t *testing.T) {
-	p, err := launch.Resolve(context.Background(), launch.Options{Model: checkpoint(t), Engine: "vllm", MaxModelLen: 4096},
+	p, err := launch.Resolve(context.Background(), launch.Options{Model: gputest.Checkpoint(t), Engine: "vllm", MaxModelLen: 4096},
 		launch.Host{FindPython: python(), Devices: eightGPUs(t), LookupEnv: env()})
 	require.NoError(t, err)
 	require.Equal(t, uint64(4<<30), p.Model.WeightBytes)
@@ -228,7 +211,7 @@ func TestResolveModelSize(t *testing.T) {
 }
 
 func TestResolveErrors(t *testing.T) {
-	model := checkpoint(t)
+	model := gputest.Checkpoint(t)
 	gpus := eightGPUs(t)
 	for _, tc := range []struct {
 		name string

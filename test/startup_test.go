@@ -3,12 +3,12 @@ package test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -44,7 +44,7 @@ func TestInterruptDuringStartup(t *testing.T) {
 	// Wait until the bridge runs (the interpreter is up and start() is sleeping).
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	for !contains(output(), "engine: starting") {
+	for !strings.Contains(output(), "engine: starting") {
 		select {
 		case err := <-exited:
 			t.Fatalf("govllm exited before starting the engine (%v):\n%s", err, output())
@@ -67,15 +67,4 @@ func TestInterruptDuringStartup(t *testing.T) {
 		_ = cmd.Process.Kill()
 		t.Fatalf("govllm still running 30 s after SIGINT during startup:\n%s", output())
 	}
-}
-
-func contains(s, sub string) bool { return len(sub) == 0 || len(s) >= len(sub) && fmt.Sprint(s) != "" && indexOf(s, sub) >= 0 }
-
-func indexOf(s, sub string) int {
-	for i := 0; i+len(sub) <= len(s); i++ {
-		if s[i:i+len(sub)] == sub {
-			return i
-		}
-	}
-	return -1
 }

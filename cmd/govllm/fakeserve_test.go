@@ -40,15 +40,18 @@ func fakeServe(mode string, args []string) int {
 		fmt.Fprintln(os.Stderr, "govllm serve: boom: cannot import vllm")
 		return 1
 	}
+	stopOn := []os.Signal{syscall.SIGTERM, os.Interrupt}
 	if mode == "ignore-term" {
+		// Notify would undo Ignore: listen for Interrupt alone.
 		signal.Ignore(syscall.SIGTERM)
+		stopOn = stopOn[1:]
 	}
 	ln, err := net.Listen("tcp", net.JoinHostPort(host, port))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	ctx, stop := signal.NotifyContext(context.Background(), stopOn...)
 	defer stop()
 	srv := &http.Server{Handler: fakeOpenAI("")}
 	go func() { _ = srv.Serve(ln) }()

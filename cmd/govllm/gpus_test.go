@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -42,21 +41,6 @@ func eightGPUs(t *testing.T) *gputest.Box {
 	b, err := gputest.EightGPUs()
 	require.NoError(t, err)
 	return b
-}
-
-// checkpoint writes a model directory: 4 GiB of bfloat16 weights (a sparse file) and a config
-// whose KV cache takes 128 KiB per token.
-func checkpoint(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	f, err := os.Create(filepath.Join(dir, "model.safetensors"))
-	require.NoError(t, err)
-	require.NoError(t, f.Truncate(4<<30))
-	require.NoError(t, f.Close())
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "config.json"), []byte(`{"hidden_size":4096,
-		"num_attention_heads":32,"num_key_value_heads":8,"num_hidden_layers":32,"max_position_embeddings":8192,
-		"torch_dtype":"bfloat16"}`), 0o644))
-	return dir
 }
 
 func runGPUs(args ...string) (stdout, stderr string, code int) {
@@ -109,7 +93,7 @@ func TestGPUsCommandThisHost(t *testing.T) {
 
 func TestGPUsCommandTable(t *testing.T) {
 	withGPUs(t, eightGPUs(t).Lib)
-	out, errOut, code := runGPUs("--tensor-parallel-size", "2", "--model", checkpoint(t))
+	out, errOut, code := runGPUs("--tensor-parallel-size", "2", "--model", gputest.Checkpoint(t))
 	require.Equal(t, 0, code, errOut)
 	lines := strings.Split(out, "\n")
 	require.Regexp(t, `^GPU\s+NAME\s+UUID\s+MEMORY USED/TOTAL\s+FREE\s+UTIL\s+TEMP\s+POWER\s+PCI BUS ID\s+NUMA\s+NVLINK$`, lines[0])
@@ -139,7 +123,7 @@ func TestGPUsCommandJSON(t *testing.T) {
 
 func TestGPUsCommandDoesNotFit(t *testing.T) {
 	withGPUs(t, eightGPUs(t).Lib)
-	_, errOut, code := runGPUs("--model", checkpoint(t), "--gpus", "6", "--max-model-len", "16384")
+	_, errOut, code := runGPUs("--model", gputest.Checkpoint(t), "--gpus", "6", "--max-model-len", "16384")
 	require.Equal(t, 1, code)
 	require.Contains(t, errOut, "govllm gpus: launch: gpu: model needs 6.0 GiB (4.0 GiB weights + 2.0 GiB KV cache), "+
 		"the best GPU (6) has 10.0 GiB free (5.6 GiB usable with 5% headroom)")
@@ -149,7 +133,7 @@ func TestGPUsCommandDoesNotFit(t *testing.T) {
 // NVML host is kept for the monitor on GPU hosts only.
 func TestSetupLaunch(t *testing.T) {
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	model := checkpoint(t)
+	model := gputest.Checkpoint(t)
 
 	t.Run("auto on a GPU host", func(t *testing.T) {
 		withGPUs(t, eightGPUs(t).Lib)

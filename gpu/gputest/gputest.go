@@ -6,8 +6,11 @@ package gputest
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"testing"
 	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
@@ -168,4 +171,28 @@ func EightGPUs() (*Box, error) {
 		GPU{79, 0, 0}, GPU{20, 0, 0}, GPU{60, 0, 0}, GPU{61, 0, 0},
 		GPU{78, 1, 1}, GPU{50, 1, 1}, GPU{10, 1, 1}, GPU{55, 1, 1},
 	)
+}
+
+// Checkpoint writes a model directory into a temporary directory of t: 4 GiB of bfloat16
+// weights (a sparse file) and a config whose KV cache takes 128 KiB per token (1 GiB for its
+// 8192 positions).
+func Checkpoint(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	f, err := os.Create(filepath.Join(dir, "model.safetensors"))
+	if err == nil {
+		err = f.Truncate(4 << 30)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, "config.json"), []byte(`{"hidden_size":4096,
+		"num_attention_heads":32,"num_key_value_heads":8,"num_hidden_layers":32,"max_position_embeddings":8192,
+		"torch_dtype":"bfloat16"}`), 0o644)
+	}
+	if err != nil {
+		t.Fatalf("gputest: write checkpoint: %v", err)
+	}
+	return dir
 }
