@@ -1,6 +1,9 @@
-"""PerRequestSampler on synthetic logits: distributions and the planned path."""
+"""PerRequestSampler on synthetic logits: distributions, the planned path, and transformers' own
+logits processors as the reference."""
 
 from __future__ import annotations
+
+import pytest
 
 from govllm.backends.hf import sampler as hf_sampler
 from govllm.backends.hf.sampler import RequestSampling
@@ -118,3 +121,179 @@ def test_sampler_penalties_min_tokens_and_logprobs():
     sampler.prepare_tensor_args([fake_request("min", mins, [0, 1], [0, 0, 0])], storage)
     assert sampler._plan.mask_rows == [] and sampler._plan.logprob_rows == [0]
 
+
+# ----------------------------------------------------------------------------- against transformers' warpers
+
+
+def _sampling_args(rows):
+    """The sampler's argument tensor for rows of (temperature, top_p, top_k, min_p, key, position)."""
+    import torch
+
+    def floats(i):
+        return torch.tensor([float(r[i]) for r in rows], dtype=torch.float32).view(torch.int32)
+
+    a = torch.zeros(6, len(rows), dtype=torch.int32)
+    a[0], a[1], a[5] = floats(0), floats(1), floats(3)
+    a[2] = torch.tensor([r[2] for r in rows], dtype=torch.int32)
+    a[3] = torch.tensor([r[4] for r in rows], dtype=torch.int32)
+    a[4] = torch.tensor([r[5] for r in rows], dtype=torch.int32)
+    return a
+
+
+def hf_distribution(logits, temperature, top_p, top_k, min_p, input_ids=(), repetition=1.0):
+    """One row's sampling distribution by transformers' own processors, chained in vLLM's order:
+    repetition penalty, temperature, min_p, top-k, top-p (transformers' generate applies min_p last;
+    vLLM and govllm before top-k/top-p)."""
+    import torch
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    ids = torch.tensor([list(input_ids) or [0]])
+    scores = logits.float().unsqueeze(0).clone()
+    if repetition != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(penalty=repetition)(ids, scores)
+    if temperature < hf_sampler.SAMPLING_EPS:
+        return torch.nn.functional.one_hot(scores.argmax(-1), scores.size(-1)).float()[0]
+    chain = [TemperatureLogitsWarper(float(temperature))]
+    if min_p > 0:
+        chain.append(MinPLogitsWarper(min_p=float(min_p)))
+    if top_k > 0:
+        chain.append(TopKLogitsWarper(top_k=int(top_k)))
+    if top_p < 1.0:
+        chain.append(TopPLogitsWarper(top_p=float(top_p)))
+    for processor in chain:
+        scores = processor(ids, scores)
+    return torch.softmax(scores, dim=-1)[0]
+
+
+def govllm_distribution(scores, args, exact=False, candidates=None):
+    """What PerRequestSampler.choose draws each row's token from, [rows, vocab]: its own filtering
+    steps (scaled_logits, kept_candidates) assembled as choose assembles them."""
+    import torch
+
+    logits, is_sampled = hf_sampler.scaled_logits(scores, args, min_p=True)
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    row_filtered, order, kept = hf_sampler.kept_candidates(logits, log_total, args, is_sampled, exact, candidates)
+    filtered = torch.zeros_like(logits).scatter_(-1, order, kept)
+    filtered = filtered / filtered.sum(dim=-1, keepdim=True)
+    dist = torch.where(row_filtered.unsqueeze(-1), filtered, torch.softmax(logits, dim=-1))
+    greedy = torch.nn.functional.one_hot(scores.argmax(-1), scores.size(-1)).float()
+    return torch.where(is_sampled.unsqueeze(-1), dist, greedy)
+
+
+GRID = [(t, p, k, m) for t in (0.0, 0.5, 1.0, 1.7) for p in (1.0, 0.95, 0.6, 0.2) for k in (0, 1, 3, 40)
+        for m in (0.0, 0.05, 0.3)]
+
+
+def _grid_batch(vocab=1000, per_combo=3, seed=0):
+    """Random logits for every GRID combination, rows of all combinations shuffled into one batch."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = [combo for combo in GRID for _ in range(per_combo)]
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    rows = [rows[i] for i in order]
+    scores = torch.randn(len(rows), vocab, generator=gen) * 2.0
+    return rows, scores
+
+
+def _assert_rows_match(ours, scores, rows, **reference_kw):
+    import torch
+
+    for i, (t, p, k, m) in enumerate(rows):
+        ref = hf_distribution(scores[i], t, p, k, m, **reference_kw)
+        kept, ref_kept = (ours[i] > 0).nonzero().flatten(), (ref > 0).nonzero().flatten()
+        assert torch.equal(kept, ref_kept), (
+            f"row {i} (temperature={t}, top_p={p}, top_k={k}, min_p={m}): kept {kept.tolist()[:12]}..., "
+            f"transformers keeps {ref_kept.tolist()[:12]}...")
+        assert torch.allclose(ours[i], ref, atol=1e-5), (i, t, p, k, m, (ours[i] - ref).abs().max())
+
+
+def test_topk_then_topp_keeps_the_renormalised_top_k_mass():
+    """p = [.5, .3, .15, .05], top_k=2, top_p=0.6: the top-2 survivors renormalise to [.625, .375],
+    so token 0 alone reaches 0.6 (vLLM's apply_top_k_top_p, TopKLogitsWarper then TopPLogitsWarper)."""
+    import torch
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for exact in (False, True):
+        dist = govllm_distribution(scores, _sampling_args([(1.0, 0.6, 2, 0.0, 7, 0)]), exact=exact)
+        assert dist[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert hf_distribution(scores[0], 1.0, 0.6, 2, 0.0).tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("mode", ["growing", "exact", "top_k_bound"])
+def test_filtering_matches_transformers_warpers(mode):
+    """Row by row over temperature x top_p x top_k x min_p, the rows of all combinations mixed in one
+    batch: the kept set and the renormalised distribution equal transformers' processors'. "growing"
+    is the CPU path (a candidate set grown until it holds every kept token), "exact" the full sort
+    (CUDA, graph capture), "top_k_bound" the candidate set sized by the batch's largest top_k."""
+    import torch
+
+    rows, scores = _grid_batch()
+    if mode == "top_k_bound":  # only valid when every filtering row has a top_k
+        keep = [i for i, (t, p, k, _) in enumerate(rows) if not (t > 0 and k == 0 and p < 1.0)]
+        rows, scores = [rows[i] for i in keep], scores[keep]
+    args = _sampling_args([(t, p, k, m, i, 0) for i, (t, p, k, m) in enumerate(rows)])
+    candidates = max(k for _, _, k, _ in rows) if mode == "top_k_bound" else None
+    ours = govllm_distribution(scores, args, exact=mode == "exact", candidates=candidates)
+    assert torch.allclose(ours.sum(-1), torch.ones(len(rows)), atol=1e-5)
+    _assert_rows_match(ours, scores, rows)
+
+
+def test_draws_stay_within_transformers_kept_set():
+    """The tokens sample() draws (the path the manager runs) lie in the support of transformers'
+    processors and follow its probabilities, for rows of many parameter sets mixed in one batch."""
+    import torch
+
+    base = torch.log(torch.tensor([0.34, 0.2, 0.14, 0.11, 0.09, 0.06, 0.04, 0.02]))
+    combos = [(t, p, k, m) for t in (0.0, 0.7, 1.0, 1.5) for p in (1.0, 0.85, 0.6) for k in (0, 2, 4)
+              for m in (0.0, 0.2)]
+    draws = 2000
+    rows = [(t, p, k, m, c, pos) for c, (t, p, k, m) in enumerate(combos) for pos in range(draws)]
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = [rows[i] for i in perm]
+    scores = base.repeat(len(rows), 1)
+    sampler = hf_sampler.build_sampler_class()
+    picks = sampler.sample(scores, _sampling_args(rows)).argmax(-1)
+    combo_of = torch.tensor([r[4] for r in rows])
+    for c, (t, p, k, m) in enumerate(combos):
+        ref = hf_distribution(base, t, p, k, m)
+        freq = torch.bincount(picks[combo_of == c], minlength=base.numel()).float() / draws
+        outside = [tok for tok in freq.nonzero().flatten().tolist() if ref[tok] == 0]
+        assert not outside, f"temperature={t} top_p={p} top_k={k} min_p={m}: drew {outside}, outside {ref.tolist()}"
+        assert (freq - ref).abs().max() < 0.035, (t, p, k, m, freq.tolist(), ref.tolist())
+
+
+def test_planned_path_matches_repetition_penalty_processor():
+    """The planned path (penalties, here repetition) then sampling equals transformers'
+    RepetitionPenaltyLogitsProcessor over prompt and output tokens, then the warpers."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    vocab = 50
+    combos = [(t, p, k, m, r) for t in (0.0, 0.8, 1.3) for p in (1.0, 0.7) for k in (0, 5) for m in (0.0, 0.1)
+              for r in (1.0, 1.4, 0.7)]
+    requests, rows, histories = [], [], []
+    for i, (t, p, k, m, r) in enumerate(combos):
+        prompt = torch.randint(0, vocab, (6,), generator=gen).tolist()
+        output = torch.randint(0, vocab, (3,), generator=gen).tolist()
+        params = RequestSampling(temperature=t, top_p=p, top_k=k, min_p=m, repetition_penalty=r, key=i, prompt_len=6)
+        requests.append(fake_request(f"r{i}", params, prompt, output))
+        rows.append((t, p, k, m))
+        histories.append(prompt + output)
+    sampler = hf_sampler.build_sampler_class()()
+    storage = torch.zeros(sampler.ROWS, len(combos), dtype=torch.int32)
+    sampler.fill_defaults(storage)
+    sampler.prepare_tensor_args(requests, storage)
+    assert sampler._plan is not None
+    scores = torch.randn(len(combos), vocab, generator=gen) * 2.0
+    logits = sampler.planned_logits(scores, sampler._plan)
+    ours = govllm_distribution(logits, storage)
+    for i, ((t, p, k, m), r) in enumerate(zip(rows, (c[4] for c in combos))):
+        ref = hf_distribution(scores[i], t, p, k, m, input_ids=histories[i], repetition=r)
+        assert torch.equal(ours[i] > 0, ref > 0), (i, combos[i])
+        assert torch.allclose(ours[i], ref, atol=1e-5), (i, combos[i])
+    picks = sampler(None, scores, storage).argmax(-1)
+    assert all(ours[i, tok] > 0 for i, tok in enumerate(picks.tolist()))

@@ -7,8 +7,9 @@ that are -inf except at the token it chose, so the manager's argmax picks that t
 2. min_tokens: EOS and stop_token_ids get -inf while fewer than min_tokens tokens were generated.
 3. penalties: repetition over prompt and output tokens, then frequency and presence over output
    tokens (vLLM's formulas). Greedy rows take the argmax here.
-4. temperature, min_p, top-k and top-p; a uniform number hashed from (key, position) picks the
-   token by inverse CDF, so a seeded request draws the same tokens whatever else is in the batch.
+4. temperature, min_p, top-k, then top-p over the renormalised top-k survivors (vLLM's
+   ``apply_top_k_top_p``); a uniform number hashed from (key, position) picks the token by inverse
+   CDF, so a seeded request draws the same tokens whatever else is in the batch.
 
 Temperature, top_p, top_k, min_p, key and position travel as six int32 rows of the manager's
 argument tensor (that path also runs inside CUDA graphs). Penalties, min_tokens and logprobs need a
@@ -222,7 +223,7 @@ def scaled_logits(scores, args, min_p: bool = True):
 
 
 def kept_candidates(logits, log_total, args, is_sampled, exact: bool = False, candidates: int | None = None):
-    """Top-k and top-p (top-p measured on the whole distribution).
+    """Top-k, then top-p over the renormalised top-k survivors (vLLM's apply_top_k_top_p).
 
     Returns (rows that filter [B], candidate token ids by descending logit [B, C], each candidate's
     probability in the whole distribution, 0 where dropped [B, C]). The candidates are the whole
@@ -244,15 +245,17 @@ def kept_candidates(logits, log_total, args, is_sampled, exact: bool = False, ca
         probs = (values - log_total).exp_()
         if size == vocab or candidates is not None:
             break
-        within = ~row_filtered | (has_k & (top_k <= size)) | (probs.sum(dim=-1) >= top_p)
+        # A row with top_k needs all of its top-k; one without, the tokens up to top_p of the mass.
+        within = ~row_filtered | (has_k & (top_k <= size)) | (~has_k & (probs.sum(dim=-1) >= top_p))
         if bool(within.all()):
             break
         size = min(size * 16, vocab)
     ranks = torch.arange(size, device=logits.device).unsqueeze(0)
     survivors = probs.masked_fill_(ranks >= torch.where(has_k, top_k, vocab).unsqueeze(-1), 0.0)
     cumulative = survivors.cumsum(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    above = cumulative - survivors
+    mass = torch.where(has_k, cumulative[:, -1], 1.0).unsqueeze(-1)  # the top-k survivors' share
+    # Keep the smallest prefix whose renormalised mass reaches top_p (the first token always stays).
+    above = (cumulative - survivors) / mass
     kept = survivors.masked_fill_(above >= top_p.unsqueeze(-1), 0.0)
     return row_filtered, order, kept
 
@@ -284,6 +287,7 @@ def build_sampler_class() -> type:
             self._any_sampled = True
             self._any_filtered = True
             self._any_min_p = True
+            self._top_k_bound = 0  # the largest top_k of the filtered rows; 0 when one has no top_k
             self._plan: _Plan | None = None
             # Penalty history: host bookkeeping and the device pool ([slots, vocab] counts and prompt masks).
             self._slots = _PenaltySlots()
@@ -320,7 +324,8 @@ def build_sampler_class() -> type:
 
         def prepare_tensor_args(self, requests_in_batch, arg_storage: torch.Tensor) -> torch.Tensor:
             floats, ints = [], []
-            any_sampled = any_filtered = any_min_p = False
+            any_sampled = any_filtered = any_min_p = unbounded = False
+            bound = 0
             plan: _Plan | None = None
             for state, params, position in compat.batch_rows(requests_in_batch, self.KWARG):
                 if params is None:  # the manager's warmup requests
@@ -330,13 +335,17 @@ def build_sampler_class() -> type:
                 if params.temperature > 0:
                     any_sampled = True
                     any_min_p = any_min_p or params.min_p > 0
-                    any_filtered = any_filtered or params.top_k > 0 or params.top_p < 1.0
+                    if params.top_k > 0 or params.top_p < 1.0:
+                        any_filtered = True
+                        bound = max(bound, params.top_k)
+                        unbounded = unbounded or params.top_k <= 0
                 if params.extras:
                     plan = plan or _Plan()
                     self._plan_row(plan, len(ints), state, position, params)
                 floats.append((params.temperature, params.top_p, params.min_p))
                 ints.append((params.top_k, params.key, position))
             self._any_sampled, self._any_filtered, self._any_min_p = any_sampled, any_filtered, any_min_p
+            self._top_k_bound = 0 if unbounded else bound
             self._plan = plan
             self._slots.keep_only(set() if plan is None else set(plan.penalty_ids))
             self._gate_graphs(eager=plan is not None)
@@ -385,6 +394,13 @@ def build_sampler_class() -> type:
                 compat.set_cuda_graph_flags(self._runner, self._graphs[0] and not eager,
                                             self._graphs[1] and not eager)
 
+        def _search(self, scores: torch.Tensor) -> tuple[bool, int | None]:
+            """(exact, candidates) for this batch's top-k/top-p, without a host sync: the largest top_k
+            when every filtered row has one; else a full sort on CUDA, a growing candidate set on CPU."""
+            if self._top_k_bound:
+                return False, min(self._top_k_bound, scores.size(-1))
+            return scores.is_cuda, None
+
         def __call__(self, input_ids, scores: torch.FloatTensor, logits_processor_args: torch.Tensor):
             capturing = scores.is_cuda and torch.cuda.is_current_stream_capturing()
             if capturing:  # a CUDA graph replays this for any batch: no host-side shortcuts
@@ -393,13 +409,16 @@ def build_sampler_class() -> type:
                 return self._call_planned(scores, logits_processor_args, self._plan)
             if not self._any_sampled:
                 return scores
-            return self.sample(scores, logits_processor_args, filtered=self._any_filtered, min_p=self._any_min_p)
+            exact, candidates = self._search(scores) if self._any_filtered else (False, None)
+            return self.sample(scores, logits_processor_args, filtered=self._any_filtered, exact=exact,
+                               min_p=self._any_min_p, candidates=candidates)
 
         @torch.compiler.disable  # host-side lists per batch: keep it out of any compiled forward
         def _call_planned(self, scores: torch.Tensor, args: torch.Tensor, plan: _Plan) -> torch.Tensor:
             logits = self.planned_logits(scores, plan)
+            exact, candidates = self._search(scores) if self._any_filtered else (False, None)
             chosen = self.choose(logits, args, sampled=self._any_sampled, filtered=self._any_filtered,
-                                 min_p=self._any_min_p)
+                                 exact=exact, min_p=self._any_min_p, candidates=candidates)
             if plan.penalty_rows:
                 self._count(plan, chosen)
             if plan.logprob_rows:
