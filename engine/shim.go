@@ -24,7 +24,7 @@ import (
 //go:embed shim/libgovllm_shim.so
 var shimLibrary []byte
 
-//go:embed python/govllm/*.py python/govllm/backends/*.py
+//go:embed python/govllm/*.py python/govllm/backends/*.py python/govllm/backends/hf/*.py
 var pythonPackage embed.FS
 
 // shimAPI holds the C entry points of cshim/shim.h.

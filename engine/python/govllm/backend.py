@@ -42,7 +42,7 @@ class SamplingParams:
     max_tokens: int | None = None
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 = off (-1, vLLM's "off", is stored as 0)
     seed: int | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
@@ -54,6 +54,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0; 1 = off
     min_tokens: int = 0
     logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
+
+    def __post_init__(self) -> None:
+        if self.top_k == -1:
+            self.top_k = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
@@ -139,7 +143,10 @@ def logprob_entry(token: str, logprob: float) -> dict[str, Any]:
 
 
 class RequestError(Exception):
-    """A request the backend refuses (bad parameters, prompt too long): HTTP 400 for that request only."""
+    """The client's mistake (bad parameters, prompt too long): HTTP ``status`` for that request only.
+
+    The only exception the bridge answers with a 4xx; any other one is a 500.
+    """
 
     status = 400
     type = "BadRequestError"
@@ -150,7 +157,7 @@ class RequestError(Exception):
 
 
 def _text_content(content: Any) -> Any:
-    """OpenAI content parts -> plain text, for chat templates that expect strings."""
+    """OpenAI content parts -> plain text joined with newlines (as vLLM and the Go server join them)."""
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         texts = []
         for part in content:
@@ -158,7 +165,7 @@ def _text_content(content: Any) -> Any:
                 raise RequestError(f"unsupported content part type {part.get('type')!r} for this model",
                                    param="messages")
             texts.append(str(part.get("text", "")))
-        return "".join(texts)
+        return "\n".join(texts)
     return content
 
 
@@ -201,7 +208,8 @@ class Backend(Protocol):
     name: str
 
     async def start(self) -> None:
-        """Load the model. Raise to fail engine start with a clear message."""
+        """Load the model. Raise to fail engine start with a clear message. The bridge cancels it when
+        Go shuts down during the load: blocking work belongs in a thread (asyncio.to_thread)."""
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render chat messages with the tokenizer's chat template (generation prompt added)."""

@@ -1,11 +1,10 @@
 """The bridge between the Go process and a backend.
 
-It runs on the interpreter's main thread (the shim's boot code calls ``main``): one asyncio loop,
-the process's only global state, serves every request. Commands from Go arrive through the
-shim's inbox (an eventfd watched with ``add_reader``); deltas leave through
-``_govllm_shim.emit``, which frames a binary record into a buffer private to this thread and never
-calls Go; the buffer goes to the shim's queue in one piece once per loop iteration (the flush hook),
-when it fills, and before any other event.
+It runs on the interpreter's main thread (the shim's boot code calls ``main``): one asyncio loop
+serves every request. Commands from Go arrive through the shim's inbox (an eventfd watched with
+``add_reader``, from before the backend starts, so that a shutdown can cancel the start); deltas
+leave through ``_govllm_shim.emit``, which stages records in C and hands them to Go once per loop
+iteration (the flush hook). Control events (``emit_event``) go out at once.
 """
 
 from __future__ import annotations
@@ -15,18 +14,27 @@ import functools
 import importlib
 import json
 import logging
-import os
 import traceback
 from typing import Any
 
 import _govllm_shim as shim  # created by the C shim before this module is imported
 
-from .backend import Backend, EngineConfig, EngineDeadError, RequestError, SamplingParams
+from .backend import Backend, EngineConfig, EngineDeadError, RequestError
+from .request import Request, apply_default_max_tokens, generation_defaults, parse_request
 
 # Commands from Go (cshim/shim.h, engine/shim.go).
-CMD_SUBMIT, CMD_ABORT, CMD_SHUTDOWN, CMD_STATS = 1, 2, 3, 4
-# Event kinds to Go (engine/event.go).
-EV_END, EV_ERROR, EV_READY, EV_FATAL, EV_LOG, EV_STATS = 2, 3, 4, 5, 6, 7
+CMD_SUBMIT = 1
+CMD_ABORT = 2
+CMD_SHUTDOWN = 3
+CMD_STATS = 4
+# Event kinds to Go (engine/event.go). EV_DELTA records are framed by the shim's emit.
+EV_DELTA = 1
+EV_END = 2
+EV_ERROR = 3
+EV_READY = 4
+EV_FATAL = 5
+EV_LOG = 6
+EV_STATS = 7
 FINISH_CODES = {None: 0, "stop": 1, "length": 2, "abort": 3}
 HEALTH_INTERVAL = 0.25  # seconds between backend health checks
 
@@ -54,24 +62,8 @@ def _meta(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-# generation_config.json keys that become sampling defaults, as vllm serve applies them.
-GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")
-
-
-def generation_defaults(model_dir: str) -> dict[str, Any]:
-    """The model's recommended sampling (generation_config.json), for fields a request leaves unset."""
-    try:
-        with open(os.path.join(model_dir, "generation_config.json")) as f:
-            gc = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if gc.get("do_sample") is False:
-        defaults: dict[str, Any] = {"temperature": 0.0}  # Hugging Face's meaning: greedy
-    else:
-        defaults = {k: gc[k] for k in GENERATION_DEFAULTS if gc.get(k) is not None}
-    if defaults:
-        log.info("sampling defaults from the model's generation_config.json: %s", defaults)
-    return defaults
+def _fatal(message: str, **extra: Any) -> None:
+    shim.emit_event(0, EV_FATAL, _meta({"message": message, **extra}))
 
 
 def load_backend(cfg: EngineConfig) -> Backend:
@@ -90,33 +82,54 @@ class Bridge:
         self.cfg = cfg
         self.backend: Backend | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.names: set[str] = set()  # backend request ids in use
         self.stopped: asyncio.Future[None] = loop.create_future()
         self.watchdog: asyncio.Task[None] | None = None
+        self.starting: asyncio.Task[None] | None = None
+        self.ready = False
+        self.shutting_down = False
         self.sampling_defaults = generation_defaults(cfg.model)
 
     async def run(self) -> None:
+        fd = shim.inbox_fd()
+        self.loop.add_reader(fd, self._on_inbox)
         try:
-            self.backend = load_backend(self.cfg)
-            await self.backend.start()
-        except Exception as exc:
-            tb = traceback.format_exc()
+            if await self._start():
+                self.watchdog = self.loop.create_task(self._watch_health())
+                await self.stopped
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.cancel()
+            self.loop.remove_reader(fd)
+
+    async def _boot(self) -> None:
+        self.backend = load_backend(self.cfg)
+        await self.backend.start()
+
+    async def _start(self) -> bool:
+        """Start the backend; True once READY is sent. A shutdown meanwhile cancels the start."""
+        self.starting = self.loop.create_task(self._boot())
+        await asyncio.wait([self.starting])
+        if self.starting.cancelled() or self.shutting_down:
+            log.warning("engine start cancelled by shutdown")
+            _fatal("engine start cancelled")
+            await self._stop_backend()
+            return False
+        exc = self.starting.exception()
+        if exc is not None:
+            tb = "".join(traceback.format_exception(exc))
             log.error("engine start failed:\n%s", tb)
-            shim.emit_event(0, EV_FATAL, _meta({"message": f"{type(exc).__name__}: {exc}", "traceback": tb}))
-            return
+            _fatal(f"{type(exc).__name__}: {exc}", traceback=tb)
+            return False
+        assert self.backend is not None
+        self.ready = True
         shim.emit_event(0, EV_READY, _meta({
             "model": self.cfg.served_model_name,
             "root": self.cfg.model,
             "max_model_len": self.backend.max_model_len(),
             "backend": self.backend.name,
         }))
-        fd = shim.inbox_fd()
-        self.loop.add_reader(fd, self._on_inbox)
-        self.watchdog = self.loop.create_task(self._watch_health())
-        try:
-            await self.stopped
-        finally:
-            self.watchdog.cancel()
-            self.loop.remove_reader(fd)
+        return True
 
     async def _watch_health(self) -> None:
         """Report engine death within HEALTH_INTERVAL even when no request is running (a killed
@@ -128,12 +141,16 @@ class Bridge:
                 self.backend.health()
             except Exception as exc:
                 log.error("engine died: %s: %s", type(exc).__name__, exc)
-                shim.emit_event(0, EV_FATAL, _meta({"message": f"{type(exc).__name__}: {exc}"}))
+                _fatal(f"{type(exc).__name__}: {exc}")
                 return
 
     def _on_inbox(self) -> None:
         for kind, req_id, data in shim.take():
             if kind == CMD_SUBMIT:
+                if not self.ready or self.shutting_down:
+                    state = "shutting down" if self.shutting_down else "starting"
+                    self._fail(req_id, 503, "ServiceUnavailableError", f"the engine is {state}", None)
+                    continue
                 task = self.loop.create_task(self._serve(req_id, data))
                 task.add_done_callback(lambda t, rid=req_id: self._reap(rid, t))
                 self.tasks[req_id] = task
@@ -148,14 +165,25 @@ class Bridge:
                     "healthy": self._healthy(),
                 }))
             elif kind == CMD_SHUTDOWN:
-                self.loop.create_task(self._shutdown())
+                self._request_shutdown()
+            else:
+                log.warning("unknown command %d from Go (request %d)", kind, req_id)
+
+    def _request_shutdown(self) -> None:
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        if self.ready:
+            self.loop.create_task(self._shutdown())
+        elif self.starting is not None:
+            self.starting.cancel()  # _start reports it and stops the backend
 
     def _reap(self, req_id: int, task: asyncio.Task[None]) -> None:
         # A task cancelled before its first step never ran _serve, which reports every other
         # ending itself: Go still waits for this request's END.
         self.tasks.pop(req_id, None)
         if task.cancelled():
-            shim.emit_event(req_id, EV_END, _meta({"usage": {"prompt_tokens": 0, "completion_tokens": 0}, "aborted": True}))
+            shim.emit_event(req_id, EV_END, _meta({"usage": {"prompt_tokens": 0, "completion_tokens": 0}}))
 
     async def _shutdown(self) -> None:
         if self.watchdog is not None:
@@ -164,35 +192,46 @@ class Bridge:
             task.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks.values()), timeout=10)
+        await self._stop_backend()
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    async def _stop_backend(self) -> None:
         if self.backend is not None:
             try:
                 await self.backend.shutdown()
             except Exception:
                 log.exception("backend shutdown failed")
-        if not self.stopped.done():
-            self.stopped.set_result(None)
 
-    def _prompt_ids(self, req: dict[str, Any]) -> list[int]:
+    def _prompt_ids(self, req: Request) -> list[int]:
         assert self.backend is not None
-        if req.get("messages"):
-            return self.backend.apply_chat_template(req["messages"])
-        if req.get("prompt"):
-            return self.backend.encode(req["prompt"])
-        if req.get("prompt_token_ids"):
-            return [int(t) for t in req["prompt_token_ids"]]
+        if req.messages:
+            return self.backend.apply_chat_template(req.messages)
+        if req.prompt:
+            return self.backend.encode(req.prompt)
+        if req.prompt_token_ids:
+            return list(req.prompt_token_ids)
         raise RequestError("the request has no messages, prompt or prompt_token_ids")
+
+    def _claim(self, name: str, req_id: int) -> str:
+        """A backend request id for ``name`` (the client's X-Request-Id may repeat), reserved until released."""
+        if name in self.names:
+            name = f"{name}-{req_id}"
+        self.names.add(name)
+        return name
 
     async def _serve(self, req_id: int, data: bytes) -> None:
         assert self.backend is not None
         emit = shim.emit
+        rid, claimed = str(req_id), False
         prompt_tokens = completion_tokens = 0
-        aborted = False
         try:
-            req = json.loads(data)
-            sampling = SamplingParams.from_dict({**self.sampling_defaults, **(req.get("sampling") or {})})
+            req = parse_request(data, rid, self.sampling_defaults)
+            rid, claimed = self._claim(req.request_id, req_id), True
             ids = self._prompt_ids(req)
             prompt_tokens = len(ids)
-            async for d in self.backend.generate(ids, sampling, str(req_id)):
+            apply_default_max_tokens(req, prompt_tokens, self.backend.max_model_len())
+            async for d in self.backend.generate(ids, req.sampling, rid):
                 completion_tokens += len(d.token_ids)
                 if d.logprobs is None:
                     emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1))
@@ -200,28 +239,30 @@ class Bridge:
                     emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1),
                          json.dumps({"logprobs": d.logprobs}).encode())
         except asyncio.CancelledError:
-            aborted = True  # aborted by Go (client gone, Close): report END below
+            log.debug("request %s aborted", rid)  # by Go (client gone, Close): END below
         except RequestError as exc:
+            log.debug("request %s refused: %s", rid, exc)
             self._fail(req_id, exc.status, exc.type, str(exc), exc.param)
             return
-        except (TypeError, ValueError) as exc:
-            self._fail(req_id, 400, "BadRequestError", f"{type(exc).__name__}: {exc}", None)
-            return
         except EngineDeadError as exc:
+            log.warning("request %s: the engine died: %s", rid, exc)
             self._fail(req_id, 503, "EngineDeadError", str(exc), None)
-            shim.emit_event(0, EV_FATAL, _meta({"message": str(exc)}))
+            _fatal(str(exc))
             return
         except Exception as exc:
-            log.error("request %d failed:\n%s", req_id, traceback.format_exc())
+            log.error("request %s failed:\n%s", rid, traceback.format_exc())
             self._fail(req_id, 500, "InternalServerError", f"{type(exc).__name__}: {exc}", None)
             return
+        finally:
+            if claimed:
+                self.names.discard(rid)
         shim.emit_event(req_id, EV_END, _meta({
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-            "aborted": aborted,
-            "backend_running": self._backend_running(),
         }))
 
     def _healthy(self) -> str:
+        if not self.ready:
+            return "the engine is starting"
         try:
             if self.backend is not None:
                 self.backend.health()
@@ -237,11 +278,12 @@ class Bridge:
             return -1
 
     def _fail(self, req_id: int, status: int, type_: str, message: str, param: str | None) -> None:
-        shim.emit_event(req_id, EV_ERROR, _meta({"Status": status, "Type": type_, "Message": message, "Param": param or ""}))
+        shim.emit_event(req_id, EV_ERROR, _meta({"status": status, "type": type_, "message": message,
+                                                 "param": param or ""}))
 
 
 def main(config: dict[str, Any]) -> None:
-    """Run the bridge until Go sends shutdown. Called once, on the interpreter's main thread."""
+    """Run the bridge until Go sends shutdown (or the start fails). Called once, on the interpreter's main thread."""
     root = logging.getLogger()
     if not any(isinstance(h, _ShimLogHandler) for h in root.handlers):
         handler = _ShimLogHandler()

@@ -1,0 +1,91 @@
+"""A stand-in for the C shim's ``_govllm_shim`` module, and Go's side of it, for bridge tests.
+
+Commands go in with ``send`` (as Go's shim_submit would); what the bridge emits is recorded in
+``events``. Records are not staged: each emit is recorded at once.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import threading
+import time
+from typing import Any
+
+EV_DELTA = 1  # shim.c frames emit's records with kind 1
+
+
+class FakeShim:
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._inbox: list[tuple[int, int, bytes]] = []
+        self._cond = threading.Condition()
+        self.events: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ the module's functions
+
+    def inbox_fd(self) -> int:
+        return self._fd
+
+    def take(self) -> list[tuple[int, int, bytes]]:
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            pass
+        with self._cond:
+            items, self._inbox = self._inbox, []
+        return items
+
+    def emit(self, req_id: int, index: int, tokens: Any, text: str, finish: int, meta: bytes | None = None) -> None:
+        if not isinstance(tokens, (list, tuple)):
+            raise TypeError("tokens must be a list or tuple of ints")
+        ids = [operator.index(t) for t in tokens]  # a str raises TypeError, as PyLong_AsLong does
+        self._record({"kind": EV_DELTA, "req_id": int(req_id), "index": int(index), "tokens": ids, "text": text,
+                      "finish": int(finish), "meta": json.loads(meta) if meta else None})
+
+    def emit_event(self, req_id: int, kind: int, payload: bytes) -> None:
+        self._record({"kind": int(kind), "req_id": int(req_id), "meta": json.loads(payload) if payload else None})
+
+    def emit_null(self, *args: Any) -> None:
+        pass
+
+    def set_flush_hook(self, hook: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ Go's side
+
+    def send(self, kind: int, req_id: int = 0, data: bytes | dict = b"") -> None:
+        if isinstance(data, dict):
+            data = json.dumps(data).encode()
+        with self._cond:
+            self._inbox.append((kind, req_id, data))
+        os.eventfd_write(self._fd, 1)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def wait_for(self, kind: int, req_id: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        """The first event of ``kind`` (for ``req_id``), waiting for it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if event["kind"] == kind and (req_id is None or event["req_id"] == req_id):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no event of kind {kind} for request {req_id}: {self.events}")
+                self._cond.wait(left)
+
+    def of(self, req_id: int) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events if e["req_id"] == req_id]
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -1,0 +1,109 @@
+"""load_format=dummy, the byte-level tokenizer, and scripts/bench_transformers_gpu.py at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from govllm.backend import EngineConfig, RequestError, SamplingParams
+from govllm.backends import hf_transformers
+from helpers import collect, greedy
+from hf_helpers import PARIS
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
+
+# ----------------------------------------------------------------------------- load_format=dummy
+
+
+@pytest.fixture(scope="module")
+def tiny_dummy_dir(model_path, tmp_path_factory) -> pathlib.Path:
+    """scripts/make_dummy_model.py's tiny Llama config (no weights), with the default model's tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-dummy")
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_dummy_model.py"), "--tokenizer-from",
+                    model_path, "--out", str(out)], check=True)
+    return out
+
+
+def _dummy_backend(path, seed=7, **extra):
+    cfg = EngineConfig(model=str(path), max_model_len=256, seed=seed, dtype="float32", device="cpu",
+                       extra={"load_format": "dummy", "kv_cache_gib": 0.05, **extra})
+    return hf_transformers.create(cfg)
+
+
+def test_load_format_dummy(loop, tiny_dummy_dir, tmp_path):
+    """Random weights for a config.json: the right shape, seeded, and they generate the tokens asked for."""
+    import torch
+
+    b = _dummy_backend(tiny_dummy_dir)
+    loop.run_until_complete(b.start())
+    try:
+        cfg = b.model.config
+        assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (128, 2, 49152)
+        weight = b.model.get_input_embeddings().weight
+        assert weight.std().item() > 1e-3, "weights should be random, not zeros"
+        prompt = b.encode("Hello there")
+        out = collect(loop, b, prompt, greedy(10, ignore_eos=True), "dummy")[0]
+        assert out["finish"] == "length" and len(out["ids"]) == 10
+        again = collect(loop, b, prompt, greedy(10, ignore_eos=True), "dummy-2")[0]
+        assert again["ids"] == out["ids"]
+        sampled = collect(loop, b, prompt, SamplingParams(max_tokens=5, temperature=1.0, seed=1, logprobs=1,
+                                                           presence_penalty=0.5), "dummy-3")[0]
+        assert len(sampled["ids"]) <= 5
+    finally:
+        loop.run_until_complete(b.shutdown())
+
+    # The same seed gives the same weights; another seed others.
+    def embedding(seed):
+        model = hf_transformers.load_model(str(tiny_dummy_dir), "dummy", torch.float32, "cpu", "sdpa", seed=seed)
+        return model.get_input_embeddings().weight
+
+    assert torch.equal(embedding(3), embedding(3)) and not torch.equal(embedding(3), embedding(4))
+
+    # A directory with only config.json: a byte-level tokenizer stands in.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_dummy_dir / "config.json", bare / "config.json")
+    b = _dummy_backend(bare)
+    loop.run_until_complete(b.start())
+    try:
+        prompt = b.encode("héllo 🙂")
+        assert prompt == list("héllo 🙂".encode())
+        out = collect(loop, b, prompt, greedy(4, ignore_eos=True), "bare")[0]
+        assert len(out["ids"]) == 4
+        with pytest.raises(RequestError, match="chat template"):
+            b.apply_chat_template(PARIS)
+    finally:
+        loop.run_until_complete(b.shutdown())
+
+    with pytest.raises(ValueError, match="load_format 'gguf'"):
+        loop.run_until_complete(_dummy_backend(tiny_dummy_dir, load_format="gguf").start())
+
+
+# ----------------------------------------------------------------------------- the GPU benchmark script, on CPU
+
+
+def test_bench_script_runs_on_cpu(tiny_dummy_dir, tmp_path):
+    """scripts/bench_transformers_gpu.py end to end at tiny sizes (its numbers mean nothing here)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "bench_transformers_gpu.py"), "--model", str(tiny_dummy_dir),
+           "--device", "cpu", "--dtype", "float32", "--prompt-len", "8", "--batch1-tokens", "8", "--streams", "4",
+           "--stream-tokens", "6", "--max-model-len", "128", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| govllm / generate_batch |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["load_format"] == "dummy"
+    g = result["govllm"]
+    assert g["batch1"]["tokens"] == 8 and g["batch1"]["decode_tokens_per_s"] > 0
+    assert g["streams"]["complete"] and g["streams"]["tokens"] == 4 * 6
+    assert result["generate_batch"]["complete"] and result["generate_batch"]["tokens"] == 4 * 6
+    assert result["ratio"] > 0 and result["bound_tokens_per_s"] > 0
+    # tied embeddings counted once: 49152 x 128 + 2 layers x (attention 2 x 128 x (128 + 64) + MLP 3 x 128 x 256
+    # + 2 norms) + the final norm, float32
+    params = 49152 * 128 + 2 * (2 * 128 * (128 + 64) + 3 * 128 * 256 + 2 * 128) + 128
+    assert result["weight_bytes"] == 4 * params
