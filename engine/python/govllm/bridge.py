@@ -162,7 +162,7 @@ class Bridge:
                 shim.emit_event(req_id, EV_STATS, _meta({
                     "backend_running": self._backend_running(),
                     "bridge_requests": len(self.tasks),
-                    "healthy": self._healthy(),
+                    "health_error": self._healthy(),
                 }))
             elif kind == CMD_SHUTDOWN:
                 self._request_shutdown()

@@ -216,7 +216,7 @@ def test_commands_before_ready(run, tmp_path):
     assert final["kind"] == r.bridge.EV_ERROR and final["meta"]["status"] == 503, final
     r.shim.send(r.bridge.CMD_STATS, 2)
     stats = r.shim.wait_for(r.bridge.EV_STATS, 2)["meta"]
-    assert stats["healthy"] == "the engine is starting" and stats["bridge_requests"] == 0
+    assert stats["health_error"] == "the engine is starting" and stats["bridge_requests"] == 0
     r.shim.send(r.bridge.CMD_ABORT, 1)  # nothing to abort: ignored
     r.stop()
     assert not r.thread.is_alive()
