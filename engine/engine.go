@@ -174,7 +174,9 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 			return nil, err
 		}
 	case <-ctx.Done():
-		e.Close()
+		if err := e.close(startCancelWait); err != nil {
+			return nil, fmt.Errorf("engine: start cancelled (%w) while the backend was still loading: %v", ctx.Err(), err)
+		}
 		return nil, fmt.Errorf("engine: start cancelled: %w", ctx.Err())
 	}
 	info := e.Model()
@@ -523,8 +525,19 @@ func (e *Engine) Running() int {
 func (e *Engine) Done() <-chan struct{} { return e.stopped }
 
 // Close aborts every request, shuts the backend down and waits (up to a minute) for the
-// interpreter's loop to end. The interpreter itself stays loaded until the process exits.
-func (e *Engine) Close() error {
+// interpreter's loop to end. The interpreter itself stays loaded until the process exits. It
+// returns an error when the loop did not end in time: the interpreter then stays busy, and no
+// other Engine can open in this process.
+func (e *Engine) Close() error { return e.close(time.Minute) }
+
+// startCancelWait bounds how long Open, cancelled, waits for the backend to give up its start.
+// A backend whose load is one blocking call (vLLM builds AsyncLLM on the loop thread) cannot
+// give up before the call returns; the caller gets its error meanwhile.
+const startCancelWait = 5 * time.Second
+
+// close is Close waiting at most wait; only the first call shuts down and reports.
+func (e *Engine) close(wait time.Duration) error {
+	var err error
 	e.closeOnce.Do(func() {
 		e.mu.Lock()
 		e.closed = true
@@ -535,11 +548,12 @@ func (e *Engine) Close() error {
 		case <-e.pollerDone:
 			<-e.runDone
 			releaseInterpreter()
-		case <-time.After(time.Minute):
+		case <-time.After(wait):
 			// The interpreter stays busy: a new Engine in this process would share a loop
 			// that never ended.
-			e.log.Error("engine: python did not shut down within a minute")
+			err = fmt.Errorf("engine: python did not shut down within %v", wait)
+			e.log.Error(err.Error())
 		}
 	})
-	return nil
+	return err
 }
