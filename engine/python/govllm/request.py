@@ -17,10 +17,10 @@ from .backend import RequestError, SamplingParams
 
 log = logging.getLogger("govllm")
 
-# generation_config.json keys vLLM's server takes as sampling defaults (ModelConfig.get_diff_sampling_param);
-# max_new_tokens is the default max_tokens.
-GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                       "frequency_penalty", "max_new_tokens")
+# generation_config.json keys vLLM's server takes as sampling defaults, exactly these
+# (ModelConfig.get_diff_sampling_param); max_new_tokens is the default max_tokens. Not the
+# presence/frequency penalties: Go sends a zero penalty as unset, so such a default could not be undone.
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 # Meaningless for greedy decoding (do_sample false).
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p")
 
