@@ -8,7 +8,7 @@ export CGO_ENABLED := 1
 # fresh build that say nothing about this project.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: all bootstrap shim build run test test-go test-python test-e2e fuzz gpu-bundle bench clean
+.PHONY: all bootstrap shim build run test check-deps test-go test-python test-e2e fuzz gpu-bundle bench clean
 
 all: build
 
@@ -33,9 +33,16 @@ build: $(SHIM)
 run: bootstrap build
 	bin/govllm serve
 
-test: bootstrap build
+test: bootstrap build check-deps
 	go vet ./...
 	$(MAKE) test-go test-python
+
+# The contract and the HTTP layer build without cgo, purego or the embedded shim.
+check-deps:
+	CGO_ENABLED=0 go vet ./llm/ ./server/ ./bench/ ./registry/
+	@if go list -deps ./server/ ./llm/ | grep -E 'purego|govllm/engine$$'; then \
+	  echo "check-deps: server or llm depends on the runtime" >&2; exit 1; fi
+	@echo "check-deps: llm, server, bench and registry build without cgo; server links no purego"
 
 test-go: $(SHIM)
 	go test $(GO_TEST_FLAGS) ./...
