@@ -107,3 +107,55 @@ def test_bench_script_runs_on_cpu(tiny_dummy_dir, tmp_path):
     # + 2 norms) + the final norm, float32
     params = 49152 * 128 + 2 * (2 * 128 * (128 + 64) + 3 * 128 * 256 + 2 * 128) + 128
     assert result["weight_bytes"] == 4 * params
+
+
+# ----------------------------------------------------------------------------- cancelled start
+
+
+def test_cancelled_start_never_starts_the_manager(loop, tiny_dummy_dir, monkeypatch):
+    """The bridge cancels start() when Go shuts down during the load: the loop is free at once, and
+    the loading thread, once its blocking step returns, stops instead of starting the manager."""
+    import asyncio
+    import threading
+    import time
+
+    from govllm.backends.hf import backend as hf_backend
+
+    in_load, release, finished = threading.Event(), threading.Event(), threading.Event()
+    real_load_model = hf_backend.loading.load_model
+
+    def slow_load_model(*args, **kwargs):
+        in_load.set()
+        release.wait(60)
+        return real_load_model(*args, **kwargs)
+
+    monkeypatch.setattr(hf_backend.loading, "load_model", slow_load_model)
+    b = _dummy_backend(tiny_dummy_dir)
+    real_load = b._load
+
+    def load():
+        try:
+            real_load()
+        finally:
+            finished.set()
+
+    b._load = load
+
+    async def scenario():
+        task = asyncio.create_task(b.start())
+        while not in_load.is_set():  # imports and the tokenizer come first
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await b.shutdown()
+        return time.monotonic() - t0
+
+    assert loop.run_until_complete(asyncio.wait_for(scenario(), 120)) < 2, "cancel and shutdown waited for the load"
+    release.set()
+    assert finished.wait(60)
+    assert b.manager is None
+    with pytest.raises(Exception, match="shut down"):
+        b.health()

@@ -30,8 +30,8 @@ if importlib.util.find_spec("vllm") is None:
 
 psutil = pytest.importorskip("psutil")
 
-from govllm.backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams  # noqa: E402
-from govllm.backends import vllm_engine  # noqa: E402
+from govllm.backend import EngineConfig, EngineDeadError, RequestError, SamplingParams  # noqa: E402
+from govllm.backends import vllm_engine, vllm_env  # noqa: E402
 from helpers import _collect, collect, greedy
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -129,7 +129,7 @@ def test_engine_kwargs_cpu_defaults(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     kw = vllm_engine.build_engine_kwargs(EngineConfig(model="/m"), "cpu", FIELDS)
     assert kw["enforce_eager"] is True
-    assert kw["kv_cache_memory_bytes"] == vllm_engine.default_cpu_kv_cache_bytes()
+    assert kw["kv_cache_memory_bytes"] == vllm_env.default_cpu_kv_cache_bytes()
     kw = vllm_engine.build_engine_kwargs(EngineConfig(model="/m", extra={"enforce_eager": False, "kv_cache_gib": 0.5}),
                                          "cpu", FIELDS)
     assert kw["enforce_eager"] is False and kw["kv_cache_memory_bytes"] == 1 << 29
@@ -155,15 +155,15 @@ def test_old_vllm_without_kv_cache_memory_bytes_gets_the_env(monkeypatch):
 def test_python_executable_when_embedded(monkeypatch):
     """In the Go binary sys.executable may be the binary itself: spawn must still exec a python."""
     monkeypatch.setattr(sys, "executable", "/usr/local/bin/govllm")
-    exe = vllm_engine.python_executable()
+    exe = vllm_env.python_executable()
     assert os.path.basename(exe).startswith("python") and os.access(exe, os.X_OK)
 
 
 def test_default_cpu_kv_cache_size():
     GiB = 1 << 30
-    assert vllm_engine.default_cpu_kv_cache_bytes(64 * GiB) == 4 * GiB
-    assert vllm_engine.default_cpu_kv_cache_bytes(8 * GiB) == 2 * GiB
-    assert vllm_engine.default_cpu_kv_cache_bytes(24 * GiB) == 4 * GiB
+    assert vllm_env.default_cpu_kv_cache_bytes(64 * GiB) == 4 * GiB
+    assert vllm_env.default_cpu_kv_cache_bytes(8 * GiB) == 2 * GiB
+    assert vllm_env.default_cpu_kv_cache_bytes(24 * GiB) == 4 * GiB
 
 
 def test_unknown_extra_key_is_an_error():
@@ -175,7 +175,7 @@ def test_unknown_extra_key_is_an_error():
 def test_pdeathsig_wrapper_kills_spawned_child(tmp_path):
     """multiprocessing children spawned through the wrapper die when their host is SIGKILLed
     (and, as a control, children spawned with plain python survive it)."""
-    wrapper = vllm_engine.pdeathsig_wrapper(vllm_engine.python_executable())
+    wrapper = vllm_env.pdeathsig_wrapper(vllm_env.python_executable())
     assert wrapper and os.access(wrapper, os.X_OK)
     script = tmp_path / "host.py"
     script.write_text(textwrap.dedent("""
@@ -207,7 +207,7 @@ def test_pdeathsig_wrapper_kills_spawned_child(tmp_path):
 
     child, gone = child_after_host_killed(wrapper, 10)
     assert gone, "a child spawned through the wrapper outlived its SIGKILLed host"
-    child, gone = child_after_host_killed(vllm_engine.python_executable(), 1.5)
+    child, gone = child_after_host_killed(vllm_env.python_executable(), 1.5)
     with contextlib.suppress(psutil.Error):
         psutil.Process(child).kill()
     assert not gone, "control: a plain-python child should have outlived its host"
@@ -263,14 +263,14 @@ def test_engine_args_fields_exist():
 
 
 def test_platform_prediction(monkeypatch):
-    assert vllm_engine.predict_platform(EngineConfig(model="/m", device="cpu")) == "cpu"
-    assert vllm_engine.predict_platform(EngineConfig(model="/m", device="cuda:0")) == "cuda"
+    assert vllm_env.predict_platform(EngineConfig(model="/m", device="cpu")) == "cpu"
+    assert vllm_env.predict_platform(EngineConfig(model="/m", device="cuda:0")) == "cuda"
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
-    assert vllm_engine.predict_platform(EngineConfig(model="/m")) == "cpu"
+    assert vllm_env.predict_platform(EngineConfig(model="/m")) == "cpu"
     monkeypatch.delenv("VLLM_TARGET_DEVICE")
     from vllm.platforms import current_platform
 
-    predicted = vllm_engine.predict_platform(EngineConfig(model="/m"))
+    predicted = vllm_env.predict_platform(EngineConfig(model="/m"))
     assert predicted == ("cpu" if current_platform.is_cpu() else "cuda")
 
 

