@@ -35,6 +35,7 @@ run: bootstrap build
 
 test: bootstrap build check-deps
 	go vet ./...
+	go vet -tags gpu ./...
 	$(MAKE) test-go test-python
 
 # The contract and the HTTP layer build without cgo, purego or the embedded shim.

@@ -25,6 +25,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/govllm/govllm/engine"
+	"github.com/govllm/govllm/llm"
 	"github.com/govllm/govllm/server"
 )
 
@@ -152,7 +153,7 @@ func metricValue(t *testing.T, body []byte, prefix string) float64 {
 	return 0
 }
 
-// idleBackend is a server.Backend that serves no request.
+// idleBackend is an llm.Generator that serves no request.
 type idleBackend struct{}
 
 func (idleBackend) Generate(context.Context, engine.Request) (llm.TokenStream, error) {
