@@ -228,6 +228,14 @@ def train_sentencepiece(out_dir, rng):
             tok.save_pretrained(d)
             with open(os.path.join(d, "tokenizer.json"), "w") as f:
                 json.dump(spec, f, ensure_ascii=False)
+            # transformers 5's LlamaTokenizer rebuilds its decoder in
+            # __init__ and ignores tokenizer.json's; the generic backend
+            # loads the file as is.
+            cfg_path = os.path.join(d, "tokenizer_config.json")
+            cfg = json.load(open(cfg_path))
+            cfg["tokenizer_class"] = "TokenizersBackend"
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f)
         yield name, d
 
 
