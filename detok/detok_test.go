@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"unicode/utf8"
 
@@ -55,55 +54,25 @@ type refFile struct {
 	} `json:"logprob"`
 }
 
-var (
-	refOnce sync.Once
-	refDir  string
-	refErr  error
-	refSkip string
-)
-
-// references runs testdata/make_reference.py once per test binary (it
-// imports vLLM, which takes ~10 s) and returns the directory it wrote.
-func references(t *testing.T) string {
+// references runs testdata/make_reference.py (it imports vLLM, ~10 s)
+// into a temporary directory and returns it, or skips without the venv.
+func references(t *testing.T, model string) string {
 	t.Helper()
-	model := defaultModelDir(t)
-	refOnce.Do(func() {
-		py := filepath.Join(repoRoot(t), ".venv", "bin", "python")
-		if _, err := os.Stat(py); err != nil {
-			refSkip = fmt.Sprintf("no venv python at %s: %v", py, err)
-			return
-		}
-		dir, err := os.MkdirTemp("", "detok-ref-")
-		if err != nil {
-			refErr = err
-			return
-		}
-		refDir = dir
-		cmd := exec.Command(py, filepath.Join("testdata", "make_reference.py"), dir, model)
-		cmd.Env = append(os.Environ(), "TOKENIZERS_PARALLELISM=false", "VLLM_LOGGING_LEVEL=ERROR")
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			refErr = fmt.Errorf("make_reference.py: %w\n%s", err, out)
-		}
-	})
-	if refSkip != "" {
-		t.Skip(refSkip)
+	py := filepath.Join(repoRoot(t), ".venv", "bin", "python")
+	if _, err := os.Stat(py); err != nil {
+		t.Skipf("no venv python at %s: %v", py, err)
 	}
-	require.NoError(t, refErr)
-	return refDir
+	dir := t.TempDir()
+	cmd := exec.Command(py, filepath.Join("testdata", "make_reference.py"), dir, model)
+	cmd.Env = append(os.Environ(), "TOKENIZERS_PARALLELISM=false", "VLLM_LOGGING_LEVEL=ERROR")
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "make_reference.py:\n%s", out)
+	return dir
 }
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if refDir != "" {
-		_ = os.RemoveAll(refDir)
-	}
-	os.Exit(code)
-}
-
-func loadRef(t *testing.T, name string) refFile {
+func loadRef(t *testing.T, refs, name string) refFile {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(references(t), name+".json"))
+	b, err := os.ReadFile(filepath.Join(refs, name+".json"))
 	require.NoError(t, err)
 	var r refFile
 	require.NoError(t, json.Unmarshal(b, &r))
@@ -111,12 +80,14 @@ func loadRef(t *testing.T, name string) refFile {
 }
 
 func TestDifferential(t *testing.T) {
+	model := defaultModelDir(t)
+	refs := references(t, model)
 	for _, name := range []string{"default", "spm_llama", "spm_gemma", "spm_metaspace"} {
 		t.Run(name, func(t *testing.T) {
-			ref := loadRef(t, name)
-			dir := filepath.Join(references(t), name)
+			ref := loadRef(t, refs, name)
+			dir := filepath.Join(refs, name)
 			if name == "default" {
-				dir = defaultModelDir(t)
+				dir = model
 			}
 			tok, err := Load(dir)
 			require.NoError(t, err)
