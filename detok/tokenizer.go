@@ -34,9 +34,28 @@
 //     leading-space restoration for Metaspace pre-tokenizers, and the
 //     context-based U+FFFD correction of the logprobs processor).
 //
+// How the stream differs from decoding the output alone (all of this is
+// vLLM's behaviour, reproduced on purpose): a character split between the
+// prompt and the first output tokens is completed from the prompt's bytes;
+// the first output token keeps its leading space under Strip/Metaspace
+// decoders when the prompt is non-empty (DecodeStream diffs against the
+// prompt's text), but loses it after an empty prompt; bytes of a character
+// that never completes are never emitted (there is no flush, so the U+FFFD
+// that Decode shows at the end is absent from the stream); and an invalid
+// prefix (the window's text no longer extends what was emitted) restarts
+// the stream without context, as vLLM does.
+//
 // Not supported: encoding, normalizers (they do not affect decoding), the
 // legacy slow (Python) tokenizers and their detokenize_incrementally path,
-// and stop-string handling (that belongs to the caller).
+// and stop-string handling (that belongs to the caller). The decoder is
+// always the one in tokenizer.json: transformers 5 model-specific classes
+// that define their own __init__ (LlamaTokenizer, for one) rebuild the
+// decoder in code and ignore tokenizer.json's; for LlamaTokenizer that is
+// Sequence[Replace("▁"," "), ByteFallback, Fuse] plus Strip(" ",1,0) when
+// add_prefix_space (default true), which is what Llama-family
+// tokenizer.json files normally contain anyway, but a file with a different
+// decoder (an old Metaspace export, say) would decode differently in
+// transformers than here.
 package detok
 
 import (
