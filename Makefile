@@ -40,10 +40,10 @@ test: bootstrap build check-deps
 
 # The contract and the HTTP layer build without cgo, purego or the embedded shim.
 check-deps:
-	CGO_ENABLED=0 go vet ./llm/ ./server/ ./bench/ ./registry/
+	CGO_ENABLED=0 go vet ./llm/ ./server/ ./bench/ ./registry/ ./detok/
 	@if go list -deps ./server/ ./llm/ | grep -E 'purego|govllm/engine$$'; then \
 	  echo "check-deps: server or llm depends on the runtime" >&2; exit 1; fi
-	@echo "check-deps: llm, server, bench and registry build without cgo; server links no purego"
+	@echo "check-deps: llm, server, bench, registry and detok build without cgo; server links no purego"
 
 test-go: $(SHIM)
 	go test $(GO_TEST_FLAGS) ./...
