@@ -44,12 +44,9 @@ func (p *Plan) engineArgs(opts Options) {
 			set("gpu_memory_utilization", p.Placement.GPUMemoryUtilization, "the memory placement grants each GPU")
 		}
 	case pyfind.Transformers:
-		if p.Placement != nil {
-			if v, given := p.EngineArgs["gpu_memory_utilization"]; given {
-				set("max_memory_percent", v, "from gpu_memory_utilization")
-			} else {
-				set("max_memory_percent", p.Placement.GPUMemoryUtilization, "the memory placement grants the GPU")
-			}
+		// The backend reads a given gpu_memory_utilization as its max_memory_percent itself.
+		if _, given := p.EngineArgs["gpu_memory_utilization"]; p.Placement != nil && !given {
+			set("max_memory_percent", p.Placement.GPUMemoryUtilization, "the memory placement grants the GPU")
 		}
 	}
 }

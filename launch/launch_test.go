@@ -137,6 +137,14 @@ func TestResolve(t *testing.T) {
 			devices: []int{0}, env: []string{gpu.VisibleDevicesEnv + "=" + gputest.UUID(0)},
 		},
 		{
+			name:   "transformers with an explicit gpu_memory_utilization: the backend maps it itself",
+			opts:   launch.Options{Engine: "transformers", EngineArgs: map[string]any{"gpu_memory_utilization": 0.5}},
+			host:   launch.Host{FindPython: python(), Devices: gpus, LookupEnv: env()},
+			engine: "transformers", device: "cuda", dtype: "auto", tp: 1, pp: 1,
+			args:    map[string]any{"gpu_memory_utilization": 0.5},
+			devices: []int{0}, env: []string{gpu.VisibleDevicesEnv + "=" + gputest.UUID(0)},
+		},
+		{
 			name:   "--device cpu never lists GPUs",
 			opts:   launch.Options{Model: model, Device: "cpu", LoadFormat: "dummy"},
 			host:   launch.Host{FindPython: python(), Devices: func() ([]gpu.Device, error) { panic("listed GPUs") }},

@@ -53,7 +53,7 @@ func gpus(args []string, stdout, stderr io.Writer) int {
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	rep := gpusReport{Devices: []gpu.Device{}}
 	opts := lf.options(false)
-	host := launch.Host{FindPython: findPython, Devices: func() ([]gpu.Device, error) { return nil, gpu.ErrNoNVML }}
+	host := launch.Host{FindPython: findPython} // with --device cpu the plan lists no GPUs
 	if opts.Device != "cpu" {
 		h, err := openGPUs(log)
 		if err != nil {
@@ -121,11 +121,8 @@ func printPlan(w io.Writer, p launch.Plan) {
 	for _, n := range p.Notes {
 		fmt.Fprintf(w, "  %s\n", n)
 	}
-	if len(p.EngineArgs) > 0 {
-		keys := slices.Sorted(maps.Keys(p.EngineArgs))
-		for _, k := range keys {
-			fmt.Fprintf(w, "  engine arg %s=%v\n", k, p.EngineArgs[k])
-		}
+	for _, k := range slices.Sorted(maps.Keys(p.EngineArgs)) {
+		fmt.Fprintf(w, "  engine arg %s=%v\n", k, p.EngineArgs[k])
 	}
 	for _, e := range p.Env {
 		fmt.Fprintf(w, "  export %s\n", e)
