@@ -132,24 +132,6 @@ func checkServeArgs(args []string) error {
 
 func serve(args []string, stderr io.Writer) int {
 	fs, f := newServeFlags(stderr)
-	var (
-		lf          = f.launch
-		pythonPath  = f.pythonPath
-		host        = f.host
-		port        = f.port
-		served      = f.served
-		maxNumSeqs  = f.maxNumSeqs
-		seed        = f.seed
-		apiKey      = f.apiKey
-		maxBody     = f.maxBody
-		drain       = f.drain
-		maxRunning  = f.maxRunning
-		maxQueued   = f.maxQueued
-		reqTimeout  = f.reqTimeout
-		writeTO     = f.writeTO
-		exitOnDeath = f.exitOnDeath
-		logLevel    = f.logLevel
-	)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -158,19 +140,19 @@ func serve(args []string, stderr io.Writer) int {
 		return 2
 	}
 	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(*logLevel)); err != nil {
-		fmt.Fprintf(stderr, "govllm serve: bad --log-level %q: use debug, info, warn or error\n", *logLevel)
+	if err := lvl.UnmarshalText([]byte(*f.logLevel)); err != nil {
+		fmt.Fprintf(stderr, "govllm serve: bad --log-level %q: use debug, info, warn or error\n", *f.logLevel)
 		return 2
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
-	opts := lf.options(true)
+	opts := f.launch.options(true)
 	if err := launch.Check(opts); err != nil {
 		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
 		return 2
 	}
 
 	// Listen before loading the model so that a busy port fails in a second, not a minute.
-	addr := net.JoinHostPort(*host, strconv.Itoa(*port))
+	addr := net.JoinHostPort(*f.host, strconv.Itoa(*f.port))
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		fmt.Fprintf(stderr, "govllm serve: cannot listen on %s: %v (is another server running? pick another --port)\n", addr, err)
@@ -186,8 +168,8 @@ func serve(args []string, stderr io.Writer) int {
 		stop()
 	}()
 	var extraPath []string
-	if *pythonPath != "" {
-		extraPath = filepath.SplitList(*pythonPath)
+	if *f.pythonPath != "" {
+		extraPath = filepath.SplitList(*f.pythonPath)
 	}
 	// The plan places the model on GPUs before any weight is loaded (on CPU: one line).
 	gpuSet, plan, err := setupLaunch(ctx, log, opts)
@@ -198,8 +180,8 @@ func serve(args []string, stderr io.Writer) int {
 	defer gpuSet.Close()
 	e, err := engine.Open(ctx, engine.Config{
 		Model: opts.Model, Engine: plan.Engine, Python: plan.Python.Executable, PythonPath: extraPath,
-		ServedModelName: *served, MaxModelLen: opts.MaxModelLen, MaxNumSeqs: *maxNumSeqs,
-		Dtype: plan.Dtype, Device: plan.Device, Seed: *seed, Extra: plan.EngineArgs, Logger: log,
+		ServedModelName: *f.served, MaxModelLen: opts.MaxModelLen, MaxNumSeqs: *f.maxNumSeqs,
+		Dtype: plan.Dtype, Device: plan.Device, Seed: *f.seed, Extra: plan.EngineArgs, Logger: log,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
@@ -209,9 +191,9 @@ func serve(args []string, stderr io.Writer) int {
 
 	gpuSet.startMonitor(ctx)
 	handler := server.New(server.Config{
-		Backend: e, Logger: log, MaxBodyBytes: *maxBody, APIKey: *apiKey, Stats: e.Stats,
+		Backend: e, Logger: log, MaxBodyBytes: *f.maxBody, APIKey: *f.apiKey, Stats: e.Stats,
 		Collectors: gpuSet.collectors(), HealthChecks: gpuSet.healthChecks(),
-		MaxConcurrent: *maxRunning, MaxQueue: *maxQueued, RequestTimeout: *reqTimeout, WriteTimeout: *writeTO,
+		MaxConcurrent: *f.maxRunning, MaxQueue: *f.maxQueued, RequestTimeout: *f.reqTimeout, WriteTimeout: *f.writeTO,
 	})
 	srv := &http.Server{
 		Handler:           handler,
@@ -230,7 +212,7 @@ func serve(args []string, stderr io.Writer) int {
 			log.Error("govllm: server stopped", "err", err)
 			return 1
 		case <-engineDone:
-			if *exitOnDeath {
+			if *f.exitOnDeath {
 				log.Error("govllm: engine died, exiting (--exit-on-engine-death)", "err", e.Health())
 				return 3
 			}
@@ -241,7 +223,7 @@ func serve(args []string, stderr io.Writer) int {
 		}
 	}
 	stop() // a second signal ends the process at once
-	shutdown(srv, handler, *drain, log)
+	shutdown(srv, handler, *f.drain, log)
 	return 0
 }
 
