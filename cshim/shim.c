@@ -18,8 +18,9 @@
  * The thread that calls shim_init() becomes Python's main thread and must also call shim_run(),
  * once per engine: after a run ends, another may start on the same interpreter.
  *
- * Why one file of this length: it is one translation unit so that the per-token path (py_emit
- * -> stage_reserve/stage_commit -> frame_record, store_exact_ints, st32) inlines into py_emit
+ * Why one file of this length: it is one translation unit so that the per-token path (py_relay
+ * and py_emit -> emit_delta -> stage_reserve/stage_commit -> frame_record, store_exact_ints,
+ * st32) inlines into emit_delta
  * without link-time optimization, and so that the queues' state (outbox, stage, inbox) stays
  * static, private to the few functions that keep its locking rules. It reads top to bottom in
  * sections: last error, outbox, staging, poll, inbox, the _govllm_shim module, lifecycle.
@@ -508,47 +509,15 @@ static int store_exact_ints(uint8_t *dst, PyObject *seq, int is_list, Py_ssize_t
   return 1;
 }
 
-/* emit(req_id: int, index: int, tokens: list[int] | tuple[int, ...], text: str, finish: int) -> None
- * The hot path: one delta of one choice. finish: a SHIM_FINISH_* code (shim.h). */
-static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-  (void)self;
-  if (nargs != 5 && nargs != 6) {
-    PyErr_SetString(PyExc_TypeError, "emit(req_id, index, tokens, text, finish[, meta]) takes 5 or 6 arguments");
-    return NULL;
-  }
-  long long req_id = PyLong_AsLongLong(args[0]);
-  if (req_id == -1 && PyErr_Occurred()) return NULL;
-  /* index and finish are almost always 0: CPython's cached small int needs no conversion call. */
-  long index = args[1] == int_zero ? 0 : PyLong_AsLong(args[1]);
-  if (index == -1 && PyErr_Occurred()) return NULL;
-  long finish = args[4] == int_zero ? 0 : PyLong_AsLong(args[4]);
-  if (finish == -1 && PyErr_Occurred()) return NULL;
-  PyObject *seq = args[2];
-  /* Exact types first: in the limited API the *_Check macros are function calls. */
-  int is_list = Py_TYPE(seq) == &PyList_Type, is_tuple = !is_list && Py_TYPE(seq) == &PyTuple_Type;
-  if (!is_list && !is_tuple) {
-    is_list = PyList_Check(seq);
-    is_tuple = !is_list && PyTuple_Check(seq);
-  }
-  if (!is_list && !is_tuple) {
-    PyErr_SetString(PyExc_TypeError, "tokens must be a list or tuple of ints");
-    return NULL;
-  }
+/* emit_delta frames one delta record (SHIM_EV_DELTA) of one choice: the hot path of emit() and
+ * relay(). seq must be a list or tuple (checked by the caller; is_list says which). Returns 0, or
+ * -1 with a Python exception set. */
+static int emit_delta(long long req_id, long index, PyObject *seq, int is_list, const char *text, Py_ssize_t tlen,
+                      long finish, const char *meta, Py_ssize_t mlen) {
   Py_ssize_t ntok = is_list ? PyList_Size(seq) : PyTuple_Size(seq);
   if (ntok > MAX_TOKENS_PER_EVENT) {
     PyErr_SetString(PyExc_ValueError, "too many tokens in one event");
-    return NULL;
-  }
-  Py_ssize_t tlen = 0;
-  const char *text = "";
-  if (args[3] != Py_None) {
-    text = PyUnicode_AsUTF8AndSize(args[3], &tlen);
-    if (text == NULL) return NULL;
-  }
-  char *meta = NULL;
-  Py_ssize_t mlen = 0;
-  if (nargs == 6 && args[5] != Py_None) {
-    if (PyBytes_AsStringAndSize(args[5], &meta, &mlen) < 0) return NULL;
+    return -1;
   }
   size_t total = 4 + HDR + (size_t)ntok * 4 + (size_t)tlen + (size_t)mlen;
 
@@ -556,15 +525,14 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
    * converted in place and nothing is copied twice. */
   if (stage_owned() && total <= stage.limit) {
     uint8_t *p = stage_reserve(total);
-    if (p == NULL) return NULL;
+    if (p == NULL) return -1;
     int stored = store_exact_ints(p + 4 + HDR, seq, is_list, ntok);
-    if (stored < 0) return NULL;
+    if (stored < 0) return -1;
     if (stored) {
       uint8_t hdr[HDR];
       make_header(hdr, SHIM_EV_DELTA, (int)finish, (int)index, (size_t)ntok, req_id, (size_t)tlen, (size_t)mlen);
       frame_record(p, hdr, HDR, NULL, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen);
-      if (stage_commit(total) < 0) return NULL;
-      Py_RETURN_NONE;
+      return stage_commit(total) < 0 ? -1 : 0;
     }
   }
 
@@ -573,7 +541,10 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
   int32_t *toks = small;
   if (ntok > 64) {
     toks = malloc(sizeof(int32_t) * (size_t)ntok);
-    if (!toks) return PyErr_NoMemory();
+    if (!toks) {
+      PyErr_NoMemory();
+      return -1;
+    }
   }
   for (Py_ssize_t i = 0; i < ntok; i++) {
     /* An int-like item's __index__ is Python code, which may shorten the list and drop the
@@ -597,10 +568,151 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
       (stage_flush() < 0 || outbox_put(hdr, HDR, toks, (size_t)ntok, text, (size_t)tlen, meta, (size_t)mlen) < 0))
     goto fail;
   if (toks != small) free(toks);
-  Py_RETURN_NONE;
+  return 0;
 fail:
   if (toks != small) free(toks);
-  return NULL;
+  return -1;
+}
+
+/* token_seq tells whether seq is a list (1) or a tuple (0) of tokens; -1 with TypeError set for
+ * anything else. Exact types first: in the limited API the *_Check macros are function calls. */
+static int token_seq(PyObject *seq) {
+  if (Py_TYPE(seq) == &PyList_Type) return 1;
+  if (Py_TYPE(seq) == &PyTuple_Type) return 0;
+  if (PyList_Check(seq)) return 1;
+  if (PyTuple_Check(seq)) return 0;
+  PyErr_SetString(PyExc_TypeError, "tokens must be a list or tuple of ints");
+  return -1;
+}
+
+/* emit(req_id: int, index: int, tokens: list[int] | tuple[int, ...], text: str, finish: int) -> None
+ * One delta of one choice. finish: a SHIM_FINISH_* code (shim.h). */
+static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  (void)self;
+  if (nargs != 5 && nargs != 6) {
+    PyErr_SetString(PyExc_TypeError, "emit(req_id, index, tokens, text, finish[, meta]) takes 5 or 6 arguments");
+    return NULL;
+  }
+  long long req_id = PyLong_AsLongLong(args[0]);
+  if (req_id == -1 && PyErr_Occurred()) return NULL;
+  /* index and finish are almost always 0: CPython's cached small int needs no conversion call. */
+  long index = args[1] == int_zero ? 0 : PyLong_AsLong(args[1]);
+  if (index == -1 && PyErr_Occurred()) return NULL;
+  long finish = args[4] == int_zero ? 0 : PyLong_AsLong(args[4]);
+  if (finish == -1 && PyErr_Occurred()) return NULL;
+  int is_list = token_seq(args[2]);
+  if (is_list < 0) return NULL;
+  Py_ssize_t tlen = 0;
+  const char *text = "";
+  if (args[3] != Py_None) {
+    text = PyUnicode_AsUTF8AndSize(args[3], &tlen);
+    if (text == NULL) return NULL;
+  }
+  char *meta = NULL;
+  Py_ssize_t mlen = 0;
+  if (nargs == 6 && args[5] != Py_None) {
+    if (PyBytes_AsStringAndSize(args[5], &meta, &mlen) < 0) return NULL;
+  }
+  if (emit_delta(req_id, index, args[2], is_list, text, tlen, finish, meta, mlen) < 0) return NULL;
+  Py_RETURN_NONE;
+}
+
+/* Attribute names relay() reads, interned once (shim_init). */
+static PyObject *s_request_id, *s_new_token_ids, *s_finish_reason, *s_new_logprobs;
+
+/* relay_one frames the delta of one engine output (see py_relay). Returns 1 when the output
+ * finished its choice, 0 when not (or it belongs to no route), -1 with an exception set. */
+static int relay_one(PyObject *out, PyObject *routes, PyObject *finish_codes, PyObject *logprobs_meta,
+                     PyObject *finished) {
+  int rc = -1;
+  PyObject *rid = NULL, *toks = NULL, *reason = NULL, *lp = NULL, *meta = NULL;
+  rid = PyObject_GetAttr(out, s_request_id);
+  if (rid == NULL) goto done;
+  PyObject *key_obj = PyDict_GetItemWithError(routes, rid); /* borrowed */
+  if (key_obj == NULL) {
+    rc = PyErr_Occurred() ? -1 : 0; /* not routed: aborted or stopped by Go meanwhile */
+    goto done;
+  }
+  long long key = PyLong_AsLongLong(key_obj);
+  if (key == -1 && PyErr_Occurred()) goto done;
+  toks = PyObject_GetAttr(out, s_new_token_ids);
+  if (toks == NULL) goto done;
+  int is_list = token_seq(toks);
+  if (is_list < 0) goto done;
+  reason = PyObject_GetAttr(out, s_finish_reason);
+  if (reason == NULL) goto done;
+  long finish = 0;
+  if (reason != Py_None) {
+    long r = PyLong_AsLong(reason);
+    if (r == -1 && PyErr_Occurred()) goto done;
+    Py_ssize_t ncodes = PyTuple_Size(finish_codes);
+    finish = SHIM_FINISH_ERROR;
+    if (r >= 0 && r < ncodes) {
+      finish = PyLong_AsLong(PyTuple_GetItem(finish_codes, r));
+      if (finish == -1 && PyErr_Occurred()) goto done;
+    }
+  }
+  char *mbuf = NULL;
+  Py_ssize_t mlen = 0;
+  if (logprobs_meta != Py_None) {
+    lp = PyObject_GetAttr(out, s_new_logprobs);
+    if (lp == NULL) goto done;
+    if (lp != Py_None) {
+      meta = PyObject_CallFunctionObjArgs(logprobs_meta, out, NULL);
+      if (meta == NULL) goto done;
+      if (meta != Py_None && PyBytes_AsStringAndSize(meta, &mbuf, &mlen) < 0) goto done;
+    }
+  }
+  if (emit_delta(key >> 16, (long)(key & 0xffff), toks, is_list, "", 0, finish, mbuf, mlen) < 0) goto done;
+  rc = 0;
+  if (reason != Py_None) {
+    if (PyList_Append(finished, rid) < 0) goto done;
+    rc = 1;
+  }
+done:
+  Py_XDECREF(rid);
+  Py_XDECREF(toks);
+  Py_XDECREF(reason);
+  Py_XDECREF(lp);
+  Py_XDECREF(meta);
+  return rc;
+}
+
+/* relay(outputs: list, routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta) -> list[str]
+ * One engine step for every request at once: for each output in outputs (objects with the
+ * attributes of vLLM's EngineCoreOutput: request_id, new_token_ids, finish_reason (None or an
+ * int), new_logprobs), routes[request_id] is the key go_id << 16 | choice index (outputs of
+ * request ids not in routes are skipped), finish_codes[finish_reason] the SHIM_FINISH_* code
+ * (SHIM_FINISH_ERROR for a reason outside it), and logprobs_meta (None: logprobs are never read)
+ * is called with the output, when its new_logprobs is not None, for the record's meta bytes.
+ * Frames one delta record per output with no text (Go detokenizes) and returns the request ids
+ * that finished. No Python code runs per output except logprobs_meta. */
+static PyObject *py_relay(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  (void)self;
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "relay(outputs, routes, finish_codes, logprobs_meta) takes 4 arguments");
+    return NULL;
+  }
+  PyObject *outputs = args[0], *routes = args[1], *finish_codes = args[2], *logprobs_meta = args[3];
+  if (!PyList_Check(outputs) || !PyDict_Check(routes) || !PyTuple_Check(finish_codes)) {
+    PyErr_SetString(PyExc_TypeError, "relay: outputs must be a list, routes a dict, finish_codes a tuple");
+    return NULL;
+  }
+  PyObject *finished = PyList_New(0);
+  if (finished == NULL) return NULL;
+  /* Each iteration re-reads the size: logprobs_meta is Python code and could shorten the list. */
+  for (Py_ssize_t i = 0; i < PyList_Size(outputs); i++) {
+    PyObject *out = PyList_GetItem(outputs, i); /* borrowed */
+    if (out == NULL) break;
+    Py_INCREF(out);
+    int rc = relay_one(out, routes, finish_codes, logprobs_meta, finished);
+    Py_DECREF(out);
+    if (rc < 0) {
+      Py_DECREF(finished);
+      return NULL;
+    }
+  }
+  return finished;
 }
 
 /* emit_event(req_id: int, kind: int, payload: bytes) -> None: ready, end, error and log records. */
@@ -734,6 +846,7 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
 
 static PyMethodDef shim_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
+    {"relay", (PyCFunction)(void (*)(void))py_relay, METH_FASTCALL, "relay(outputs, routes, finish_codes, logprobs_meta) -> finished request ids"},
     {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
     {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): does nothing; a benchmark baseline, not used by the bridge"},
     {"flush", py_flush, METH_NOARGS, "flush(): deliver the staged token records"},
@@ -807,6 +920,14 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
   }
   initialized = 1;
   int_zero = PyLong_FromLong(0); /* never released: lives as long as the interpreter */
+  s_request_id = PyUnicode_InternFromString("request_id"); /* likewise */
+  s_new_token_ids = PyUnicode_InternFromString("new_token_ids");
+  s_finish_reason = PyUnicode_InternFromString("finish_reason");
+  s_new_logprobs = PyUnicode_InternFromString("new_logprobs");
+  if (!int_zero || !s_request_id || !s_new_token_ids || !s_finish_reason || !s_new_logprobs) {
+    set_error_from_python("shim_init: interning names");
+    return init_failed_after_start();
+  }
   PyObject *mod = PyModule_Create(&shim_module);
   if (mod == NULL) {
     set_error_from_python("shim_init: creating _govllm_shim");

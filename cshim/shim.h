@@ -14,25 +14,29 @@ enum shim_cmd {
   SHIM_CMD_ABORT = 2,    /* stop the request; its END follows */
   SHIM_CMD_SHUTDOWN = 3, /* end the bridge's loop */
   SHIM_CMD_STATS = 4,    /* answered with a SHIM_EV_STATS record of the same req_id */
+  SHIM_CMD_STOP_CHOICE = 5, /* data: a choice index (decimal); Go matched a stop string: stop that choice */
 };
 
 /* Records from the bridge to Go: the kind byte of a record header. */
 enum shim_ev {
-  SHIM_EV_DELTA = 1, /* tokens and text of one choice (written by emit) */
+  SHIM_EV_DELTA = 1, /* tokens (and, from backends without a Go tokenizer, text) of one choice (emit, relay) */
   SHIM_EV_END = 2,   /* the request finished */
   SHIM_EV_ERROR = 3, /* the request failed */
   SHIM_EV_READY = 4, /* the engine started */
   SHIM_EV_FATAL = 5, /* the engine died */
   SHIM_EV_LOG = 6,   /* a log line */
   SHIM_EV_STATS = 7, /* the answer to SHIM_CMD_STATS */
+  SHIM_EV_PROMPT = 8, /* the request's prompt token ids (meta: little-endian int32s), before its deltas */
 };
 
 /* A delta's finish byte: why its choice ended, if it did (OpenAI's finish_reason). */
 enum shim_finish {
   SHIM_FINISH_NONE = 0,
-  SHIM_FINISH_STOP = 1,
-  SHIM_FINISH_LENGTH = 2,
+  SHIM_FINISH_STOP = 1,       /* EOS or a stop token id: the last token's text is not output */
+  SHIM_FINISH_LENGTH = 2,     /* max_tokens or the context */
   SHIM_FINISH_ABORT = 3,
+  SHIM_FINISH_ERROR = 4,      /* the engine failed the request (a 500) */
+  SHIM_FINISH_REPETITION = 5, /* vLLM's repetition detection: "stop", the last token's text kept */
 };
 
 /* The most queue_bytes that shim_init takes (larger values are clamped): each of the two event

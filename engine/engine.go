@@ -17,11 +17,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
 
+	"github.com/govllm/govllm/detok"
 	"github.com/govllm/govllm/internal/pyfind"
 	"github.com/govllm/govllm/llm"
 )
@@ -75,7 +77,8 @@ type Engine struct {
 	log    *slog.Logger
 	api    *shimAPI
 	python *PythonInfo
-	info   atomic.Pointer[ModelInfo] // set by the poller on READY
+	info   atomic.Pointer[ModelInfo]       // set by the poller on READY
+	tok    atomic.Pointer[detok.Tokenizer] // set on READY when Go detokenizes
 
 	mu        sync.Mutex
 	streams   map[int64]*Stream
@@ -291,19 +294,19 @@ func (e *Engine) poll() {
 // handle routes one event. It runs on the poller and must never block.
 func (e *Engine) handle(ev *event) {
 	switch ev.kind {
-	case evDelta, evEnd, evError:
+	case evDelta, evEnd, evError, evPrompt:
 		var s *Stream
 		if ev.kind == evDelta && ev.reqID == e.lastID && e.last != nil {
 			s = e.last // consecutive events of one request skip the table
 		} else {
 			e.mu.Lock()
 			s = e.streams[ev.reqID]
-			if s != nil && ev.kind != evDelta {
+			if s != nil && (ev.kind == evEnd || ev.kind == evError) {
 				delete(e.streams, ev.reqID)
 			}
 			e.mu.Unlock()
 			e.lastID, e.last = ev.reqID, s
-			if ev.kind != evDelta {
+			if ev.kind == evEnd || ev.kind == evError {
 				e.last = nil
 			}
 		}
@@ -311,6 +314,10 @@ func (e *Engine) handle(ev *event) {
 			return // already closed by its reader
 		}
 		switch ev.kind {
+		case evPrompt:
+			if tok := e.tok.Load(); tok != nil {
+				s.text = newTextState(tok, &s.sampling, int32s(ev.meta))
+			}
 		case evDelta:
 			if !s.pushEvent(ev) {
 				e.abort(s.id)
@@ -325,6 +332,11 @@ func (e *Engine) handle(ev *event) {
 				Usage Usage `json:"usage"`
 			}
 			_ = json.Unmarshal(ev.meta, &m)
+			if s.text != nil {
+				// Go counted the output: a stop string it matched dropped the later tokens.
+				m.Usage.PromptTokens = len(s.text.prompt)
+				m.Usage.CompletionTokens = s.text.completionTokens()
+			}
 			s.finish(m.Usage, nil)
 		case evError:
 			re := &RequestError{Status: 500, Type: "InternalServerError"}
@@ -339,10 +351,21 @@ func (e *Engine) handle(ev *event) {
 			Root        string `json:"root"`
 			MaxModelLen int    `json:"max_model_len"`
 			Backend     string `json:"backend"`
+			// Tokenizer is the directory of the tokenizer.json Go detokenizes with; empty
+			// when the backend sends text.
+			Tokenizer string `json:"tokenizer"`
 		}
 		if err := json.Unmarshal(ev.meta, &m); err != nil {
 			e.die(fmt.Errorf("engine: bad ready event: %w", err))
 			return
+		}
+		if m.Tokenizer != "" {
+			tok, err := detok.Load(m.Tokenizer)
+			if err != nil {
+				e.die(fmt.Errorf("engine: the Go detokenizer cannot read the model's tokenizer: %w", err))
+				return
+			}
+			e.tok.Store(tok)
 		}
 		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend})
 		select {
@@ -432,7 +455,7 @@ func (e *Engine) Start(ctx context.Context, req Request) (*Stream, error) {
 		return nil, fmt.Errorf("engine: encode request: %w", err)
 	}
 	id := nextRequestID.Add(1)
-	s := newStream(e, id, e.cfg.MaxPendingTokens)
+	s := newStream(e, id, e.cfg.MaxPendingTokens, req.Sampling)
 	e.mu.Lock()
 	switch {
 	case e.closed:
@@ -456,6 +479,12 @@ func (e *Engine) Start(ctx context.Context, req Request) (*Stream, error) {
 // abort asks the backend to abort a request; its END (or ERROR) event follows.
 func (e *Engine) abort(id int64) {
 	e.api.send(cmdAbort, id, nil, 0)
+}
+
+// stopChoice tells the backend that Go ended choice index of a request (a stop string).
+func (e *Engine) stopChoice(id int64, index int) {
+	data := []byte(strconv.Itoa(index))
+	e.api.send(cmdStopChoice, id, &data[0], int64(len(data)))
 }
 
 // forget drops a stream from the routing table.

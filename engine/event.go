@@ -16,11 +16,27 @@ const (
 	evFatal = 5 // the engine died; meta: {"message"}
 	evLog   = 6 // a log line; meta: {"level", "message"}
 	evStats = 7 // the answer to a stats command; meta: Stats
+	// evPrompt carries the request's prompt token ids (meta: little-endian int32s), before its
+	// first delta: the detokenizer is primed with them, and usage counts them.
+	evPrompt = 8
 )
 
-// finishReasons maps the shim's finish codes (SHIM_FINISH_* in cshim/shim.h, the bridge's
-// FINISH_CODES) to OpenAI's names.
-var finishReasons = [...]string{"", "stop", "length", "abort"}
+// The shim's finish codes: SHIM_FINISH_* in cshim/shim.h, the bridge's FINISH_CODES.
+const (
+	finishNone       = 0
+	finishStop       = 1 // EOS or a stop token id: that token's text is not output
+	finishLength     = 2
+	finishAbort      = 3
+	finishError      = 4 // the engine failed the request
+	finishRepetition = 5 // vLLM's repetition detection: "stop", the last token's text kept
+)
+
+// finishReasons maps the finish codes to their names: OpenAI's finish_reason, except "error"
+// (the request fails) and "repetition" (reported as "stop").
+var finishReasons = [...]string{
+	finishNone: "", finishStop: "stop", finishLength: "length", finishAbort: "abort",
+	finishError: "error", finishRepetition: "repetition",
+}
 
 // headerSize is the fixed part of a record after its 4-byte length (see cshim/shim.c).
 const headerSize = 24
@@ -87,11 +103,22 @@ func (ev *event) appendTokenIDs(dst []int32) []int32 {
 	return dst
 }
 
+// finishReason is the OpenAI finish_reason of the event's finish code.
 func (ev *event) finishReason() string {
-	if int(ev.finish) < len(finishReasons) {
+	switch ev.finish {
+	case finishNone, finishLength, finishAbort:
 		return finishReasons[ev.finish]
 	}
 	return "stop"
+}
+
+// int32s reads little-endian int32s (a prompt event's meta) into a new slice.
+func int32s(b []byte) []int32 {
+	out := make([]int32, len(b)/4)
+	for i := range out {
+		out[i] = int32(binary.LittleEndian.Uint32(b[4*i:]))
+	}
+	return out
 }
 
 var nativeLittleEndian = func() bool {

@@ -58,6 +58,8 @@ const (
 	cmdAbort    = 2
 	cmdShutdown = 3
 	cmdStats    = 4
+	// cmdStopChoice stops one choice (data: its index in decimal): Go matched a stop string.
+	cmdStopChoice = 5
 )
 
 // maxQueueBytes caps Config.QueueBytes (SHIM_MAX_QUEUE_BYTES in cshim/shim.h): records carry

@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"sync"
 	"sync/atomic"
@@ -20,6 +21,9 @@ type Stream struct {
 	e   *Engine
 	id  int64
 	max int
+
+	sampling SamplingParams // what the Go-side detokenizer and stop strings need
+	text     *textState     // poller-only: set by the prompt event when Go detokenizes
 
 	notify  chan struct{} // capacity 1: "something changed"
 	stop    func() bool   // unregisters the ctx watcher
@@ -42,8 +46,8 @@ type pendingDelta struct {
 	more []byte
 }
 
-func newStream(e *Engine, id int64, max int) *Stream {
-	return &Stream{e: e, id: id, max: max, notify: make(chan struct{}, 1)}
+func newStream(e *Engine, id int64, max int, sp SamplingParams) *Stream {
+	return &Stream{e: e, id: id, max: max, sampling: sp, notify: make(chan struct{}, 1)}
 }
 
 // watch aborts the request when ctx ends.
@@ -78,26 +82,49 @@ func (s *Stream) wake() {
 // each touched stream once per batch). False means the reader fell too far behind: the stream
 // has been failed with ErrSlowConsumer and the caller aborts the request.
 func (s *Stream) pushEvent(ev *event) bool {
-	var logprobs []TokenLogprob
-	if len(ev.meta) > 0 {
-		var m struct {
-			Logprobs []TokenLogprob `json:"logprobs"`
+	if s.text == nil {
+		// A backend that sends text (no Go tokenizer): logprobs come as JSON.
+		var logprobs []TokenLogprob
+		if len(ev.meta) > 0 {
+			var m struct {
+				Logprobs []TokenLogprob `json:"logprobs"`
+			}
+			if json.Unmarshal(ev.meta, &m) == nil {
+				logprobs = m.Logprobs
+			}
 		}
-		if json.Unmarshal(ev.meta, &m) == nil {
-			logprobs = m.Logprobs
-		}
+		return s.push(Delta{Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text),
+			FinishReason: ev.finishReason(), Logprobs: logprobs})
 	}
+	d, ok := s.text.apply(ev)
+	if d.stopString {
+		s.e.stopChoice(s.id, int(ev.index))
+	}
+	if ev.finish == finishError {
+		s.finish(Usage{}, &RequestError{Status: 500, Type: "InternalServerError",
+			Message: fmt.Sprintf("the engine failed choice %d of the request", ev.index)})
+		return true
+	}
+	if !ok {
+		return true
+	}
+	return s.push(Delta{Index: int(ev.index), TokenIDs: d.tokens, Text: d.text, FinishReason: d.finish,
+		Logprobs: d.logprobs})
+}
+
+// push queues d (see pushEvent).
+func (s *Stream) push(d Delta) bool {
 	s.mu.Lock()
 	if s.done {
 		s.mu.Unlock()
 		return true
 	}
-	ntok := len(ev.tokens) / 4
+	ntok := len(d.TokenIDs)
 	// A reader that falls behind gets bigger deltas, not more of them (as vLLM's output
 	// collector merges DELTA outputs): an event is merged into its choice's last unread delta,
 	// which keeps its place in the queue, and costs its tokens only. With n > 1 the choices'
 	// events interleave, so the last delta in the queue is usually another choice's.
-	index := int(ev.index)
+	index := d.Index
 	last := s.lastUnread(index)
 	merge := last >= 0 && s.pending[last].FinishReason == ""
 	s.backlog += ntok
@@ -114,17 +141,14 @@ func (s *Stream) pushEvent(ev *event) bool {
 	}
 	if merge {
 		p := &s.pending[last]
-		p.TokenIDs = ev.appendTokenIDs(p.TokenIDs)
-		p.more = append(p.more, ev.text...)
-		p.FinishReason = ev.finishReason()
-		p.Logprobs = append(p.Logprobs, logprobs...)
+		p.TokenIDs = append(p.TokenIDs, d.TokenIDs...)
+		p.more = append(p.more, d.Text...)
+		p.FinishReason = d.FinishReason
+		p.Logprobs = append(p.Logprobs, d.Logprobs...)
 		s.mu.Unlock()
 		return true
 	}
-	s.pending = append(s.pending, pendingDelta{Delta: Delta{
-		Index: index, TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text), FinishReason: ev.finishReason(),
-		Logprobs: logprobs,
-	}})
+	s.pending = append(s.pending, pendingDelta{Delta: d})
 	for len(s.lastOf) <= index {
 		s.lastOf = append(s.lastOf, -1)
 	}

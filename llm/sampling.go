@@ -44,6 +44,12 @@ type SamplingParams struct {
 	// Logprobs, when set, asks for the log probability of every generated token and of the
 	// *Logprobs most likely tokens at each position (0 to 20; Delta.Logprobs). Unset means none.
 	Logprobs *int `json:"logprobs,omitempty"`
+	// IncludeStopStrInOutput keeps a matched stop string (or stop token's text) in the output.
+	IncludeStopStrInOutput bool `json:"include_stop_str_in_output,omitempty"`
+	// SkipSpecialTokens drops special tokens from the text; nil means true (vLLM's default).
+	SkipSpecialTokens *bool `json:"skip_special_tokens,omitempty"`
+	// SpacesBetweenSpecialTokens puts spaces between added tokens in the text; nil means true.
+	SpacesBetweenSpecialTokens *bool `json:"spaces_between_special_tokens,omitempty"`
 }
 
 // Validate checks the bounds every engine shares. They are the same as the HTTP layer's, so a

@@ -54,8 +54,12 @@ type samplingRequest struct {
 	StopTokenIDs      []int32         `json:"stop_token_ids"`
 	Seed              *int64          `json:"seed"`
 	IgnoreEOS         bool            `json:"ignore_eos"`
-	Stream            bool            `json:"stream"`
-	StreamOptions     *streamOptions  `json:"stream_options"`
+	// The text options of vLLM's SamplingParams (Go detokenizes).
+	IncludeStopStrInOutput     bool           `json:"include_stop_str_in_output"`
+	SkipSpecialTokens          *bool          `json:"skip_special_tokens"`
+	SpacesBetweenSpecialTokens *bool          `json:"spaces_between_special_tokens"`
+	Stream                     bool           `json:"stream"`
+	StreamOptions              *streamOptions `json:"stream_options"`
 	// User is accepted and ignored, as vLLM does; its type is still checked.
 	User           string          `json:"user"`
 	LogitBias      json.RawMessage `json:"logit_bias"`
@@ -299,6 +303,9 @@ func (c *samplingRequest) apply(sp *llm.SamplingParams, p *callParams) *apiError
 	sp.StopTokenIDs = c.StopTokenIDs
 	sp.Seed = c.Seed
 	sp.IgnoreEOS = c.IgnoreEOS
+	sp.IncludeStopStrInOutput = c.IncludeStopStrInOutput
+	sp.SkipSpecialTokens = c.SkipSpecialTokens
+	sp.SpacesBetweenSpecialTokens = c.SpacesBetweenSpecialTokens
 
 	if c.StreamOptions != nil {
 		if !c.Stream {

@@ -54,6 +54,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0; 1 = off
     min_tokens: int = 0
     logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
+    # Text options: Go detokenizes and matches stop strings; backends read them only to report.
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.top_k == -1:

@@ -9,6 +9,7 @@ iteration (the flush hook). Control events (``emit_event``) go out at once.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import functools
 import importlib
@@ -27,6 +28,7 @@ CMD_SUBMIT = 1
 CMD_ABORT = 2
 CMD_SHUTDOWN = 3
 CMD_STATS = 4
+CMD_STOP_CHOICE = 5
 # Event kinds to Go (engine/event.go). EV_DELTA records are framed by the shim's emit.
 EV_DELTA = 1
 EV_END = 2
@@ -35,7 +37,8 @@ EV_READY = 4
 EV_FATAL = 5
 EV_LOG = 6
 EV_STATS = 7
-FINISH_CODES = {None: 0, "stop": 1, "length": 2, "abort": 3}
+EV_PROMPT = 8
+FINISH_CODES = {None: 0, "stop": 1, "length": 2, "abort": 3, "error": 4, "repetition": 5}
 HEALTH_INTERVAL = 0.25  # seconds between backend health checks
 
 BACKENDS = {
@@ -104,6 +107,8 @@ class Bridge:
 
     async def _boot(self) -> None:
         self.backend = load_backend(self.cfg)
+        if hasattr(self.backend, "submit"):
+            self.backend.relay = shim.relay  # token ids straight from the engine's outputs to Go
         await self.backend.start()
 
     async def _start(self) -> bool:
@@ -122,13 +127,22 @@ class Bridge:
             _fatal(f"{type(exc).__name__}: {exc}", traceback=tb)
             return False
         assert self.backend is not None
-        self.ready = True
-        shim.emit_event(0, EV_READY, _meta({
+        ready = {
             "model": self.cfg.served_model_name,
             "root": self.cfg.model,
             "max_model_len": self.backend.max_model_len(),
             "backend": self.backend.name,
-        }))
+        }
+        if hasattr(self.backend, "submit"):
+            try:
+                ready["tokenizer"] = self.backend.tokenizer_dir()  # Go detokenizes with it
+            except Exception as exc:
+                log.error("engine start failed: %s", exc)
+                _fatal(f"{type(exc).__name__}: {exc}")
+                await self._stop_backend()
+                return False
+        self.ready = True
+        shim.emit_event(0, EV_READY, _meta(ready))
         return True
 
     async def _watch_health(self) -> None:
@@ -164,6 +178,10 @@ class Bridge:
                     "bridge_requests": len(self.tasks),
                     "health_error": self._healthy(),
                 }))
+            elif kind == CMD_STOP_CHOICE:
+                stop_choice = getattr(self.backend, "stop_choice", None)
+                if stop_choice is not None and req_id in self.tasks:
+                    stop_choice(req_id, int(data))
             elif kind == CMD_SHUTDOWN:
                 self._request_shutdown()
             else:
@@ -222,22 +240,18 @@ class Bridge:
 
     async def _serve(self, req_id: int, data: bytes) -> None:
         assert self.backend is not None
-        emit = shim.emit
         rid, claimed = str(req_id), False
-        prompt_tokens = completion_tokens = 0
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
         try:
             req = parse_request(data, rid, self.sampling_defaults)
             rid, claimed = self._claim(req.request_id, req_id), True
             ids = self._prompt_ids(req)
-            prompt_tokens = len(ids)
-            apply_default_max_tokens(req, prompt_tokens, self.backend.max_model_len())
-            async for d in self.backend.generate(ids, req.sampling, rid):
-                completion_tokens += len(d.token_ids)
-                if d.logprobs is None:
-                    emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1))
-                else:
-                    emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1),
-                         json.dumps({"logprobs": d.logprobs}).encode())
+            usage["prompt_tokens"] = len(ids)
+            apply_default_max_tokens(req, len(ids), self.backend.max_model_len())
+            if hasattr(self.backend, "submit"):
+                await self._serve_tokens(req_id, ids, req, rid)  # Go counts the output
+            else:
+                await self._serve_text(req_id, ids, req, rid, usage)
         except asyncio.CancelledError:
             log.debug("request %s aborted", rid)  # by Go (client gone, Close): END below
         except RequestError as exc:
@@ -257,8 +271,33 @@ class Bridge:
             if claimed:
                 self.names.discard(rid)
         shim.emit_event(req_id, EV_END, _meta({
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+            "usage": usage,
         }))
+
+    async def _serve_tokens(self, req_id: int, ids: list[int], req: Request, rid: str) -> None:
+        """A token-id backend: Go gets the prompt, the engine's steps reach Go through relay."""
+        backend = self.backend
+        assert backend is not None
+        shim.emit_event(req_id, EV_PROMPT, array.array("i", ids).tobytes())
+        done = await backend.submit(ids, req.sampling, rid, req_id)
+        try:
+            await done
+        except asyncio.CancelledError:
+            backend.cancel(req_id)
+            raise
+
+    async def _serve_text(self, req_id: int, ids: list[int], req: Request, rid: str, usage: dict[str, int]) -> None:
+        """A backend that detokenizes itself (custom backends, the scripted test backend)."""
+        backend = self.backend
+        assert backend is not None
+        emit = shim.emit
+        async for d in backend.generate(ids, req.sampling, rid):
+            usage["completion_tokens"] += len(d.token_ids)
+            if d.logprobs is None:
+                emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1))
+            else:
+                emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1),
+                     json.dumps({"logprobs": d.logprobs}).encode())
 
     def _healthy(self) -> str:
         if not self.ready:

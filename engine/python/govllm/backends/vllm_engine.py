@@ -15,10 +15,9 @@ else fails the start. Defaults that differ from vLLM's: ``disable_log_stats=True
 gpu_memory_utilization, VLLM_CPU_KVCACHE_SPACE), a KV cache of min(4 GiB, RAM/4).
 
 Requests: ``max_tokens=None`` is the room left in the context; an explicit max_tokens that does not
-fit is a 400 worded as vLLM's server words it. Finish reason "repetition" is "stop", "error" a 500.
-Client errors raised by vLLM before the first output (and vLLM's client errors at any time) become
-``RequestError``; vLLM's EngineDeadError, or any error once the engine is errored,
-``EngineDeadError``; anything else propagates (the bridge answers 500).
+fit is a 400 worded as vLLM's server words it. vLLM's validation errors become ``RequestError``; an
+engine-core failure fails every request with ``EngineDeadError``; finish reason "error" is a 500
+(in Go).
 
 Version differences handled: sync or async ``get_tokenizer``; ``model_config`` attribute or
 ``get_model_config()``; ``AsyncLLM`` or ``AsyncLLMEngine``; ``usage_context`` accepted or not;
@@ -37,10 +36,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..backend import (
-    Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, logprob_entry,
-    render_chat,
+    EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, render_chat,
 )
-from . import vllm_env
+from . import vllm_compat, vllm_env
 from .vllm_env import GiB
 
 log = logging.getLogger("govllm.vllm")
@@ -48,12 +46,8 @@ log = logging.getLogger("govllm.vllm")
 ENGINE_NAME = "vllm"
 # extra keys govllm itself interprets (everything else must be an AsyncEngineArgs field).
 GOVLLM_EXTRA_KEYS = frozenset({"kv_cache_gib", "pdeathsig", "debug"})
-# How long abort() waits for vLLM's final "abort" output before cancelling the consumer
-# (only versions before 0.10.2 never send one).
-ABORT_GRACE_S = 2.0
 
 _ERROR_TYPES = {409: "ConflictError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
-_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
 def create(config: EngineConfig) -> "VLLMBackend":
@@ -227,8 +221,11 @@ def _current_platform() -> str:
 
 
 @dataclasses.dataclass
-class _Active:
-    task: asyncio.Task | None  # the task consuming generate(): abort()'s last resort on old vLLMs
+class _Request:
+    go_id: int
+    children: list[str]  # vLLM request ids, one per choice
+    done: asyncio.Future
+    live: set[str] = dataclasses.field(default_factory=set)  # the children still running
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +245,12 @@ class VLLMBackend:
         self.platform = self.env["platform"]
         self.engine_kwargs: dict[str, Any] = {}
         self._max_model_len = 0
-        self._active: dict[str, _Active] = {}
+        self.relay: Any = None  # _govllm_shim.relay, set by the bridge before start
+        self._requests: dict[int, _Request] = {}
+        self._routes: dict[str, int] = {}  # vLLM request id -> Go id << 16 | choice index
+        self._to_abort: list[str] = []
+        self._pump: asyncio.Task | None = None
+        self._tasks: Any = None
         self._closed = False
         self._dead: str | None = None
 
@@ -366,21 +368,8 @@ class VLLMBackend:
             return True
 
     def num_running(self) -> int:
-        """Requests vLLM's frontend still tracks (running or waiting; n>1 counts each child)."""
-        engine = self.engine
-        if engine is None:
-            return 0
-        getter = getattr(engine, "get_num_unfinished_requests", None)
-        if getter is not None:
-            with contextlib.suppress(Exception):
-                return int(getter())
-        processor = getattr(engine, "output_processor", None)
-        if processor is not None:
-            with contextlib.suppress(Exception):
-                return int(processor.get_num_unfinished_requests())
-            with contextlib.suppress(Exception):
-                return len(processor.request_states)
-        return len(self._active)
+        """Choices govllm still routes (each child of an n>1 request counts once)."""
+        return len(self._routes)
 
     async def shutdown(self) -> None:
         if self._closed:
@@ -389,9 +378,11 @@ class VLLMBackend:
         engine = self.engine
         if engine is None:
             return
-        for active in list(self._active.values()):
-            if active.task is not None and not active.task.done():
-                active.task.cancel()
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.wait([self._pump], timeout=1)
+        for go_id in list(self._requests):
+            self.cancel(go_id)
         # AsyncLLM.shutdown() blocks for seconds (it terminates and joins EngineCore); its loop-side
         # cleanup is scheduled thread-safely, so it can run in an executor thread. The output handler
         # is cancelled here first: otherwise it sees EngineCore go away and logs a spurious error.
@@ -449,7 +440,7 @@ class VLLMBackend:
         return None
 
     def sampling_params(self, prompt_len: int, sampling: SamplingParams) -> Any:
-        """govllm SamplingParams -> vLLM SamplingParams (DELTA). Raises RequestError."""
+        """govllm SamplingParams -> vLLM SamplingParams (stop strings are Go's). Raises RequestError."""
         api = self.api
         assert api is not None
         max_tokens = sampling.max_tokens
@@ -466,7 +457,6 @@ class VLLMBackend:
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else -1,
             seed=sampling.seed,
-            stop=list(sampling.stop) or None,
             stop_token_ids=[int(t) for t in sampling.stop_token_ids] or None,
             ignore_eos=bool(sampling.ignore_eos),
             min_p=sampling.min_p,
@@ -493,107 +483,127 @@ class VLLMBackend:
             return self.api.tokens_input(ids)
         return {"prompt_token_ids": ids}
 
-    async def generate(
-        self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str
-    ) -> AsyncIterator[Delta]:
+    def tokenizer_dir(self) -> str:
+        """The directory of the tokenizer.json Go detokenizes with."""
+        path = self._model_config_attr("tokenizer") or self.config.model
+        if not os.path.isfile(os.path.join(str(path), "tokenizer.json")):
+            raise RuntimeError(f"the tokenizer at {path} has no tokenizer.json: govllm detokenizes in Go and needs "
+                               "one (convert the tokenizer with transformers' save_pretrained)")
+        return str(path)
+
+    async def submit(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str,
+                     go_id: int) -> asyncio.Future:
+        """Add the request's choices to the engine; the future resolves once every choice ended."""
         self.health()
         api = self.api
-        assert api is not None
-        if request_id in self._active:
-            raise RequestError(f"request id {request_id!r} is already running")
+        assert api is not None and self.relay is not None
+        if go_id in self._requests:
+            raise RequestError(f"request {go_id} is already running")
         params = self.sampling_params(len(prompt_token_ids), sampling)
-        active = _Active(task=asyncio.current_task())
-        self._active[request_id] = active
-        stream = self.engine.generate(self._prompt(prompt_token_ids), params, request_id)
-        started = False
+        if self._tasks is None:
+            self._tasks = await vllm_compat.supported_tasks(self.engine)
         try:
-            async for out in stream:
-                for c in out.outputs:
-                    reason = c.finish_reason
-                    token_ids = c.token_ids
-                    if reason is None and not token_ids and not c.text:
-                        continue
-                    if reason is not None:
-                        mapped = _FINISH_REASONS.get(reason)
-                        if mapped is None:  # "error": a failed request (vLLM's server answers 500)
-                            raise RuntimeError(f"vLLM finished choice {c.index} with finish_reason={reason!r} "
-                                               f"(stop_reason={c.stop_reason!r})")
-                        reason = mapped
-                    started = True
-                    logprobs = None
-                    if sampling.logprobs is not None:
-                        logprobs = self._logprobs(token_ids, c.logprobs, sampling.logprobs)
-                    yield Delta(index=c.index, token_ids=list(token_ids), text=c.text, finish_reason=reason,
-                                logprobs=logprobs)
-        except asyncio.CancelledError:
-            raise
-        except RequestError:
-            raise
+            children = vllm_compat.make_requests(self.engine, request_id, self._prompt(prompt_token_ids), params,
+                                                 self._tasks)
         except Exception as exc:
-            translated = self._translate(exc, started)
-            if translated is exc:
-                raise
-            raise translated from exc
-        finally:
-            if self._active.get(request_id) is active:
-                del self._active[request_id]
-            with contextlib.suppress(Exception):
-                await stream.aclose()  # closing it early aborts the request in vLLM
-
-    def _logprobs(self, token_ids: Any, positions: Any, top_n: int) -> list[dict[str, Any]]:
-        """vLLM's per-position {token_id: Logprob} dicts -> Delta.logprobs (chosen token, then top_n by rank)."""
-        positions = list(positions or [])
-        out: list[dict[str, Any]] = []
-        for i, tid in enumerate(token_ids):
-            entries = positions[i] if i < len(positions) and positions[i] is not None else {}
-            chosen = entries.get(tid)
-            entry = self._logprob_entry(int(tid), chosen.logprob if chosen is not None else float("nan"),
-                                        chosen.decoded_token if chosen is not None else None)
-            ranked = sorted(entries.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
-            entry["top"] = [self._logprob_entry(int(t), lp.logprob, lp.decoded_token) for t, lp in ranked[:top_n]]
-            out.append(entry)
-        return out
-
-    def _logprob_entry(self, token_id: int, logprob: float, decoded: str | None) -> dict[str, Any]:
-        if decoded is None:
-            decoded = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
-        return logprob_entry(decoded, logprob)  # NaN (not reported by vLLM) and -inf become -9999
-
-    def _translate(self, exc: Exception, started: bool) -> Exception:
-        """Maps an exception from vLLM's generate() onto govllm's (see the module docstring)."""
-        api = self.api
-        assert api is not None
-        if isinstance(exc, api.dead_errors) or self._engine_errored():
-            self._dead = self._dead or f"the vLLM engine died: {type(exc).__name__}: {exc}"
-            log.error("%s", self._dead)
-            return EngineDeadError(self._dead)
-        if api.generate_errors and isinstance(exc, api.generate_errors):
-            cause = exc.__cause__
-            if cause is not None and not started:
-                err = self._request_error(cause)
-                if err is not None:
-                    return err
-            return exc
-        if not started or isinstance(exc, api.vllm_client_errors + api.graceful_errors):
-            # before the first output: validation; vLLM's client errors at any time are the client's
             err = self._request_error(exc)
             if err is not None:
-                return err
-        return exc
+                raise err from exc
+            raise
+        loop = asyncio.get_running_loop()
+        req = _Request(go_id=go_id, children=[c.request_id for c in children], done=loop.create_future())
+        req.live = set(req.children)
+        self._requests[go_id] = req
+        for index, child in enumerate(children):
+            self._routes[child.request_id] = go_id << 16 | index
+        self._start_pump()
+        engine_core = vllm_compat.core(self.engine)
+        try:
+            for child in children:
+                await engine_core.add_request_async(child)
+        except BaseException as exc:
+            self.cancel(go_id)
+            if isinstance(exc, api.dead_errors) or self._engine_errored():
+                raise EngineDeadError(f"the vLLM engine died: {type(exc).__name__}: {exc}") from exc
+            raise
+        return req.done
 
-    async def abort(self, request_id: str) -> None:
-        active = self._active.get(request_id)
-        if active is None or self.engine is None:
+    def stop_choice(self, go_id: int, index: int) -> None:
+        """Go matched a stop string in choice index: stop it in the engine."""
+        req = self._requests.get(go_id)
+        if req is None or not 0 <= index < len(req.children):
+            return
+        child = req.children[index]
+        if child in req.live:
+            self._routes.pop(child, None)
+            req.live.discard(child)
+            self._abort_later(child)
+            if not req.live:
+                self._finish(req)
+
+    def cancel(self, go_id: int) -> None:
+        """Abort every choice still running (the client went away, or shutdown)."""
+        req = self._requests.get(go_id)
+        if req is None:
+            return
+        for child in req.live:
+            self._routes.pop(child, None)
+            self._abort_later(child)
+        req.live.clear()
+        self._finish(req)
+
+    def _finish(self, req: "_Request") -> None:
+        if self._requests.get(req.go_id) is req:
+            del self._requests[req.go_id]
+        if not req.done.done():
+            req.done.set_result(None)
+
+    def _abort_later(self, child: str) -> None:
+        """Queue an engine abort; one abort_requests_async per loop iteration carries them all."""
+        self._to_abort.append(child)
+        if len(self._to_abort) == 1:
+            asyncio.get_running_loop().create_task(self._send_aborts())
+
+    async def _send_aborts(self) -> None:
+        ids, self._to_abort = self._to_abort, []
+        if not ids or self.engine is None:
             return
         try:
-            await self.engine.abort(request_id)
-        except Exception as exc:  # an engine that died: the generator fails on its own
-            log.debug("abort %s: %s", request_id, exc)
-        # vLLM >= 0.10.2 answers with a final "abort" output; older ones never wake the consumer.
-        loop = asyncio.get_running_loop()
-        loop.call_later(ABORT_GRACE_S, self._force_abort, request_id, active)
+            await vllm_compat.core(self.engine).abort_requests_async(ids)
+        except Exception as exc:  # an engine that died: the pump reports it
+            log.debug("abort %s: %s", ids, exc)
 
-    def _force_abort(self, request_id: str, active: _Active) -> None:
-        if self._active.get(request_id) is active and active.task is not None and not active.task.done():
-            log.debug("abort %s: no final output from vLLM, cancelling the consumer", request_id)
-            active.task.cancel()
+    def _start_pump(self) -> None:
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+
+    async def _run_pump(self) -> None:
+        """The engine's output loop in place of AsyncLLM's: one relay call per engine step."""
+        engine_core = vllm_compat.core(self.engine)
+        relay, routes, codes, meta = self.relay, self._routes, vllm_compat.finish_codes(), vllm_compat.logprobs_meta
+        requests = self._requests
+        try:
+            while True:
+                outputs = await engine_core.get_output_async()
+                if not outputs.outputs:
+                    continue
+                for child in relay(outputs.outputs, routes, codes, meta):
+                    key = routes.pop(child, None)
+                    if key is None:
+                        continue
+                    req = requests.get(key >> 16)
+                    if req is not None:
+                        req.live.discard(child)
+                        if not req.live:
+                            self._finish(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._dead = f"the vLLM engine died: {type(exc).__name__}: {exc}"
+            log.error("%s", self._dead)
+            dead = EngineDeadError(self._dead)
+            for req in list(requests.values()):
+                if not req.done.done():
+                    req.done.set_exception(dead)
+            requests.clear()
+            routes.clear()
