@@ -373,3 +373,40 @@ func TestOutputRandomSteps(t *testing.T) {
 		require.Equal(t, one.TokenIDs(), many.TokenIDs(), "iter %d", iter)
 	}
 }
+
+// BenchmarkOutputStep measures Output.Update plus Next(false), one token
+// per step, over the same 1000-token outputs as BenchmarkStreamStep,
+// without and with (never matching) stop strings.
+func BenchmarkOutputStep(b *testing.B) {
+	tok, err := Load(defaultModelDir(b))
+	require.NoError(b, err)
+	r := rand.New(rand.NewPCG(7, 8))
+	ids := make([]int32, 1000)
+	for i := range ids {
+		ids[i] = 17 + r.Int32N(int32(tok.VocabSize())-17)
+	}
+	prompt := ids[:32]
+	for _, bc := range []struct {
+		name string
+		stop []string
+	}{
+		{"nostop", nil},
+		{"stop", []string{"<<STOP>>", "Observation:", "\x00\x01"}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			opts := OutputOptions{Options: DefaultOptions(), Stop: bc.stop}
+			step := make([]int32, 1)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				o := tok.NewOutput(opts, prompt)
+				for _, id := range ids {
+					step[0] = id
+					o.Update(step, false)
+					o.Next(false)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(ids)), "ns/token")
+		})
+	}
+}
