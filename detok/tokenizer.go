@@ -15,7 +15,7 @@
 // else (WordPiece, BPEDecoder, CTC, Replace with a Regex pattern) is
 // rejected at load time with an error naming it.
 //
-// Three entry points mirror what vLLM produces:
+// Four entry points mirror what vLLM produces:
 //
 //   - [Tokenizer.Decode] equals transformers' tokenizer.decode(ids,
 //     skip_special_tokens=...). transformers 5's fast tokenizer ignores
@@ -33,6 +33,10 @@
 //     strings vLLM reports in logprobs (convert_ids_list_to_tokens, with
 //     leading-space restoration for Metaspace pre-tokenizers, and the
 //     context-based U+FFFD correction of the logprobs processor).
+//   - [Output] wraps a Stream with vLLM v1's BaseIncrementalDetokenizer:
+//     update (stop strings, min_tokens, include_stop_str_in_output, the
+//     stop-terminated last token, trimming surplus tokens after a match)
+//     and get_next_output_text(finished, delta=True) with its hold-back.
 //
 // How the stream differs from decoding the output alone (all of this is
 // vLLM's behaviour, reproduced on purpose): a character split between the
@@ -45,9 +49,31 @@
 // prefix (the window's text no longer extends what was emitted) restarts
 // the stream without context, as vLLM does.
 //
-// Not supported: encoding, normalizers (they do not affect decoding), the
-// legacy slow (Python) tokenizers and their detokenize_incrementally path,
-// and stop-string handling (that belongs to the caller). The decoder is
+// Stop-string behaviour of vLLM that [Output] reproduces and that may
+// surprise: lengths are in code points, and bytes of an incomplete
+// character still inside the stream are not part of the text at all (they
+// neither count toward the hold-back nor can match); when several stop
+// strings match in one step the one whose match ends earliest wins, not
+// the first listed (equal ends go to the first listed, so with stops "b"
+// and "ab" the text "ab" stops on "b" and keeps "a"); min_tokens only
+// requires the match to end in the text of a later token, so a stop string
+// may begin inside the first min_tokens tokens, while one lying entirely
+// inside them is never matched (later checks only look at new text); the
+// hold-back applies while min_tokens suppresses matching, too; with
+// include_stop_str_in_output the text after the stop string is still cut,
+// and a stop-terminated last token (EOS or a stop_token_id) is detokenized
+// like any other, so with skip_special_tokens=false the output ends in
+// "<|im_end|>" (or whatever the EOS token is), while without it the
+// token's text is left out even when it is an ordinary word; the
+// stop-terminated token counts toward min_tokens and usage, yet is dropped
+// with the other surplus tokens when a stop string completes earlier in
+// the same step; and the tokens kept are those up to the first whose text
+// boundary reaches the end of the match, so tokens after it that produced
+// no text are dropped too.
+//
+// Not supported: encoding, normalizers (they do not affect decoding), and
+// the legacy slow (Python) tokenizers and their detokenize_incrementally
+// path. The decoder is
 // always the one in tokenizer.json: transformers 5 model-specific classes
 // that define their own __init__ (LlamaTokenizer, for one) rebuild the
 // decoder in code and ignore tokenizer.json's; for LlamaTokenizer that is
