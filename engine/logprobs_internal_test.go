@@ -10,7 +10,7 @@ import (
 // TestPushEventLogprobs checks that a delta's meta logprobs are decoded and merged with the
 // unread delta of the same choice.
 func TestPushEventLogprobs(t *testing.T) {
-	s := newStream(nil, 1, 1000)
+	s := newStream(nil, 1, 1000, SamplingParams{})
 	tok := func(id int32) []byte { return binary.LittleEndian.AppendUint32(nil, uint32(id)) }
 	s.pushEvent(&event{kind: evDelta, tokens: tok(7), text: []byte("a"),
 		meta: []byte(`{"logprobs":[{"token":"a","logprob":-0.5,"bytes":[97],"top":[{"token":"a","logprob":-0.5,"bytes":[97]}]}]}`)})

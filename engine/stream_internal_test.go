@@ -21,7 +21,7 @@ func deltaEvent(index int, token int32) *event {
 // testStream is a stream whose engine only needs its routing table (pushEvent forgets a stream
 // that it cuts off).
 func testStream(max int) *Stream {
-	return newStream(&Engine{streams: map[int64]*Stream{}}, 1, max)
+	return newStream(&Engine{streams: map[int64]*Stream{}}, 1, max, SamplingParams{})
 }
 
 // TestStreamKeepingUpIsNeverCutOff: a reader that reads one delta each time k events arrived

@@ -6,6 +6,7 @@ Commands go in with ``send`` (as Go's shim_submit would); what the bridge emits 
 
 from __future__ import annotations
 
+import array
 import json
 import operator
 import os
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 EV_DELTA = 1  # shim.c frames emit's records with kind 1
+EV_PROMPT = 8  # its payload is int32s, not JSON
 
 
 class FakeShim:
@@ -45,7 +47,31 @@ class FakeShim:
                       "finish": int(finish), "meta": json.loads(meta) if meta else None})
 
     def emit_event(self, req_id: int, kind: int, payload: bytes) -> None:
-        self._record({"kind": int(kind), "req_id": int(req_id), "meta": json.loads(payload) if payload else None})
+        if kind == EV_PROMPT:
+            meta: Any = list(array.array("i", payload))
+        else:
+            meta = json.loads(payload) if payload else None
+        self._record({"kind": int(kind), "req_id": int(req_id), "meta": meta})
+
+    def relay(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
+              logprobs_meta: Any) -> list[str]:
+        """shim.c's relay: one delta record per routed output, the finished request ids returned."""
+        finished = []
+        for out in outputs:
+            key = routes.get(out.request_id)
+            if key is None:
+                continue
+            reason = out.finish_reason
+            finish = 0 if reason is None else (finish_codes[int(reason)] if int(reason) < len(finish_codes) else 4)
+            meta = None
+            if logprobs_meta is not None and out.new_logprobs is not None:
+                meta = logprobs_meta(out)
+            self._record({"kind": EV_DELTA, "req_id": key >> 16, "index": key & 0xFFFF,
+                          "tokens": [operator.index(t) for t in out.new_token_ids], "text": "", "finish": finish,
+                          "meta": meta})
+            if reason is not None:
+                finished.append(out.request_id)
+        return finished
 
     def emit_null(self, *args: Any) -> None:
         pass

@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
+import itertools
+import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from govllm.backend import Delta, SamplingParams
+from govllm.backend import SamplingParams
+
+
+FINISH_NAMES = {1: "stop", 2: "length", 3: "abort", 4: "error", 5: "stop"}
+
+
+class FakeRelay:
+    """_govllm_shim.relay in Python: records each routed output as Go would receive it."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.calls = 0
+
+    def __call__(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
+                 logprobs_meta: Any) -> list[str]:
+        self.calls += 1
+        finished = []
+        for out in outputs:
+            key = routes.get(out.request_id)
+            if key is None:
+                continue
+            reason = out.finish_reason
+            finish = 0 if reason is None else (finish_codes[int(reason)] if int(reason) < len(finish_codes) else 4)
+            meta = logprobs_meta(out) if logprobs_meta is not None and out.new_logprobs is not None else None
+            self.records.append({"go_id": key >> 16, "index": key & 0xFFFF, "ids": [int(t) for t in out.new_token_ids],
+                                 "finish": finish, "meta": meta})
+            if reason is not None:
+                finished.append(out.request_id)
+        return finished
+
+
+def decode_logprobs_meta(meta: bytes) -> list[dict[str, Any]]:
+    """The relay's logprobs meta as rows of {"ids", "logprobs", "rank"} (engine/choice.go reads the same)."""
+    rows, cols = struct.unpack_from("<II", meta)
+    ids = array.array("i", meta[8:8 + 4 * rows * cols])
+    lps = array.array("f", meta[8 + 4 * rows * cols:8 + 8 * rows * cols])
+    ranks = array.array("i", meta[8 + 8 * rows * cols:])
+    return [{"ids": list(ids[r * cols:(r + 1) * cols]), "logprobs": list(lps[r * cols:(r + 1) * cols]),
+             "rank": ranks[r]} for r in range(rows)]
+
+
+_next_go_id = itertools.count(1)
 
 
 def collect(loop, backend, prompt, sampling, request_id):
@@ -14,17 +58,29 @@ def collect(loop, backend, prompt, sampling, request_id):
 
 
 async def _collect(backend, prompt, sampling, request_id) -> dict[int, dict]:
-    """Runs one request; returns {index: {"ids", "text", "finish", "deltas"}}."""
+    """Runs one request through submit and a FakeRelay; returns {index: {"ids", "text", "finish",
+    "deltas", "logprobs"}}. text is backend.decode of the ids, less a final stop token (as Go's
+    detokenizer leaves it out): the exact streamed text is Go's, tested there."""
+    relay = backend.relay
+    if not isinstance(relay, FakeRelay):
+        relay = backend.relay = FakeRelay()
+    go_id = next(_next_go_id)
+    done = await backend.submit(list(prompt), sampling, request_id, go_id)
+    await done
     out: dict[int, dict] = {}
-    async for d in backend.generate(prompt, sampling, request_id):
-        assert isinstance(d, Delta)
-        c = out.setdefault(d.index, {"ids": [], "text": "", "finish": None, "deltas": 0})
-        assert c["finish"] is None, "delta after the finishing one"
-        assert d.token_ids or d.text or d.finish_reason, "empty delta"
-        c["ids"] += d.token_ids
-        c["text"] += d.text
-        c["finish"] = d.finish_reason
+    for r in relay.records:
+        if r["go_id"] != go_id:
+            continue
+        c = out.setdefault(r["index"], {"ids": [], "text": "", "finish": None, "deltas": 0, "logprobs": []})
+        assert c["finish"] is None, "output after the finishing one"
+        c["ids"] += r["ids"]
+        c["finish"] = FINISH_NAMES.get(r["finish"])
         c["deltas"] += 1
+        if r["meta"] is not None:
+            c["logprobs"] += decode_logprobs_meta(r["meta"])
+    for c in out.values():
+        ids = c["ids"][:-1] if c["finish"] == "stop" and c["ids"] else c["ids"]
+        c["text"] = backend.decode(ids)
     return out
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from types import SimpleNamespace
 
 from govllm.backends.hf import compat
-from helpers import _collect
+from helpers import FakeRelay, _collect
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 TOPICS = [
@@ -27,9 +28,47 @@ def topic_prompt(backend, i):
 
 
 def engine_holds(backend, request_id: str) -> bool:
-    """Whether the manager still tracks any engine request of ``request_id`` (its choices are "id/i")."""
+    """Whether the manager still tracks any engine request of ``request_id`` (its engine ids are
+    "id/go_id" and, for n > 1, "id/go_id/i")."""
     held = compat.held_request_ids(backend.manager)
-    return any(h == request_id or h.startswith(request_id + "/") for h in held)
+    return any(h.startswith(request_id + "/") for h in held)
+
+
+# Go ids of requests started with start(): far from helpers._collect's, so records never mix.
+_go_ids = itertools.count(1 << 32)
+
+
+def fake_relay(backend) -> FakeRelay:
+    """The backend's FakeRelay (installed on first use; the bridge would set _govllm_shim.relay)."""
+    if not isinstance(backend.relay, FakeRelay):
+        backend.relay = FakeRelay()
+    return backend.relay
+
+
+async def start(backend, prompt, sampling, request_id):
+    """Submits a request; returns (go_id, the future that resolves when every choice ended)."""
+    fake_relay(backend)
+    go_id = next(_go_ids)
+    return go_id, await backend.submit(list(prompt), sampling, request_id, go_id)
+
+
+def records_of(backend, go_id: int, index: int | None = None) -> list[dict]:
+    """What the relay sent Go for go_id (and choice index): {"go_id", "index", "ids", "finish", "meta"}."""
+    return [r for r in fake_relay(backend).records
+            if r["go_id"] == go_id and (index is None or r["index"] == index)]
+
+
+def tokens_of(backend, go_id: int, index: int = 0) -> list[int]:
+    return [t for r in records_of(backend, go_id, index) for t in r["ids"]]
+
+
+async def wait_tokens(backend, go_id: int, n: int, index: int = 0, timeout: float = 60.0) -> list[int]:
+    """Waits until choice index of go_id has at least n tokens relayed."""
+    deadline = time.monotonic() + timeout
+    while len(tokens_of(backend, go_id, index)) < n:
+        assert time.monotonic() < deadline, f"request {go_id} relayed {tokens_of(backend, go_id, index)}"
+        await asyncio.sleep(0.01)
+    return tokens_of(backend, go_id, index)
 
 
 async def wait_released(backend, request_id, timeout=10.0) -> bool:

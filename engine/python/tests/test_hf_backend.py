@@ -1,21 +1,33 @@
 """The transformers backend on the default model (SmolLM2-135M-Instruct), on CPU or CUDA.
 
 One backend for the session (conftest.py's ``backend``); every test drives it on the session's
-event loop. GOVLLM_TEST_MODEL, GOVLLM_TEST_DEVICE and GOVLLM_TEST_DTYPE override the model
-directory, the device and the dtype (float32 by default).
+event loop through the bridge's token-id protocol (``submit``, ``stop_choice``, ``cancel``), with
+a ``FakeRelay`` in place of ``_govllm_shim.relay``: what a test sees is what Go would receive.
+Text and stop strings are Go's (engine/choice.go, the detok package) and tested there.
+GOVLLM_TEST_MODEL, GOVLLM_TEST_DEVICE and GOVLLM_TEST_DTYPE override the model directory, the
+device and the dtype (float32 by default).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from govllm.backend import EngineConfig, EngineDeadError, RequestError, SamplingParams
 from govllm.backends import hf_transformers
-from helpers import _collect, collect, gather_watching, greedy
-from hf_helpers import CONCURRENCY, DEVICE, PARIS, engine_holds, topic_prompt, wait_released
+from govllm.backends.hf import backend as hf_backend
+from govllm.backends.hf.sampler import LogprobRecord
+from helpers import _collect, collect, decode_logprobs_meta, gather_watching, greedy
+from hf_helpers import (
+    CONCURRENCY, DEVICE, PARIS, engine_holds, fake_relay, records_of, start, tokens_of, topic_prompt, wait_released,
+    wait_tokens,
+)
+
+STOP, LENGTH, ERROR = 1, 2, 4  # the shim's finish codes (cshim/shim.h)
 
 # ----------------------------------------------------------------------------- basics
 
@@ -27,6 +39,9 @@ def test_health_and_surface(backend):
     ids = backend.apply_chat_template(PARIS)
     assert ids and all(isinstance(t, int) for t in ids)
     assert backend.encode("Hello world") == backend.tokenizer("Hello world")["input_ids"]
+    # Go detokenizes with the model's own tokenizer.json
+    assert backend.tokenizer_dir() == backend.config.model
+    assert os.path.isfile(os.path.join(backend.tokenizer_dir(), "tokenizer.json"))
 
 
 def test_chat_capital_of_france(loop, backend):
@@ -34,8 +49,45 @@ def test_chat_capital_of_france(loop, backend):
     assert "Paris" in out["text"], out
     assert out["finish"] in ("stop", "length")
     assert out["deltas"] >= 2, "expected streaming deltas"
-    # the EOS token is reported in token_ids but not in the text
-    assert backend.decode(out["ids"]).strip() == out["text"].strip()
+    if out["finish"] == "stop":  # the EOS token is relayed (Go leaves its text out)
+        assert out["ids"][-1] in backend.eos_token_ids
+
+
+def test_relay_protocol(loop, backend):
+    """Each output is routed by engine id to go_id << 16 | index, has only the step's new tokens,
+    and exactly the last one of a choice has a finish code; without logprobs there is no meta."""
+    go_id, done = loop.run_until_complete(start(backend, topic_prompt(backend, 6), greedy(5, ignore_eos=True),
+                                                 "protocol"))
+    assert not done.done()
+    loop.run_until_complete(asyncio.wait_for(done, 60))
+    assert done.result() is None
+    records = records_of(backend, go_id)
+    assert len(records) >= 2 and all(r["index"] == 0 and r["meta"] is None for r in records)
+    assert [r["finish"] for r in records] == [0] * (len(records) - 1) + [LENGTH]
+    assert sum(len(r["ids"]) for r in records) == 5 and all(r["ids"] for r in records)
+    assert backend._routes == {} and backend._requests == {}
+
+    async def twice():
+        go_id, first = await start(backend, [1, 2, 3], greedy(2), "dup")
+        try:
+            with pytest.raises(RequestError, match="already running"):
+                await backend.submit([1, 2, 3], greedy(2), "dup-2", go_id)
+        finally:
+            await first
+
+    loop.run_until_complete(twice())
+
+
+def test_one_relay_call_per_step(loop, backend):
+    """The outputs of one engine step reach the relay in one call, not one call each."""
+    relay = fake_relay(backend)
+    prompts = [topic_prompt(backend, 60 + i) for i in range(8)]
+    calls, count = relay.calls, len(relay.records)
+    loop.run_until_complete(asyncio.gather(*[_collect(backend, p, greedy(8, ignore_eos=True), f"step-{i}")
+                                             for i, p in enumerate(prompts)]))
+    calls, count = relay.calls - calls, len(relay.records) - count
+    assert count >= 8 * 2
+    assert calls <= count / 3, f"{calls} relay calls for {count} outputs"
 
 
 def test_greedy_is_deterministic(loop, backend):
@@ -86,34 +138,51 @@ def test_eos_gives_stop_and_ignore_eos(loop, backend):
     assert more["ids"][:n] == base["ids"]
 
 
-def test_stop_string_is_truncated(loop, backend):
+def test_stop_strings_are_not_the_backends(loop, backend):
+    """Go matches stop strings: the backend generates on as if there were none."""
     prompt = backend.apply_chat_template(PARIS)
-    full = collect(loop, backend, prompt, greedy(20), "stop-full")[0]
-    assert "Paris" in full["text"]
-    out = collect(loop, backend, prompt, greedy(20, stop=["Paris"]), "stop-str")[0]
-    assert out["finish"] == "stop"
-    assert "Paris" not in out["text"]
-    assert out["text"] == full["text"][: full["text"].index("Paris")]
-    # the stop string cancelled the request in the manager
-    assert loop.run_until_complete(wait_released(backend, "stop-str"))
-
-
-def test_stop_string_at_start(loop, backend):
-    prompt = backend.apply_chat_template(PARIS)
-    full = collect(loop, backend, prompt, greedy(8), "stop-start-full")[0]
+    full = collect(loop, backend, prompt, greedy(12), "nostop-full")[0]
     first_word = full["text"].split()[0]
-    out = collect(loop, backend, prompt, greedy(8, stop=[first_word]), "stop-start")[0]
-    assert out["finish"] == "stop" and out["text"] == ""
+    out = collect(loop, backend, prompt, greedy(12, stop=[first_word]), "nostop")[0]
+    assert out["ids"] == full["ids"] and out["finish"] == full["finish"]
+
+
+def test_stop_choice(loop, backend):
+    """Go matched a stop string: stop_choice cancels that choice in the manager and stops routing
+    it; the request's future resolves once its other choices end too."""
+    prompt = topic_prompt(backend, 8)
+
+    async def scenario():
+        go_id, done = await start(backend, prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=3, n=2,
+                                                                  ignore_eos=True), "stop-me")
+        await wait_tokens(backend, go_id, 3, index=0)
+        backend.stop_choice(go_id, 0)
+        stopped_at = len(records_of(backend, go_id, 0))
+        backend.stop_choice(go_id, 0)  # twice, or after the choice ended: nothing happens
+        backend.stop_choice(go_id, 7)
+        assert not done.done(), "choice 1 is still running"
+        await asyncio.wait_for(done, 60)
+        await asyncio.sleep(3 * hf_transformers.WATCHDOG_INTERVAL_S)  # late outputs of choice 0 are dropped
+        return go_id, stopped_at
+
+    go_id, stopped_at = loop.run_until_complete(scenario())
+    assert len(records_of(backend, go_id, 0)) == stopped_at
+    assert all(r["finish"] == 0 for r in records_of(backend, go_id, 0))
+    assert len(tokens_of(backend, go_id, 0)) < 30
+    assert len(tokens_of(backend, go_id, 1)) == 30 and records_of(backend, go_id, 1)[-1]["finish"] == LENGTH
+    assert loop.run_until_complete(wait_released(backend, "stop-me"))
+    assert backend._routes == {} and backend._requests == {}
 
 
 def test_stop_token_ids(loop, backend):
     prompt = backend.apply_chat_template(PARIS)
     full = collect(loop, backend, prompt, greedy(10), "stoptok-full")[0]
     target = full["ids"][2]
+    if target in full["ids"][:2]:
+        target = full["ids"][3]
     out = collect(loop, backend, prompt, greedy(10, stop_token_ids=[target]), "stoptok")[0]
     assert out["finish"] == "stop"
-    assert out["ids"] == full["ids"][:3]  # the stop token is reported...
-    assert out["text"] == backend.decode(full["ids"][:2])  # ...but its text is not
+    assert out["ids"] == full["ids"][: full["ids"].index(target) + 1]  # the stop token is relayed, finish STOP
 
 
 def test_context_full_gives_length(loop, backend, monkeypatch):
@@ -164,43 +233,90 @@ def test_n_choices(loop, backend):
 # ----------------------------------------------------------------------------- abort and errors
 
 
-def test_abort_mid_stream(loop, backend):
+def test_cancel_mid_stream(loop, backend):
+    """cancel (the client went away): the future resolves at once, nothing more is relayed, the
+    manager lets go of every choice, and the engine still serves."""
     async def scenario():
-        deltas = []
-        async for d in backend.generate(topic_prompt(backend, 2), greedy(200, ignore_eos=True), "abort-me"):
-            deltas.append(d)
-            if len(deltas) == 3:
-                await backend.abort("abort-me")
-        return deltas
-
-    deltas = loop.run_until_complete(scenario())
-    assert deltas[-1].finish_reason == "abort"
-    assert sum(len(d.token_ids) for d in deltas) < 200
-    assert loop.run_until_complete(wait_released(backend, "abort-me")), "manager still holds the aborted request"
-    # outputs of the step that ran while the abort was in flight do not pile up in the manager
-    loop.run_until_complete(asyncio.sleep(3 * hf_transformers.WATCHDOG_INTERVAL_S))
-    assert backend.manager.output_router.output_queue.empty()
-
-
-def test_cancelling_the_consumer_cancels_the_request(loop, backend):
-    async def scenario():
-        started = asyncio.Event()
-
-        async def consume():
-            async for _ in backend.generate(topic_prompt(backend, 4), greedy(200, ignore_eos=True), "cancel-me"):
-                started.set()
-
-        task = asyncio.create_task(consume())
-        await started.wait()
+        go_id, done = await start(backend, topic_prompt(backend, 2), greedy(200, ignore_eos=True, n=2), "cancel-me")
+        await wait_tokens(backend, go_id, 3)
         assert engine_holds(backend, "cancel-me")
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return await wait_released(backend, "cancel-me")
+        assert backend.num_running() >= 2
+        backend.cancel(go_id)
+        assert done.done() and done.result() is None
+        cancelled_at = len(records_of(backend, go_id))
+        released = await wait_released(backend, "cancel-me")
+        # outputs of the step that ran while the cancel was in flight do not pile up in the manager
+        await asyncio.sleep(3 * hf_transformers.WATCHDOG_INTERVAL_S)
+        return go_id, cancelled_at, released
 
-    assert loop.run_until_complete(scenario()), "manager still holds the cancelled request"
-    # and the engine still serves
+    go_id, cancelled_at, released = loop.run_until_complete(scenario())
+    assert released, "manager still holds the cancelled request"
+    assert len(records_of(backend, go_id)) == cancelled_at
+    assert sum(len(r["ids"]) for r in records_of(backend, go_id)) < 400
+    assert all(r["finish"] == 0 for r in records_of(backend, go_id))
+    assert backend.manager.output_router.output_queue.empty()
+    assert backend._routes == {} and backend._requests == {} and backend.num_running() == 0
+    backend.cancel(go_id)  # a request that ended: nothing happens
     assert collect(loop, backend, topic_prompt(backend, 4), greedy(2), "after-cancel")[0]["finish"] == "length"
+
+
+def test_failed_choice_is_an_error_finish(loop, backend):
+    """A request the manager fails (the engine still up) ends its choice with finish ERROR (a 500
+    in Go); its other choices are cancelled."""
+    async def scenario():
+        go_id, done = await start(backend, topic_prompt(backend, 3), greedy(200, ignore_eos=True, n=2), "fail-me")
+        await wait_tokens(backend, go_id, 2)
+        choice = backend._requests[go_id].choices[0]
+        failed = SimpleNamespace(request_id=choice.engine_id, generated_tokens=[], error="simulated",
+                                 status=None, is_finished=lambda: True)
+        backend._on_output(choice, failed)
+        await asyncio.wait_for(done, 10)
+        return go_id
+
+    go_id = loop.run_until_complete(scenario())
+    assert records_of(backend, go_id, 0)[-1] == {"go_id": go_id, "index": 0, "ids": [], "finish": ERROR, "meta": None}
+    assert all(r["finish"] == 0 for r in records_of(backend, go_id, 1))
+    assert loop.run_until_complete(wait_released(backend, "fail-me"))
+    backend.health()
+
+
+def test_relay_failure_fails_the_request(loop, backend, monkeypatch):
+    def broken(outputs, routes, finish_codes, logprobs_meta):
+        raise ValueError("simulated relay failure")
+
+    monkeypatch.setattr(backend, "relay", broken)
+
+    async def scenario():
+        done = await backend.submit(topic_prompt(backend, 3), greedy(50, ignore_eos=True), "relay-fail", 1 << 40)
+        with pytest.raises(ValueError, match="simulated relay failure"):
+            await asyncio.wait_for(done, 60)
+
+    loop.run_until_complete(scenario())
+    assert loop.run_until_complete(wait_released(backend, "relay-fail"))
+    assert backend._routes == {} and backend._requests == {}
+
+
+def test_logprobs_meta_layout():
+    """logprobs_meta gives the bytes vllm_compat.logprobs_meta gives for the same rows."""
+    import numpy as np
+
+    from govllm.backends import vllm_compat
+
+    records = [LogprobRecord(4, 7, -0.5, (7, 3), (-0.5, -1.25), 1), None,
+               LogprobRecord(6, 3, -2.0, (9, 7), (-0.25, -1.5), 3)]
+    out = hf_backend._Output("r", [7, 8, 3], None, records, top=2)
+    meta = hf_backend.logprobs_meta(out)
+    nan = float("nan")
+    lists = SimpleNamespace(logprob_token_ids=np.array([[7, 7, 3], [8, 8, 8], [3, 9, 7]]),
+                            logprobs=np.array([[-0.5, -0.5, -1.25], [nan, nan, nan], [-2.0, -0.25, -1.5]]),
+                            sampled_token_ranks=np.array([1, 0, 3]))
+    assert meta == vllm_compat.logprobs_meta(SimpleNamespace(new_logprobs=lists))
+    rows = decode_logprobs_meta(meta)
+    assert [r["ids"] for r in rows] == [[7, 7, 3], [8, 8, 8], [3, 9, 7]]
+    assert [r["rank"] for r in rows] == [1, 0, 3]
+    # no alternatives asked for: one column
+    single = hf_backend.logprobs_meta(hf_backend._Output("r", [7], None, records[:1], top=0))
+    assert decode_logprobs_meta(single) == [{"ids": [7], "logprobs": [-0.5], "rank": 1}]
 
 
 def test_context_length_error(loop, backend):
@@ -300,24 +416,16 @@ def test_request_admitted_mid_batch_matches_solo(loop, backend):
     solo = collect(loop, backend, late_prompt, greedy(16, ignore_eos=True), "late-solo")[0]["ids"]
 
     async def scenario():
-        progress = {i: 0 for i in range(4)}
-
-        async def long_one(i):
-            out = []
-            async for d in backend.generate(topic_prompt(backend, 41 + i), greedy(40, ignore_eos=True), f"early-{i}"):
-                out += d.token_ids
-                progress[i] = len(out)
-            return out
-
-        early = [asyncio.create_task(long_one(i)) for i in range(4)]
-        while min(progress.values()) < 6:
-            await asyncio.sleep(0.01)
-        running = sum(1 for t in early if not t.done())
+        early = [await start(backend, topic_prompt(backend, 41 + i), greedy(40, ignore_eos=True), f"early-{i}")
+                 for i in range(4)]
+        for go_id, _ in early:
+            await wait_tokens(backend, go_id, 6)
+        running = sum(1 for _, done in early if not done.done())
         late = await _collect(backend, late_prompt, greedy(16, ignore_eos=True), "late")
-        await asyncio.gather(*early)
-        return running, min(progress.values()), late[0]["ids"]
+        await asyncio.gather(*[done for _, done in early])
+        return running, late[0]["ids"]
 
-    running, _, late = loop.run_until_complete(scenario())
+    running, late = loop.run_until_complete(scenario())
     assert running == 4, "the early requests should still be decoding when the late one arrives"
     assert late == solo
 

@@ -54,6 +54,8 @@ def test_load_format_dummy(loop, tiny_dummy_dir, tmp_path):
         sampled = collect(loop, b, prompt, SamplingParams(max_tokens=5, temperature=1.0, seed=1, logprobs=1,
                                                            presence_penalty=0.5), "dummy-3")[0]
         assert len(sampled["ids"]) <= 5
+        assert len(sampled["logprobs"]) == len(sampled["ids"]) and all(len(r["ids"]) == 2 for r in sampled["logprobs"])
+        assert b.tokenizer_dir() == str(tiny_dummy_dir)  # the tokenizer copied next to config.json
     finally:
         loop.run_until_complete(b.shutdown())
 
@@ -77,8 +79,15 @@ def test_load_format_dummy(loop, tiny_dummy_dir, tmp_path):
         assert len(out["ids"]) == 4
         with pytest.raises(RequestError, match="chat template"):
             b.apply_chat_template(PARIS)
+        # No tokenizer.json in the directory: Go gets the byte-level stand-in, saved for it
+        saved = pathlib.Path(b.tokenizer_dir())
+        assert saved != bare and (saved / "tokenizer.json").is_file() and b.tokenizer_dir() == str(saved)
+        from tokenizers import Tokenizer
+
+        assert Tokenizer.from_file(str(saved / "tokenizer.json")).decode(prompt) == "héllo 🙂"
     finally:
         loop.run_until_complete(b.shutdown())
+    assert not saved.exists(), "shutdown removes the saved tokenizer"
 
     with pytest.raises(ValueError, match="load_format 'gguf'"):
         loop.run_until_complete(_dummy_backend(tiny_dummy_dir, load_format="gguf").start())

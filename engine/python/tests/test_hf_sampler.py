@@ -99,6 +99,7 @@ def test_sampler_penalties_min_tokens_and_logprobs():
     assert record.index == 1 and record.token == 0
     assert abs(record.logprob - expected[0].item()) < 1e-6
     assert record.top_ids == (3, 0) and abs(record.top_logprobs[0] - expected[3].item()) < 1e-6
+    assert record.rank == 2  # token 3 is more likely than the token chosen under the mask
 
     # Next step: the picks (3) were counted on the device, so the histories are reused as they are.
     step2 = [

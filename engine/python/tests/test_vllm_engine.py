@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 
@@ -31,8 +32,8 @@ if importlib.util.find_spec("vllm") is None:
 psutil = pytest.importorskip("psutil")
 
 from govllm.backend import EngineConfig, EngineDeadError, RequestError, SamplingParams  # noqa: E402
-from govllm.backends import vllm_engine, vllm_env  # noqa: E402
-from helpers import _collect, collect, greedy
+from govllm.backends import vllm_compat, vllm_engine, vllm_env  # noqa: E402
+from helpers import FakeRelay, _collect, collect, decode_logprobs_meta, greedy
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_MODEL_LEN = 2048
@@ -303,16 +304,10 @@ def test_n2_gives_two_indexed_choices(loop, vllm_backend):
     assert loop.run_until_complete(_wait_idle(b))
 
 
-def test_stop_string(loop, vllm_backend):
-    b = vllm_backend
-    prompt = b.apply_chat_template(PARIS)
-    full = collect(loop, b, prompt, greedy(20), "stop-full")[0]
-    assert "Paris" in full["text"]
-    out = collect(loop, b, prompt, greedy(20, stop=["Paris"]), "stop-str")[0]
-    assert out["finish"] == "stop"
-    assert "Paris" not in out["text"]
-    assert out["text"] == full["text"][: full["text"].index("Paris")]
-    assert loop.run_until_complete(_wait_idle(b))
+def test_stop_strings_are_left_to_go(vllm_backend):
+    """Stop strings are matched in Go on the detokenized text: vLLM's engine never sees them."""
+    params = vllm_backend.sampling_params(10, greedy(20, stop=["Paris"]))
+    assert not params.stop
 
 
 def test_seed_reproducibility(loop, vllm_backend):
@@ -345,45 +340,51 @@ def test_max_tokens_none_fills_the_context(vllm_backend):
     assert params.max_tokens == 5 and params.top_k == -1
 
 
-def test_cancel_consumer_aborts_in_engine(loop, vllm_backend):
+async def _submit_until(b, prompt, sampling, rid, go_id, records) -> asyncio.Future:
+    """Submits and waits until the relay has carried ``records`` outputs of go_id."""
+    relay = b.relay if isinstance(b.relay, FakeRelay) else FakeRelay()
+    b.relay = relay
+    done = await b.submit(prompt, sampling, rid, go_id)
+    while sum(r["go_id"] == go_id for r in relay.records) < records:
+        await asyncio.sleep(0.01)
+    return done
+
+
+def test_cancel_aborts_in_engine(loop, vllm_backend):
     b = vllm_backend
     prompt = b.encode("Once upon a time")
-    seen = []
-
-    async def consume():
-        async for d in b.generate(prompt, greedy(400, ignore_eos=True), "cancel-me"):
-            seen.append(d)
 
     async def run():
-        task = asyncio.create_task(consume())
-        while len(seen) < 3:
-            await asyncio.sleep(0.01)
+        done = await _submit_until(b, prompt, greedy(400, ignore_eos=True), "cancel-me", 900001, 3)
         assert b.num_running() == 1
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        b.cancel(900001)
+        await asyncio.wait_for(done, 5)
         return await _wait_idle(b, 5)
 
     assert loop.run_until_complete(run()), f"vLLM still holds {b.num_running()} request(s)"
-    assert len(seen) < 400
+    assert sum(len(r["ids"]) for r in b.relay.records if r["go_id"] == 900001) < 400
     # the engine serves on
     assert "Paris" in collect(loop, b, b.apply_chat_template(PARIS), greedy(20), "after-cancel")[0]["text"]
 
 
-def test_abort_gives_final_abort_delta(loop, vllm_backend):
+def test_stop_choice_stops_one_choice(loop, vllm_backend):
+    """Go's stop string: stop_choice ends that choice in the engine and nothing more of it is relayed."""
     b = vllm_backend
     prompt = b.encode("Once upon a time")
 
     async def run():
-        out = []
-        async for d in b.generate(prompt, greedy(400, ignore_eos=True), "abort-me"):
-            out.append(d)
-            if len(out) == 3:
-                await b.abort("abort-me")
-        return out
+        sp = SamplingParams(max_tokens=300, temperature=0.8, seed=5, n=2, ignore_eos=True)
+        done = await _submit_until(b, prompt, sp, "stop-one", 900002, 4)
+        b.stop_choice(900002, 0)
+        count = sum(len(r["ids"]) for r in b.relay.records if r["go_id"] == 900002 and r["index"] == 0)
+        await asyncio.wait_for(done, 60)  # choice 1 runs to its max_tokens
+        after = sum(len(r["ids"]) for r in b.relay.records if r["go_id"] == 900002 and r["index"] == 0)
+        ones = [r for r in b.relay.records if r["go_id"] == 900002 and r["index"] == 1]
+        return count, after, ones
 
-    out = loop.run_until_complete(run())
-    assert out[-1].finish_reason == "abort" and len(out) < 400
+    count, after, ones = loop.run_until_complete(run())
+    assert after == count, "choice 0 was relayed after Go stopped it"
+    assert sum(len(r["ids"]) for r in ones) == 300 and ones[-1]["finish"] == 2
     assert loop.run_until_complete(_wait_idle(b, 5))
 
 
@@ -441,10 +442,14 @@ def test_engine_core_dies_with_its_host(tiny_model_dir, tmp_path):
                                extra={{"load_format": "dummy", "kv_cache_gib": 0.25}})
             b = vllm_engine.create(cfg)
             await b.start()
-            deltas = [d async for d in b.generate(b.encode("Hi"), SamplingParams(max_tokens=3, ignore_eos=True), "r")]
+            tokens = []
+            def relay(outputs, routes, codes, meta):
+                tokens.extend(t for o in outputs if o.request_id in routes for t in o.new_token_ids)
+                return [o.request_id for o in outputs if o.finish_reason is not None]
+            b.relay = relay
+            await (await b.submit(b.encode("Hi"), SamplingParams(max_tokens=3, ignore_eos=True), "r", 1))
             kids = {{p.pid: p.name() for p in psutil.Process().children(recursive=True)}}
-            print("GOVLLM-TEST " + json.dumps({{"children": kids, "env": b.env,
-                                                "tokens": sum(len(d.token_ids) for d in deltas)}}), flush=True)
+            print("GOVLLM-TEST " + json.dumps({{"children": kids, "env": b.env, "tokens": len(tokens)}}), flush=True)
             await asyncio.sleep(600)
 
         asyncio.run(main())
@@ -489,20 +494,15 @@ def test_killed_engine_core_is_engine_death(loop, vllm_backend, tiny_model_dir):
         assert len(cores) == 1, cores
         core = cores.pop()
         prompt = tiny.encode("Once upon a time")
-        seen = []
-
-        async def consume():
-            async for d in tiny.generate(prompt, greedy(400, ignore_eos=True), "doomed"):
-                seen.append(d)
-                if len(seen) == 3:
-                    os.kill(core, signal.SIGKILL)
 
         async def run():
+            done = await _submit_until(tiny, prompt, greedy(400, ignore_eos=True), "doomed", 900003, 3)
+            os.kill(core, signal.SIGKILL)
             with pytest.raises(EngineDeadError):
-                await asyncio.wait_for(consume(), 30)
+                await asyncio.wait_for(done, 30)
 
         loop.run_until_complete(run())
-        assert len(seen) < 400
+        assert sum(len(r["ids"]) for r in tiny.relay.records) < 400
         with pytest.raises(EngineDeadError):
             tiny.health()
         with pytest.raises(EngineDeadError):
@@ -517,33 +517,19 @@ def test_killed_engine_core_is_engine_death(loop, vllm_backend, tiny_model_dir):
     assert "Paris" in out[0]["text"]
 
 
-def test_logprobs_conversion():
-    """vLLM's per-position {token_id: Logprob} -> Delta.logprobs: chosen first, top by rank, -inf clamped."""
+def test_logprobs_meta_layout():
+    """vLLM's LogprobsLists -> the relay's meta bytes (rows, cols, ids, float32 logprobs, ranks)."""
+    import numpy as np
+    from vllm.v1.outputs import LogprobsLists
 
-    @dataclasses.dataclass
-    class Lp:
-        logprob: float
-        rank: int | None = None
-        decoded_token: str | None = None
-
-    class Tok:
-        def decode(self, ids):
-            return f"<{ids[0]}>"
-
-    b = vllm_engine.VLLMBackend.__new__(vllm_engine.VLLMBackend)
-    b.tokenizer = Tok()
-    positions = [
-        {5: Lp(-2.0, 3, "é"), 1: Lp(-0.1, 1, "a"), 2: Lp(-1.0, 2, "b")},  # chosen token outside the top 2
-        {7: Lp(float("-inf"), 1, None)},
-    ]
-    out = b._logprobs([5, 7], positions, 2)
-    assert out == [
-        {"token": "é", "logprob": -2.0, "bytes": [195, 169], "top": [
-            {"token": "a", "logprob": -0.1, "bytes": [97]}, {"token": "b", "logprob": -1.0, "bytes": [98]}]},
-        {"token": "<7>", "logprob": -9999.0, "bytes": list(b"<7>"), "top": [
-            {"token": "<7>", "logprob": -9999.0, "bytes": list(b"<7>")}]},
-    ]
-    assert json.loads(json.dumps(out)) == out  # no -Infinity
+    lp = LogprobsLists(np.array([[5, 1, 2], [7, 7, 3]], dtype=np.int64),
+                       np.array([[-2.0, -0.1, -1.0], [float("-inf"), -0.5, -0.7]], dtype=np.float32),
+                       np.array([3, 1], dtype=np.int64))
+    out = types.SimpleNamespace(new_logprobs=lp)
+    rows = decode_logprobs_meta(vllm_compat.logprobs_meta(out))
+    assert [r["ids"] for r in rows] == [[5, 1, 2], [7, 7, 3]]
+    assert [r["rank"] for r in rows] == [3, 1]
+    assert rows[0]["logprobs"][:2] == pytest.approx([-2.0, -0.1]) and rows[1]["logprobs"][0] == float("-inf")
 
 
 def test_logprobs_sampling_param_range():
@@ -557,12 +543,9 @@ def test_logprobs_sampling_param_range():
 def test_logprobs_end_to_end(loop, vllm_backend):
     b = vllm_backend
 
-    async def run():
-        return [d async for d in b.generate(b.apply_chat_template(PARIS), greedy(4, ignore_eos=True, logprobs=2), "lp")]
-
-    deltas = loop.run_until_complete(run())
-    entries = [e for d in deltas for e in d.logprobs]
-    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
-    assert len(entries) == 4
-    for e in entries:
-        assert e["logprob"] <= 0 and len(e["top"]) == 2 and e["top"][0]["token"] == e["token"]
+    c = collect(loop, b, b.apply_chat_template(PARIS), greedy(4, ignore_eos=True, logprobs=2), "lp")[0]
+    assert len(c["logprobs"]) == len(c["ids"]) == 4
+    for tid, row in zip(c["ids"], c["logprobs"]):
+        # column 0 is the sampled token; greedy: it is also the most likely (column 1, rank 1)
+        assert len(row["ids"]) >= 3 and row["ids"][0] == tid and row["ids"][1] == tid and row["rank"] == 1
+        assert row["logprobs"][0] <= 0

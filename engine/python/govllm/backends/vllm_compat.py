@@ -12,6 +12,9 @@ pinned vLLM by ``tests/test_vllm_compat.py`` (which fails the day an upgrade cha
   returning an ``EngineCoreRequest`` (``request_id``, ``sampling_params``), and
   ``InputProcessor.assign_request_id`` (vLLM's random suffix, so client ids may repeat);
 - ``AsyncLLM.get_supported_tasks()`` (async);
+- ``AsyncLLM.output_handler``: the task AsyncLLM starts to read the engine's outputs (at
+  construction inside a running loop, or on its own add_request), which must not run, and
+  ``AsyncLLM.errored`` reading a None handler as running;
 - ``AsyncLLM.engine_core``'s ``add_request_async``, ``get_output_async``,
   ``abort_requests_async``;
 - ``EngineCoreOutputs.outputs``, a list of ``EngineCoreOutput`` with ``request_id``,
@@ -25,6 +28,7 @@ pinned vLLM by ``tests/test_vllm_compat.py`` (which fails the day an upgrade cha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import struct
 from typing import Any
@@ -85,6 +89,19 @@ def make_requests(engine: Any, request_id: str, prompt: Any, params: Any, tasks:
         child.sampling_params = child_params
         children.append(child)
     return children
+
+
+async def detach_output_handler(engine: Any) -> None:
+    """Stop AsyncLLM's own output handler (it starts eagerly when AsyncLLM is built inside a running
+    loop): two readers of get_output_async would each get part of the engine's steps. It is set
+    back to None, which AsyncLLM.errored reads as running."""
+    handler = getattr(engine, "output_handler", None)
+    if handler is None:
+        return
+    handler.cancel()
+    with contextlib.suppress(BaseException):
+        await handler
+    engine.output_handler = None
 
 
 def core(engine: Any) -> Any:

@@ -300,6 +300,7 @@ class VLLMBackend:
                 tok = await tok
             self.tokenizer = tok
             self._max_model_len = await self._read_max_model_len()
+            await vllm_compat.detach_output_handler(self.engine)
         except BaseException:
             engine, self.engine = self.engine, None
             with contextlib.suppress(Exception):
@@ -516,6 +517,9 @@ class VLLMBackend:
         self._requests[go_id] = req
         for index, child in enumerate(children):
             self._routes[child.request_id] = go_id << 16 | index
+        if getattr(self.engine, "output_handler", None) is not None:
+            log.warning("AsyncLLM started its output handler: stopping it (it would take the engine's outputs)")
+            await vllm_compat.detach_output_handler(self.engine)
         self._start_pump()
         engine_core = vllm_compat.core(self.engine)
         try:

@@ -1,11 +1,15 @@
 """The "transformers" backend: transformers' continuous-batching manager, in process.
 
 The model runs under ``model.init_continuous_batching`` (a background thread, a paged KV cache,
-prefill and decode of every active request packed into each forward pass). Each ``generate`` call
-is one streaming manager request per choice; outputs arrive on the asyncio loop through
-``register_result_handler``. Sampling is ``sampler.PerRequestSampler`` (the manager itself runs
-greedy); stop strings are matched on the detokenized text (``govllm.detok``) and then cancel the
-request in the manager, as do cancelling the consuming task and ``abort()``.
+prefill and decode of every active request packed into each forward pass). The backend speaks the
+bridge's token-id protocol (``submit``, ``stop_choice``, ``cancel``; see bridge.py
+``_serve_tokens``): each choice is one streaming manager request; its outputs arrive on the
+asyncio loop through ``register_result_handler`` (the manager delivers one engine step's outputs
+in one loop callback), and every output of one loop iteration reaches Go in one
+``_govllm_shim.relay`` call, as token ids: Go detokenizes (with ``tokenizer_dir()``), matches stop
+strings (then tells the backend to ``stop_choice``) and counts usage. Sampling is
+``sampler.PerRequestSampler`` (the manager itself runs greedy), which also masks EOS and
+stop_token_ids under min_tokens and records logprobs.
 
 ``EngineConfig``: max_num_seqs (default 256 on CUDA, 64 on CPU); max_model_len (default the
 model's, lowered to what the KV cache holds); dtype ("auto": bfloat16 on CUDA, float32 on CPU);
@@ -20,22 +24,22 @@ max_blocks_per_request, auto_switch_to_flash.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import random
+import shutil
+import struct
+import tempfile
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
-from ...backend import (
-    Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, logprob_entry,
-    render_chat,
-)
-from ...detok import TextStream
+from ...backend import EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, render_chat
 from . import compat, loading
-from .sampler import SAMPLING_EPS, RequestSampling, build_sampler_class, seed_key
+from .sampler import SAMPLING_EPS, LogprobRecord, RequestSampling, build_sampler_class, seed_key
 
 log = logging.getLogger("govllm.transformers")
 
@@ -47,9 +51,13 @@ _CB_PASSTHROUGH = ("allow_block_sharing", "use_cuda_graph", "use_async_batching"
                    "scheduler_type", "max_memory_percent", "max_blocks_per_request", "auto_switch_to_flash")
 _PLANNED_ONLY = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs")
 
-# Sentinels put on a request's queue by abort(), the watchdog and shutdown().
-_ABORT = object()
-_DEAD = object()
+# relay's finish_codes: an output's finish_reason is the shim's code itself (cshim/shim.h SHIM_FINISH_*).
+FINISH_CODES = (0, 1, 2, 3, 4, 5)
+FINISH_STOP = 1  # EOS or a stop token id (the token is in new_token_ids; Go leaves its text out)
+FINISH_LENGTH = 2  # max_tokens or the context
+FINISH_ERROR = 4  # the manager failed the choice (a 500)
+# Choices of one request: the route key holds the choice index in 16 bits.
+MAX_CHOICES = 0xFFFF
 
 
 def create(config: EngineConfig) -> "TransformersBackend":
@@ -60,21 +68,68 @@ class _StartCancelled(Exception):
     """The backend was shut down while its model was loading."""
 
 
+class _Output:
+    """One choice's new tokens of one engine step, as ``_govllm_shim.relay`` reads them."""
+
+    __slots__ = ("request_id", "new_token_ids", "finish_reason", "new_logprobs", "top")
+
+    def __init__(self, request_id: str, new_token_ids: list[int], finish_reason: int | None,
+                 new_logprobs: list[Any] | None = None, top: int = 0) -> None:
+        self.request_id = request_id  # the engine request id (the key of the routes)
+        self.new_token_ids = new_token_ids
+        self.finish_reason = finish_reason  # None, or a FINISH_CODES index
+        self.new_logprobs = new_logprobs  # None, or a LogprobRecord (None where missing) per new token
+        self.top = top  # alternatives per token the request asked for
+
+    def __repr__(self) -> str:
+        return (f"_Output({self.request_id!r}, {self.new_token_ids!r}, finish_reason={self.finish_reason!r}, "
+                f"logprobs={self.new_logprobs is not None})")
+
+
+def logprobs_meta(output: _Output) -> bytes:
+    """An output's logprob records as the delta record's meta, in vllm_compat.logprobs_meta's layout
+    (engine/choice.go decodeLogprobs): u32 rows, u32 cols, rows*cols int32 token ids, rows*cols
+    float32 logprobs (column 0 the sampled token, then the top alternatives, most likely first),
+    rows int32 ranks of the sampled token. A token without a record (never expected: the sampler
+    records every logprob row) gets NaN logprobs, which Go reports as its floor."""
+    top = output.top
+    cols = top + 1
+    ids, values, ranks = array.array("i"), array.array("f"), array.array("i")
+    nan = float("nan")
+    for token, record in zip(output.new_token_ids, output.new_logprobs):
+        if record is None:
+            ids.extend([token] * cols)
+            values.extend([nan] * cols)
+            ranks.append(0)
+            continue
+        alt_ids, alt_values = record.top_ids[:top], record.top_logprobs[:top]
+        ids.append(record.token)
+        ids.extend(alt_ids)
+        values.append(record.logprob)
+        values.extend(alt_values)
+        if len(alt_ids) < top:  # a vocabulary smaller than the alternatives asked for
+            ids.extend([record.token] * (top - len(alt_ids)))
+            values.extend([float("-inf")] * (top - len(alt_ids)))
+        ranks.append(record.rank)
+    return struct.pack("<II", len(ranks), cols) + ids.tobytes() + values.tobytes() + ranks.tobytes()
+
+
 @dataclasses.dataclass
 class _Choice:
     index: int
     engine_id: str
-    stream: TextStream
     eos: frozenset[int]
     params: RequestSampling
-    seen: int = 0
-    done: bool = False
+    seen: int = 0  # output tokens already relayed
+    done: bool = False  # finished, stopped or cancelled: later outputs are dropped
 
 
 @dataclasses.dataclass
-class _Active:
-    queue: asyncio.Queue
+class _Request:
+    go_id: int
     choices: list[_Choice]
+    done: asyncio.Future
+    live: set[str] = dataclasses.field(default_factory=set)  # engine ids of the choices still routed
 
 
 class TransformersBackend:
@@ -95,13 +150,16 @@ class TransformersBackend:
         self._page_size = 0
         self._num_blocks = 0
         self._rng = random.Random(config.seed)
-        self._active: dict[str, _Active] = {}
+        self.relay: Any = None  # _govllm_shim.relay, set by the bridge before start
+        self._requests: dict[int, _Request] = {}  # by Go id
+        self._routes: dict[str, int] = {}  # engine request id -> Go id << 16 | choice index
+        self._pending: list[_Output] = []  # outputs of this loop iteration, relayed by _flush
+        self._tokenizer_tmp: str | None = None  # a tokenizer.json written for Go (tokenizer_dir)
         self._watchdog: asyncio.Task | None = None
         self._dead: str | None = None
         self._closed = False
         self._start_lock = threading.Lock()  # shutdown() against a loading thread starting the manager
         self._decode_kwargs = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
-        self._token_texts: dict[int, str] = {}
         self._planned_ok = True  # penalties, min_tokens and logprobs can run (see PerRequestSampler.bind_runner)
         self._transformers_version = ""
 
@@ -220,11 +278,23 @@ class TransformersBackend:
             compat.drain_orphans(self.manager)
             reason = self._death_reason()
             if reason is not None:
-                self._dead = reason
-                log.error("transformers engine died: %s", reason)
-                for active in list(self._active.values()):
-                    active.queue.put_nowait((None, _DEAD))
+                self._die(reason)
                 return
+
+    def _die(self, reason: str) -> None:
+        """The manager can serve no more: fail every request with EngineDeadError."""
+        self._dead = reason
+        log.error("transformers engine died: %s", reason)
+        dead = EngineDeadError(reason)
+        for req in list(self._requests.values()):
+            for choice in req.choices:
+                choice.done = True
+                self._routes.pop(choice.engine_id, None)
+                compat.drop_handler(self.manager, choice.engine_id)
+            req.live.clear()
+            if not req.done.done():
+                req.done.set_exception(dead)
+        self._requests.clear()
 
     def _death_reason(self) -> str | None:
         return compat.death_reason(self.manager, closing=self._closed)
@@ -244,9 +314,12 @@ class TransformersBackend:
             if self._closed and self.manager is None:
                 return
             self._closed = True
+            for go_id in list(self._requests):
+                self.cancel(go_id)
             manager, self.manager = self.manager, None
-        for active in list(self._active.values()):
-            active.queue.put_nowait((None, _ABORT))
+        if self._tokenizer_tmp is not None:
+            shutil.rmtree(self._tokenizer_tmp, ignore_errors=True)
+            self._tokenizer_tmp = None
         if self._watchdog is not None:
             self._watchdog.cancel()
         if manager is not None:
@@ -279,6 +352,34 @@ class TransformersBackend:
     def max_model_len(self) -> int:
         return self._max_model_len
 
+    def tokenizer_dir(self) -> str:
+        """The directory of the tokenizer.json Go detokenizes with: the tokenizer's own directory
+        when it has one, else (a hub id, a tokenizer converted from a slow one, the byte-level
+        stand-in of load_format=dummy) the loaded fast tokenizer saved to a private directory."""
+        if self._tokenizer_tmp is not None:
+            return self._tokenizer_tmp
+        source = self.extra.get("tokenizer") or self.config.model
+        if source and os.path.isfile(os.path.join(str(source), "tokenizer.json")):
+            return str(source)
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
+            raise RuntimeError(f"the tokenizer of {source} has no tokenizer.json and is not a fast tokenizer: "
+                               "govllm detokenizes in Go and needs one (convert the tokenizer with transformers' "
+                               "save_pretrained)")
+        path = tempfile.mkdtemp(prefix="govllm-tokenizer-")
+        try:
+            tok.save_pretrained(path)
+        except Exception:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            shutil.rmtree(path, ignore_errors=True)
+            raise RuntimeError(f"saving the tokenizer of {source} wrote no tokenizer.json: govllm detokenizes in Go "
+                               "and needs one")
+        log.info("no tokenizer.json in %s: Go detokenizes with the loaded tokenizer, saved to %s", source, path)
+        self._tokenizer_tmp = path
+        return path
+
     # ------------------------------------------------------------------ requests
 
     def _validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> int:
@@ -291,6 +392,8 @@ class TransformersBackend:
                                        f"in transformers {self._transformers_version}", param=name)
         if not prompt_token_ids:
             raise RequestError("The prompt cannot be empty.", param="prompt")
+        if sampling.n > MAX_CHOICES:
+            raise RequestError(f"n must be at most {MAX_CHOICES}, got {sampling.n}", param="n")
         if self.vocab_size:
             bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
             if bad:
@@ -339,147 +442,83 @@ class TransformersBackend:
         return RequestSampling(temperature=temperature, top_p=float(sampling.top_p), top_k=top_k, key=key,
                                min_p=float(sampling.min_p), **common)
 
-    async def generate(
-        self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str
-    ) -> AsyncIterator[Delta]:
+    async def submit(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str,
+                     go_id: int) -> asyncio.Future:
+        """Add the request's choices to the manager; the future resolves once every choice ended
+        (finished, stopped by Go or cancelled), or fails with EngineDeadError if the engine dies."""
         self.health()
+        if self.relay is None:
+            raise RuntimeError("the transformers backend has no relay (the bridge sets it before start)")
         prompt = [int(t) for t in prompt_token_ids]
         max_new_tokens = self._validate(prompt, sampling)
-        if request_id in self._active:
-            raise RequestError(f"request id {request_id!r} is already running")
+        if go_id in self._requests:
+            raise RequestError(f"request {go_id} is already running")
         manager = self.manager
         eos = set() if sampling.ignore_eos else set(self.eos_token_ids)
         eos.update(int(t) for t in sampling.stop_token_ids)
         eos_list = sorted(eos) or [-1]  # [-1]: no EOS at all (None would mean the manager's default)
-
-        queue: asyncio.Queue = asyncio.Queue()
         n = int(sampling.n)
+        # Go ids are unique in the process: a name the client reuses never meets its predecessor's
+        # engine requests, whose cancellation the manager may not have processed yet.
+        base = f"{request_id}/{go_id}"
         choices = [
-            _Choice(
-                index=i,
-                engine_id=request_id if n == 1 else f"{request_id}/{i}",
-                stream=TextStream(self.decode, prompt, sampling.stop, sampling.min_tokens),
-                eos=frozenset(eos),
-                params=self._request_sampling(sampling, i, len(prompt), frozenset(eos)),
-            )
+            _Choice(index=i, engine_id=base if n == 1 else f"{base}/{i}", eos=frozenset(eos),
+                    params=self._request_sampling(sampling, i, len(prompt), frozenset(eos)))
             for i in range(n)
         ]
-        active = _Active(queue=queue, choices=choices)
-        self._active[request_id] = active
+        req = _Request(go_id=go_id, choices=choices, done=asyncio.get_running_loop().create_future())
+        self._requests[go_id] = req
         try:
             for choice in choices:
-                index = choice.index
-                manager.register_result_handler(choice.engine_id, lambda out, i=index: queue.put_nowait((i, out)))
+                self._routes[choice.engine_id] = go_id << 16 | choice.index
+                req.live.add(choice.engine_id)
+                manager.register_result_handler(choice.engine_id, functools.partial(self._on_output, choice))
                 added = manager.add_request(input_ids=prompt, request_id=choice.engine_id,
                                             max_new_tokens=max_new_tokens, streaming=True, eos_token_id=eos_list,
                                             govllm_sampling=choice.params)
                 if added is None:
                     raise EngineDeadError(self._death_reason() or "the transformers engine refused the request")
+        except BaseException:
+            self.cancel(go_id)
+            raise
+        return req.done
 
-            remaining = n
-            while remaining:
-                index, out = await queue.get()
-                if out is _ABORT:
-                    for choice in choices:
-                        if not choice.done:
-                            choice.done = True
-                            self._cancel(choice)
-                            yield Delta(index=choice.index, token_ids=[], text="", finish_reason="abort")
-                    return
-                if out is _DEAD:
-                    raise EngineDeadError(self._dead or "the transformers engine died")
-                choice = choices[index]
-                if choice.done:
-                    continue
-                delta = self._on_output(choice, out)
-                if delta is None:
-                    continue
-                if delta.finish_reason is not None:
-                    remaining -= 1
-                yield delta
-        finally:
-            for choice in choices:
-                if not choice.done:
-                    choice.done = True
-                    self._cancel(choice)
-                else:
-                    compat.drop_handler(self.manager, choice.engine_id)
-            if self._active.get(request_id) is active:
-                del self._active[request_id]
+    def stop_choice(self, go_id: int, index: int) -> None:
+        """Go matched a stop string in choice index: stop it in the manager."""
+        req = self._requests.get(go_id)
+        if req is None or not 0 <= index < len(req.choices):
+            return
+        choice = req.choices[index]
+        if choice.engine_id not in req.live:
+            return
+        self._routes.pop(choice.engine_id, None)
+        req.live.discard(choice.engine_id)
+        self._cancel(choice)
+        if not req.live:
+            self._finish(req)
 
-    def _on_output(self, choice: _Choice, out: Any) -> Delta | None:
-        """Turns one GenerationOutput of the manager into a Delta (None when there is nothing new)."""
-        tokens, finished, error = compat.read_output(out)
-        if error is not None:
-            choice.done = True
-            reason = self._death_reason()
-            if reason is not None:
-                self._dead = reason
-                raise EngineDeadError(f"{reason} ({error})")
-            raise RuntimeError(f"generation failed: {error}")
-        first = choice.seen
-        new = tokens[first:]
-        choice.seen = first + len(new)
-        emitted: list[int] = []
-        text = []
-        finish_reason = None
-        for position, token in enumerate(new):
-            emitted.append(token)
-            is_last = finished and position == len(new) - 1
-            if is_last and token in choice.eos:
-                finish_reason = "stop"  # EOS or a stop token: its text is not part of the output
-                break
-            text.append(choice.stream.push([token]))
-            if choice.stream.stopped:
-                finish_reason = "stop"
-                break
-        if finish_reason is None and finished:
-            finish_reason = "length"
-        if finish_reason is not None:
-            if not choice.stream.stopped:
-                text.append(choice.stream.finish())
-            choice.done = True
-            if not finished:  # a stop string: the manager would go on generating
-                self._cancel(choice)
-            else:
-                compat.drop_handler(self.manager, choice.engine_id)
-        elif not new:
-            return None
-        logprobs = self._logprobs(choice.params, first, emitted) if choice.params.logprobs is not None else None
-        return Delta(index=choice.index, token_ids=emitted, text="".join(text), finish_reason=finish_reason,
-                     logprobs=logprobs)
+    def cancel(self, go_id: int) -> None:
+        """Abort every choice still running (the client went away, or shutdown)."""
+        req = self._requests.get(go_id)
+        if req is None:
+            return
+        for choice in req.choices:
+            self._routes.pop(choice.engine_id, None)
+            self._cancel(choice)
+        req.live.clear()
+        self._finish(req)
 
-    def _logprobs(self, params: RequestSampling, first: int, tokens: list[int]) -> list[dict[str, Any]]:
-        """Delta.logprobs for output tokens first, first+1, ...: the sampler's records, as vllm_engine
-        shapes vLLM's (the chosen token, then the top alternatives, most likely first)."""
-        records = params.records
-        entries = []
-        for index, token in enumerate(tokens, start=first):
-            record = None
-            while records and records[0].index < index:  # tokens the manager sampled but discarded
-                records.popleft()
-            while records and records[0].index == index:  # the last sample of a position is the one kept
-                record = records.popleft()
-            if record is None or record.token != token:
-                log.warning("no logprobs recorded for output token %d (%d)", index, token)
-                entry = logprob_entry(self._token_text(token), float("nan"))
-                entry["top"] = []
-            else:
-                entry = logprob_entry(self._token_text(token), record.logprob)
-                entry["top"] = [logprob_entry(self._token_text(t), lp)
-                                for t, lp in zip(record.top_ids, record.top_logprobs)]
-            entries.append(entry)
-        return entries
-
-    def _token_text(self, token: int) -> str:
-        """One token decoded on its own (what vLLM reports as a logprob's decoded_token), memoised."""
-        text = self._token_texts.get(token)
-        if text is None:
-            text = self.tokenizer.decode([token])
-            self._token_texts[token] = text
-        return text
+    def _finish(self, req: _Request) -> None:
+        if self._requests.get(req.go_id) is req:
+            del self._requests[req.go_id]
+        if not req.done.done():
+            req.done.set_result(None)
 
     def _cancel(self, choice: _Choice) -> None:
+        """Stop a choice in the manager (nothing to do for one the manager finished)."""
+        if choice.done:
+            return
+        choice.done = True
         manager = self.manager
         compat.drop_handler(manager, choice.engine_id)
         if manager is not None:
@@ -488,14 +527,109 @@ class TransformersBackend:
             except Exception as exc:
                 log.debug("cancel %s: %s", choice.engine_id, exc)
 
-    async def abort(self, request_id: str) -> None:
-        active = self._active.get(request_id)
-        if active is None:
+    def _on_output(self, choice: _Choice, out: Any) -> None:
+        """The manager's result handler (on the loop): one GenerationOutput of a choice -> an _Output
+        queued for this loop iteration's relay call."""
+        if choice.done:
+            return  # stopped or cancelled meanwhile: a step that was already running
+        tokens, finished, error = compat.read_output(out)
+        if error is not None:
+            self._on_error(choice, error)
             return
-        for choice in active.choices:
-            if not choice.done:
+        first = choice.seen
+        new = list(tokens[first:])
+        choice.seen = first + len(new)
+        reason = None
+        if finished:
+            choice.done = True  # the manager drops its handler itself
+            reason = FINISH_STOP if tokens and tokens[-1] in choice.eos else FINISH_LENGTH
+        elif not new:
+            return
+        params = choice.params
+        if params.logprobs is not None and new:
+            self._queue(_Output(choice.engine_id, new, reason, self._logprobs(params, first, new), params.logprobs))
+        else:
+            self._queue(_Output(choice.engine_id, new, reason))
+
+    def _on_error(self, choice: _Choice, error: str) -> None:
+        """A failed choice: the engine died (every request fails), or the request alone failed: its
+        choice ends with FINISH_ERROR (a 500 in Go) and its other choices are cancelled."""
+        self._cancel(choice)  # its handler dropped; cancelling a request the manager failed does nothing
+        reason = self._death_reason()
+        if reason is not None:
+            self._die(f"{reason} ({error})")
+            return
+        key = self._routes.get(choice.engine_id)
+        if key is None:
+            return
+        log.error("request %s: generation failed: %s", choice.engine_id, error)
+        self._queue(_Output(choice.engine_id, [], FINISH_ERROR))
+        req = self._requests.get(key >> 16)
+        if req is not None:
+            for other in req.choices:
+                if other is not choice and other.engine_id in req.live:
+                    self._routes.pop(other.engine_id, None)
+                    req.live.discard(other.engine_id)
+                    self._cancel(other)
+
+    def _queue(self, output: _Output) -> None:
+        self._pending.append(output)
+        if len(self._pending) == 1:  # one relay call for everything that arrives in this loop iteration
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        outputs, self._pending = self._pending, []
+        if not outputs:
+            return
+        routes = self._routes
+        try:
+            finished = self.relay(outputs, routes, FINISH_CODES, logprobs_meta)
+        except Exception as exc:
+            log.exception("relaying %d outputs failed", len(outputs))
+            self._fail_outputs(outputs, exc)
+            return
+        for engine_id in finished:
+            key = routes.pop(engine_id, None)
+            if key is None:
+                continue
+            req = self._requests.get(key >> 16)
+            if req is not None:
+                req.live.discard(engine_id)
+                if not req.live:
+                    self._finish(req)
+
+    def _fail_outputs(self, outputs: list[_Output], exc: Exception) -> None:
+        """relay raised: the requests of these outputs fail (the bridge answers 500)."""
+        for output in outputs:
+            key = self._routes.get(output.request_id)
+            req = None if key is None else self._requests.get(key >> 16)
+            if req is None:
+                continue
+            for choice in req.choices:
+                self._routes.pop(choice.engine_id, None)
                 self._cancel(choice)
-        active.queue.put_nowait((None, _ABORT))
+            req.live.clear()
+            if self._requests.get(req.go_id) is req:
+                del self._requests[req.go_id]
+            if not req.done.done():
+                req.done.set_exception(exc)
+
+    def _logprobs(self, params: RequestSampling, first: int, tokens: list[int]) -> list[LogprobRecord | None]:
+        """The sampler's records of output tokens first, first+1, ... (None where a token has none)."""
+        records = params.records
+        entries: list[LogprobRecord | None] = []
+        for index, token in enumerate(tokens, start=first):
+            record = None
+            while records and records[0].index < index:  # tokens the manager sampled but discarded
+                records.popleft()
+            while records and records[0].index == index:  # the last sample of a position is the one kept
+                record = records.popleft()
+            if record is not None and record.token != token:
+                record = None
+            if record is None:
+                log.warning("no logprobs recorded for output token %d (%d)", index, token)
+            entries.append(record)
+        return entries
 
     def num_running(self) -> int:
         """Requests the manager still holds: result handlers plus the scheduler's running and

@@ -91,6 +91,7 @@ class LogprobRecord(NamedTuple):
     logprob: float
     top_ids: tuple[int, ...]
     top_logprobs: tuple[float, ...]
+    rank: int = 0  # 1 + how many tokens are more likely (ties count), as vLLM's sampled_token_ranks
 
 
 class RequestSampling:
@@ -500,19 +501,21 @@ def build_sampler_class() -> type:
 
         @staticmethod
         def _record_logprobs(raw: torch.Tensor, chosen: torch.Tensor, plan: _Plan) -> None:
-            """log_softmax of the raw logits (vLLM's default raw_logprobs): the picked token's and the
-            top alternatives', handed to each request's records. The one host sync of a planned batch."""
+            """log_softmax of the raw logits (vLLM's default raw_logprobs): the picked token's, its rank
+            and the top alternatives', handed to each request's records. The one host sync of a planned
+            batch."""
             rows = torch.tensor(plan.logprob_rows, dtype=torch.int64, device=raw.device)
             logprobs = torch.log_softmax(raw.index_select(0, rows).float(), dim=-1)
             picked = chosen.index_select(0, rows)
-            values, ids = logprobs.gather(-1, picked), picked
+            values = logprobs.gather(-1, picked)
+            ids = torch.cat([(logprobs >= values).sum(dim=-1, keepdim=True), picked], dim=-1)  # rank, token
             if plan.top:
                 top_values, top_ids = logprobs.topk(plan.top, dim=-1, sorted=True)
                 values, ids = torch.cat([values, top_values], dim=-1), torch.cat([ids, top_ids], dim=-1)
             values, ids = values.tolist(), ids.tolist()
             for params, index, v, i in zip(plan.logprob_params, plan.logprob_index, values, ids):
                 n = params.logprobs + 1
-                params.records.append(LogprobRecord(index, i[0], v[0], tuple(i[1:n]), tuple(v[1:n])))
+                params.records.append(LogprobRecord(index, i[1], v[0], tuple(i[2:n + 1]), tuple(v[1:n]), i[0]))
 
         @classmethod
         def sample(cls, scores: torch.Tensor, args: torch.Tensor, filtered: bool = True, exact: bool = False,
