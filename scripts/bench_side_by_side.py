@@ -391,10 +391,12 @@ def num_prompts(concurrency: int, args: argparse.Namespace) -> int:
     return max(args.min_prompts, concurrency * args.requests_per_stream)
 
 
-def client_govllm(base: str, spec: ServerSpec, c: int, pair: str, args: argparse.Namespace, log: Path) -> dict:
+def client_govllm(base: str, spec: ServerSpec, c: int, pair: str, args: argparse.Namespace, log: Path,
+                  prompts: int = 0) -> dict:
     """One `govllm bench --scenario load` run; returns its summary (vLLM benchmark_serving names)."""
     cmd = [str(govllm_bin(args)), "bench", "--url", base, "--model", spec.model_name, "--scenario", "load",
-           "--concurrency", str(c), "--num-prompts", str(num_prompts(c, args)), "--max-tokens", str(args.max_tokens),
+           "--concurrency", str(c), "--num-prompts", str(prompts or num_prompts(c, args)),
+           "--max-tokens", str(args.max_tokens),
            "--temperature", "0", "--seed", "1", "--no-progress", "--json"]
     if pair == "vllm":
         cmd.append("--ignore-eos")  # fixed-length outputs; transformers serve rejects the field (422)
@@ -463,6 +465,9 @@ def run_server(spec: ServerSpec, pair: str, model: ModelSpec, rnd: int, out: Pat
         wait_healthy(proc, base, log)
         result["start_s"] = round(time.monotonic() - t0, 1)
         result["probe"] = probe(base, spec.model_name, args.max_tokens)
+        if args.warmup_requests:  # unmeasured: the first batches of a fresh engine are slower
+            client_govllm(base, spec, min(8, args.warmup_requests), pair, args, out / "logs" / f"{tag}-warmup.log",
+                          prompts=args.warmup_requests)
         tree = tree_snapshot(proc.pid)
         result["tree"] = [{"pid": k[0], "comm": v["comm"], "role": v["role"], "cmd": v["cmd"]} for k, v in tree.items()]
         if not any(v["role"] == "engine" for v in tree.values()):
@@ -633,6 +638,8 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=3,
                     help="requests per load run = max(--min-prompts, streams x this)")
     ap.add_argument("--min-prompts", type=int, default=16)
+    ap.add_argument("--warmup-requests", type=int, default=16,
+                    help="unmeasured govllm bench requests (8 streams) after each start, before the load runs (0: none)")
     ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (and of the greedy probe)")
     ap.add_argument("--input-len", type=int, default=64, help="vllm-bench: tokens of each random prompt")
     ap.add_argument("--max-model-len", type=int, default=1024)

@@ -63,6 +63,27 @@ def test_output_router_shape():
     assert isinstance(router.output_queue, queue.Queue)
 
 
+def test_output_router_delivers_a_step_in_one_loop_callback():
+    """The backend relays what arrives in one loop iteration at once: that is one engine step
+    because the router hands a step's outputs to the loop in one call_soon_threadsafe."""
+    from types import SimpleNamespace
+
+    from transformers.generation.continuous_batching.continuous_api import OutputRouter
+
+    calls = []
+    fake_loop = SimpleNamespace(call_soon_threadsafe=lambda fn, *args: calls.append((fn, args)))
+    router = OutputRouter()
+    seen = []
+    for rid in ("a", "b"):
+        router.result_handlers[rid] = (seen.append, fake_loop)
+    outputs = [SimpleNamespace(request_id="a"), SimpleNamespace(request_id="b")]
+    router.deliver_batch(outputs)
+    assert len(calls) == 1 and seen == []
+    fn, args = calls[0]
+    fn(*args)
+    assert seen == outputs
+
+
 def test_generation_output_and_request_state_fields():
     from transformers.generation.continuous_batching.requests import (
         FutureRequestState, GenerationOutput, RequestState, RequestStatus,
