@@ -152,15 +152,36 @@ def sync(device: str) -> None:
 # ---------------------------------------------------------------------------------------------- govllm
 
 
+class StampRelay:
+    """_govllm_shim.relay's contract (see cshim/shim.c py_relay) in Python: notes the arrival time of
+    each relayed token by Go id, and returns the finished request ids."""
+
+    def __init__(self) -> None:
+        self.stamps: dict[int, list[float]] = {}
+        self.next_id = 0
+
+    def __call__(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
+                 logprobs_meta: Any) -> list[str]:
+        now, finished = time.perf_counter(), []
+        for out in outputs:
+            key = routes.get(out.request_id)
+            if key is None:
+                continue
+            self.stamps.setdefault(key >> 16, []).extend([now] * len(out.new_token_ids))
+            if out.finish_reason is not None:
+                finished.append(out.request_id)
+        return finished
+
+
 async def timed_stream(backend: Any, prompt: list[int], tokens: int, request_id: str) -> tuple[int, list[float]]:
-    """Runs one greedy fixed-length request; returns (tokens, arrival time of each delta's last token)."""
+    """Runs one greedy fixed-length request; returns (tokens, arrival time of each token)."""
     sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    count, stamps = 0, []
-    async for delta in backend.generate(prompt, sampling, request_id):
-        if delta.token_ids:
-            count += len(delta.token_ids)
-            stamps.extend([time.perf_counter()] * len(delta.token_ids))
-    return count, stamps
+    relay = backend.relay
+    relay.next_id += 1
+    go_id = relay.next_id
+    await (await backend.submit(prompt, sampling, request_id, go_id))
+    stamps = relay.stamps.pop(go_id, [])
+    return len(stamps), stamps
 
 
 async def run_govllm(args: argparse.Namespace, load_format: str) -> dict[str, Any]:
@@ -168,6 +189,7 @@ async def run_govllm(args: argparse.Namespace, load_format: str) -> dict[str, An
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
                           max_model_len=args.max_model_len, max_num_seqs=max(args.streams, 1), extra=extra)
     backend = hf_transformers.create(config)
+    backend.relay = StampRelay()  # in place of _govllm_shim.relay, which the bridge sets
     t0 = time.perf_counter()
     await backend.start()
     result: dict[str, Any] = {"start_s": time.perf_counter() - t0, "device": backend.device,

@@ -53,6 +53,7 @@ type call struct {
 	// textOffset is, per choice, the length of the logprob tokens streamed so far (text
 	// completions' text_offset).
 	textOffset []int
+	tokenIDs   [][]int32 // per choice, with return_token_ids, when not streamed
 
 	mu      sync.Mutex
 	aborted atomic.Bool
@@ -110,7 +111,8 @@ func (s *Server) next(c *call) (llm.Delta, error) {
 				return llm.Delta{}, err
 			}
 			s.observeDelta(c, d)
-			if d.Text == "" && d.FinishReason == "" && (len(d.Logprobs) == 0 || !c.params.logprobs) {
+			if d.Text == "" && d.FinishReason == "" && (len(d.Logprobs) == 0 || !c.params.logprobs) &&
+				(len(d.TokenIDs) == 0 || !c.params.tokenIDs) {
 				continue
 			}
 			return d, nil
@@ -186,6 +188,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Reques
 	c.track = newChoiceTracker(c.params.n)
 	c.lastTok = make([]time.Time, c.params.n)
 	c.textOffset = make([]int, c.params.n)
+	if c.params.tokenIDs {
+		c.tokenIDs = make([][]int32, c.params.n)
+	}
 	defer c.stopTimers()
 
 	stopAbort := context.AfterFunc(s.abortCtx, c.abort)
@@ -226,6 +231,9 @@ func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 			return false
 		}
 		texts[d.Index].WriteString(d.Text)
+		if c.params.tokenIDs {
+			c.tokenIDs[d.Index] = append(c.tokenIDs[d.Index], d.TokenIDs...)
+		}
 		if lps != nil {
 			lps[d.Index] = append(lps[d.Index], d.Logprobs...)
 		}

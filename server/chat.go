@@ -23,6 +23,7 @@ type chunkChoice struct {
 	Delta        chunkDelta    `json:"delta"`
 	Logprobs     *chatLogprobs `json:"logprobs"` // null unless asked for
 	FinishReason *string       `json:"finish_reason"`
+	TokenIDs     *[]int32      `json:"token_ids,omitempty"` // with return_token_ids
 }
 
 // chunkDelta is {"role":"assistant","content":""} in the role chunk, {"content":"…"} in a
@@ -58,6 +59,7 @@ type completionChoice struct {
 	Message      assistantMessage `json:"message"`
 	Logprobs     *chatLogprobs    `json:"logprobs"` // null unless asked for
 	FinishReason string           `json:"finish_reason"`
+	TokenIDs     *[]int32         `json:"token_ids,omitempty"` // with return_token_ids
 }
 
 // chatLogprobs are the logprobs of a choice's content (or of a streamed increment).
@@ -89,6 +91,14 @@ func toChatLogprobs(lps []llm.TokenLogprob) *chatLogprobs {
 		out.Content[i] = chatLogprob{Token: lp.Token, Logprob: lp.Logprob, Bytes: nonNilBytes(lp.Bytes), TopLogprobs: top}
 	}
 	return out
+}
+
+// nonNilIDs is ids for a token_ids field: [] rather than null when there are none.
+func nonNilIDs(ids []int32) *[]int32 {
+	if ids == nil {
+		ids = []int32{}
+	}
+	return &ids
 }
 
 func nonNilBytes(b []int) []int {
@@ -149,27 +159,32 @@ type chatFormat struct{}
 func (chatFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	chunk := chatChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model}
 	var one [1]chunkChoice
-	emit := func(delta chunkDelta, lps *chatLogprobs, finish *string) {
-		one[0] = chunkChoice{Index: d.Index, Delta: delta, Logprobs: lps, FinishReason: finish}
+	emit := func(delta chunkDelta, lps *chatLogprobs, finish *string, ids *[]int32) {
+		one[0] = chunkChoice{Index: d.Index, Delta: delta, Logprobs: lps, FinishReason: finish, TokenIDs: ids}
 		chunk.Choices = one[:]
 		sw.writeSSE(&chunk)
 	}
 	if first {
 		empty := ""
-		emit(chunkDelta{Role: assistantRole, Content: &empty}, nil, nil)
+		emit(chunkDelta{Role: assistantRole, Content: &empty}, nil, nil, nil)
 	}
-	if d.Text != "" || (c.params.logprobs && len(d.Logprobs) > 0) {
+	var ids *[]int32
+	if c.params.tokenIDs {
+		ids = nonNilIDs(d.TokenIDs)
+	}
+	if d.Text != "" || (c.params.logprobs && len(d.Logprobs) > 0) || (ids != nil && len(*ids) > 0) {
 		var lps *chatLogprobs
 		if c.params.logprobs {
 			lps = toChatLogprobs(d.Logprobs)
 		}
-		emit(chunkDelta{Content: &d.Text}, lps, nil)
+		emit(chunkDelta{Content: &d.Text}, lps, nil, ids)
+		ids = nil
 	}
 	if d.FinishReason != "" {
 		if !c.params.includeUsage {
 			chunk.SystemFingerprint = c.fingerprint
 		}
-		emit(chunkDelta{}, nil, &d.FinishReason)
+		emit(chunkDelta{}, nil, &d.FinishReason, ids)
 	}
 }
 
@@ -198,6 +213,9 @@ func (chatFormat) response(c *call, texts []string, reasons []string, lps [][]ll
 		}
 		if c.params.logprobs {
 			resp.Choices[i].Logprobs = toChatLogprobs(lps[i])
+		}
+		if c.params.tokenIDs {
+			resp.Choices[i].TokenIDs = nonNilIDs(c.tokenIDs[i])
 		}
 	}
 	return &resp

@@ -164,7 +164,8 @@ type textChoice struct {
 	Text         string        `json:"text"`
 	Logprobs     *textLogprobs `json:"logprobs"` // null unless asked for
 	FinishReason *string       `json:"finish_reason"`
-	StopReason   *struct{}     `json:"stop_reason"` // always null
+	StopReason   *struct{}     `json:"stop_reason"`         // always null
+	TokenIDs     *[]int32      `json:"token_ids,omitempty"` // with return_token_ids
 }
 
 // textLogprobs are the legacy completions logprobs of a choice (or of a streamed increment).
@@ -212,6 +213,9 @@ func (textFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	chunk := textCompletion{ID: c.id, Object: "text_completion", Created: c.created, Model: c.model}
 	var one [1]textChoice
 	one[0] = textChoice{Index: d.Index, Text: text}
+	if c.params.tokenIDs {
+		one[0].TokenIDs = nonNilIDs(d.TokenIDs)
+	}
 	if c.params.logprobs {
 		one[0].Logprobs = toTextLogprobs(d.Logprobs, c.textOffset[d.Index])
 		c.textOffset[d.Index] = advanceOffset(c.textOffset[d.Index], d.Logprobs)
@@ -255,6 +259,9 @@ func (textFormat) response(c *call, texts []string, reasons []string, lps [][]ll
 		resp.Choices[i] = textChoice{Index: i, Text: texts[i], FinishReason: &reasons[i]}
 		if c.params.logprobs {
 			resp.Choices[i].Logprobs = toTextLogprobs(lps[i], 0)
+		}
+		if c.params.tokenIDs {
+			resp.Choices[i].TokenIDs = nonNilIDs(c.tokenIDs[i])
 		}
 	}
 	return &resp

@@ -55,11 +55,13 @@ type samplingRequest struct {
 	Seed              *int64          `json:"seed"`
 	IgnoreEOS         bool            `json:"ignore_eos"`
 	// The text options of vLLM's SamplingParams (Go detokenizes).
-	IncludeStopStrInOutput     bool           `json:"include_stop_str_in_output"`
-	SkipSpecialTokens          *bool          `json:"skip_special_tokens"`
-	SpacesBetweenSpecialTokens *bool          `json:"spaces_between_special_tokens"`
-	Stream                     bool           `json:"stream"`
-	StreamOptions              *streamOptions `json:"stream_options"`
+	IncludeStopStrInOutput     bool  `json:"include_stop_str_in_output"`
+	SkipSpecialTokens          *bool `json:"skip_special_tokens"`
+	SpacesBetweenSpecialTokens *bool `json:"spaces_between_special_tokens"`
+	// ReturnTokenIDs adds the output token ids to each choice, as vLLM's return_token_ids.
+	ReturnTokenIDs bool           `json:"return_token_ids"`
+	Stream         bool           `json:"stream"`
+	StreamOptions  *streamOptions `json:"stream_options"`
 	// User is accepted and ignored, as vLLM does; its type is still checked.
 	User           string          `json:"user"`
 	LogitBias      json.RawMessage `json:"logit_bias"`
@@ -151,6 +153,7 @@ type callParams struct {
 	stream       bool
 	includeUsage bool
 	logprobs     bool // the client asked for logprobs: render them (else "logprobs": null)
+	tokenIDs     bool // return_token_ids: each choice (and streamed chunk) carries its token ids
 }
 
 // checkModel answers 404 unless name is empty or the served model.
@@ -303,6 +306,7 @@ func (c *samplingRequest) apply(sp *llm.SamplingParams, p *callParams) *apiError
 	sp.StopTokenIDs = c.StopTokenIDs
 	sp.Seed = c.Seed
 	sp.IgnoreEOS = c.IgnoreEOS
+	p.tokenIDs = c.ReturnTokenIDs
 	sp.IncludeStopStrInOutput = c.IncludeStopStrInOutput
 	sp.SkipSpecialTokens = c.SkipSpecialTokens
 	sp.SpacesBetweenSpecialTokens = c.SpacesBetweenSpecialTokens

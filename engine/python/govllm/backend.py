@@ -8,6 +8,7 @@ number of concurrent ``generate`` calls on that loop.
 from __future__ import annotations
 
 import dataclasses
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -207,9 +208,18 @@ class EngineDeadError(Exception):
 
 
 class Backend(Protocol):
-    """What the bridge needs from an engine."""
+    """What the bridge needs from an engine.
+
+    A token-id backend (vLLM, transformers) has ``submit``: it hands Go token ids only, through
+    ``relay`` (set by the bridge before ``start``: ``_govllm_shim.relay``, one call per engine
+    step for every request), and Go detokenizes with ``tokenizer_dir()``'s tokenizer.json,
+    matches stop strings (then calls ``stop_choice``) and counts usage. A backend without
+    ``submit`` yields text ``Delta``s from ``generate`` (custom backends, the scripted test
+    backend).
+    """
 
     name: str
+    relay: Any
 
     async def start(self) -> None:
         """Load the model. Raise to fail engine start with a clear message. The bridge cancels it when
@@ -224,11 +234,23 @@ class Backend(Protocol):
     def max_model_len(self) -> int:
         """The context length the backend enforces."""
 
-    def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
-        """Stream deltas. Cancelling the iterating task must abort the request in the engine."""
+    def tokenizer_dir(self) -> str:
+        """The directory of the tokenizer.json Go detokenizes with."""
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a running request; its iterator then ends (with finish_reason "abort" or CancelledError)."""
+    async def submit(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str,
+                     go_id: int) -> "asyncio.Future[None]":
+        """Add the request's choices to the engine (RequestError for the client's mistakes). Their
+        outputs go to ``relay`` with routes ``go_id << 16 | choice index``; the future resolves when
+        every choice ended, or fails with EngineDeadError."""
+
+    def stop_choice(self, go_id: int, index: int) -> None:
+        """Go matched a stop string: stop that choice in the engine and relay no more of it."""
+
+    def cancel(self, go_id: int) -> None:
+        """Abort every running choice of the request and resolve its future."""
+
+    def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        """(Text backends) stream deltas. Cancelling the iterating task must abort the request."""
 
     def health(self) -> None:
         """Raise EngineDeadError when the engine cannot serve."""
