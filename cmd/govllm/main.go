@@ -145,6 +145,14 @@ func serve(args []string, stderr io.Writer) int {
 		return 2
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
+	if path := os.Getenv("GOVLLM_CPUPROFILE"); path != "" {
+		stopProfile, err := startCPUProfile(path)
+		if err != nil {
+			fmt.Fprintf(stderr, "govllm serve: GOVLLM_CPUPROFILE: %v\n", err)
+			return 2
+		}
+		defer stopProfile()
+	}
 	opts := f.launch.options(true)
 	if err := launch.Check(opts); err != nil {
 		fmt.Fprintf(stderr, "govllm serve: %v\n", err)

@@ -239,7 +239,8 @@ def test_constants_are_plain_assignments():
 
     text = pathlib.Path(bridge.__file__).read_text()
     for name in ("CMD_SUBMIT", "CMD_ABORT", "CMD_SHUTDOWN", "CMD_STATS", "EV_DELTA", "EV_END", "EV_ERROR", "EV_READY",
-                 "EV_FATAL", "EV_LOG", "EV_STATS"):
+                 "EV_FATAL", "EV_LOG", "EV_STATS", "CMD_STOP_CHOICE", "EV_PROMPT"):
         m = re.search(rf"^{name} = (\d+)$", text, re.M)
         assert m and int(m.group(1)) == getattr(bridge, name), name
-    assert re.search(r"^FINISH_CODES = \{None: 0, \"stop\": 1, \"length\": 2, \"abort\": 3\}$", text, re.M)
+    assert re.search(r"^FINISH_CODES = \{None: 0, \"stop\": 1, \"length\": 2, \"abort\": 3, \"error\": 4, "
+                     r"\"repetition\": 5\}$", text, re.M)
