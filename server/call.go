@@ -54,6 +54,8 @@ type call struct {
 	// completions' text_offset).
 	textOffset []int
 	tokenIDs   [][]int32 // per choice, with return_token_ids, when not streamed
+	// chunkPrefix is the start of this call's streamed content chunks (sseWriter.appendContentChunk).
+	chunkPrefix []byte
 
 	mu      sync.Mutex
 	aborted atomic.Bool

@@ -172,7 +172,9 @@ func (chatFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	if c.params.tokenIDs {
 		ids = nonNilIDs(d.TokenIDs)
 	}
-	if d.Text != "" || (c.params.logprobs && len(d.Logprobs) > 0) || (ids != nil && len(*ids) > 0) {
+	if d.Text != "" && !c.params.logprobs && ids == nil {
+		sw.appendContentChunk(c, d.Index, d.Text) // the per-token event, without reflection
+	} else if d.Text != "" || (c.params.logprobs && len(d.Logprobs) > 0) || (ids != nil && len(*ids) > 0) {
 		var lps *chatLogprobs
 		if c.params.logprobs {
 			lps = toChatLogprobs(d.Logprobs)
