@@ -617,6 +617,60 @@ static PyObject *py_emit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
   Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------- encoder */
+
+/* The prompt encoder Go registers (shim_set_encoder): a Go function, called on the bridge's
+ * thread with the GIL held; it runs no Python code and never blocks. */
+static shim_encode_fn encode_fn;
+
+void shim_set_encoder(shim_encode_fn fn) { __atomic_store_n(&encode_fn, fn, __ATOMIC_RELEASE); }
+
+/* encode(text: str, add_special_tokens: bool) -> list[int] | None: the prompt's token ids from
+ * Go's tokenizer, or None when Go has none for this engine (the backend tokenizes then). */
+static PyObject *py_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  (void)self;
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "encode(text, add_special_tokens) takes 2 arguments");
+    return NULL;
+  }
+  shim_encode_fn fn = __atomic_load_n(&encode_fn, __ATOMIC_ACQUIRE);
+  if (fn == NULL) Py_RETURN_NONE;
+  Py_ssize_t n = 0;
+  const char *text = PyUnicode_AsUTF8AndSize(args[0], &n);
+  if (text == NULL) return NULL;
+  int add = PyObject_IsTrue(args[1]);
+  if (add < 0) return NULL;
+  int32_t small[1024];
+  int32_t *buf = small;
+  int64_t cap = 1024;
+  int64_t got = fn(text, (int64_t)n, add, buf, cap);
+  if (got > cap) { /* the ids did not fit: Go said how many there are */
+    cap = got;
+    buf = malloc(sizeof(int32_t) * (size_t)cap);
+    if (buf == NULL) return PyErr_NoMemory();
+    got = fn(text, (int64_t)n, add, buf, cap);
+  }
+  PyObject *list = NULL;
+  if (got < 0 || got > cap) {
+    list = Py_None; /* no encoder (any more) */
+    Py_INCREF(list);
+    goto done;
+  }
+  list = PyList_New((Py_ssize_t)got);
+  if (list == NULL) goto done;
+  for (int64_t i = 0; i < got; i++) {
+    PyObject *v = PyLong_FromLong(buf[i]);
+    if (v == NULL) {
+      Py_CLEAR(list);
+      goto done;
+    }
+    PyList_SetItem(list, (Py_ssize_t)i, v);
+  }
+done:
+  if (buf != small) free(buf);
+  return list;
+}
+
 /* Attribute names relay() reads, interned once (shim_init). */
 static PyObject *s_request_id, *s_new_token_ids, *s_finish_reason, *s_new_logprobs;
 
@@ -846,6 +900,7 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
 
 static PyMethodDef shim_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
+    {"encode", (PyCFunction)(void (*)(void))py_encode, METH_FASTCALL, "encode(text, add_special_tokens) -> list[int] | None"},
     {"relay", (PyCFunction)(void (*)(void))py_relay, METH_FASTCALL, "relay(outputs, routes, finish_codes, logprobs_meta) -> finished request ids"},
     {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
     {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): does nothing; a benchmark baseline, not used by the bridge"},

@@ -73,4 +73,12 @@ int64_t shim_poll(int32_t timeout_ms, int32_t coalesce_us, uint8_t **batch);
  * thread, concurrently with errors being set. */
 int64_t shim_last_error(char *buf, int64_t cap);
 
+/* A prompt encoder: writes at most cap token ids of text[0:len] to out and returns how many there
+ * are (more than cap: call again with room for them), or -1 when there is no encoder. */
+typedef int64_t (*shim_encode_fn)(const char *text, int64_t len, int64_t add_special, int32_t *out, int64_t cap);
+
+/* shim_set_encoder makes fn the encoder behind _govllm_shim.encode (NULL: none). It is called on
+ * the bridge's thread with the GIL held, so it must never wait for Python. */
+void shim_set_encoder(shim_encode_fn fn);
+
 #endif

@@ -26,6 +26,7 @@ import (
 	"github.com/govllm/govllm/detok"
 	"github.com/govllm/govllm/internal/pyfind"
 	"github.com/govllm/govllm/llm"
+	"github.com/govllm/govllm/tokenize"
 )
 
 // Config says which model to serve, with which engine, in which interpreter. Opening an engine
@@ -315,8 +316,10 @@ func (e *Engine) handle(ev *event) {
 		}
 		switch ev.kind {
 		case evPrompt:
+			prompt := int32s(ev.meta)
+			s.setPrompt(prompt)
 			if tok := e.tok.Load(); tok != nil {
-				s.text = newTextState(tok, &s.sampling, int32s(ev.meta))
+				s.text = newTextState(tok, &s.sampling, prompt)
 			}
 		case evDelta:
 			if !s.pushEvent(ev) {
@@ -366,6 +369,13 @@ func (e *Engine) handle(ev *event) {
 				return
 			}
 			e.tok.Store(tok)
+			enc, err := tokenize.Load(m.Tokenizer)
+			if err != nil {
+				// The backend tokenizes in Python (tokenizers this package does not reproduce).
+				e.log.Info("engine: prompts are tokenized in Python", "reason", err)
+				enc = nil
+			}
+			e.installEncoder(enc)
 		}
 		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend})
 		select {
@@ -576,6 +586,7 @@ func (e *Engine) close(wait time.Duration) error {
 		select {
 		case <-e.pollerDone:
 			<-e.runDone
+			e.installEncoder(nil) // the next engine may have another tokenizer, or none
 			releaseInterpreter()
 		case <-time.After(wait):
 			// The interpreter stays busy: a new Engine in this process would share a loop

@@ -35,6 +35,7 @@ type shimAPI struct {
 	send          func(kind int32, reqID int64, data *byte, n int64) int32
 	poll          func(timeoutMS, coalesceUS int32, batch *unsafe.Pointer) int64
 	lastErrorInto func(buf *byte, n int64) int64 // shim_last_error; lastError wraps it
+	setEncoder    func(fn uintptr)               // shim_set_encoder
 }
 
 // lastError returns the shim's last error text. The shim copies it into buf under its lock, so
@@ -184,6 +185,7 @@ func openShim(path string) (*shimAPI, error) {
 		{&api.send, "shim_send"},
 		{&api.poll, "shim_poll"},
 		{&api.lastErrorInto, "shim_last_error"},
+		{&api.setEncoder, "shim_set_encoder"},
 	} {
 		sym, err := purego.Dlsym(h, f.name)
 		if err != nil {

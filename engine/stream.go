@@ -38,6 +38,7 @@ type Stream struct {
 	err     error
 	usage   Usage
 	ctxErr  error
+	prompt  []int32 // the prompt event's ids
 }
 
 // pendingDelta is an unread delta; more holds text merged into it, appended in amortized O(1).
@@ -223,6 +224,21 @@ func (s *Stream) Recv() (Delta, error) {
 		s.mu.Unlock()
 		<-s.notify
 	}
+}
+
+func (s *Stream) setPrompt(ids []int32) {
+	s.mu.Lock()
+	s.prompt = ids
+	s.mu.Unlock()
+}
+
+// PromptTokenIDs returns the prompt's token ids as the backend tokenized it (chat template
+// applied), once known: by the time Recv returns the first delta. Nil before, and for backends
+// that do not report them. The slice must not be modified.
+func (s *Stream) PromptTokenIDs() []int32 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.prompt
 }
 
 // Usage returns the token counts; it is complete once Recv has returned io.EOF.

@@ -31,6 +31,23 @@ type format interface {
 	response(c *call, texts []string, reasons []string, lps [][]llm.TokenLogprob, u usage) any
 }
 
+// promptTokens is what a stream may offer for return_token_ids' prompt_token_ids
+// (engine.Stream does).
+type promptTokens interface {
+	PromptTokenIDs() []int32
+}
+
+// promptIDs returns the prompt's token ids for return_token_ids, or nil.
+func (c *call) promptIDs() *[]int32 {
+	if !c.params.tokenIDs {
+		return nil
+	}
+	if p, ok := c.stream.(promptTokens); ok {
+		return nonNilIDs(p.PromptTokenIDs())
+	}
+	return nil
+}
+
 // call is one completion, chat or text, in flight.
 type call struct {
 	id          string

@@ -52,6 +52,7 @@ type chatCompletion struct {
 	Choices           []completionChoice `json:"choices"`
 	Usage             usage              `json:"usage"`
 	SystemFingerprint string             `json:"system_fingerprint"`
+	PromptTokenIDs    *[]int32           `json:"prompt_token_ids,omitempty"` // with return_token_ids
 }
 
 type completionChoice struct {
@@ -206,6 +207,7 @@ func (chatFormat) response(c *call, texts []string, reasons []string, lps [][]ll
 		Choices:           make([]completionChoice, len(texts)),
 		Usage:             u,
 		SystemFingerprint: c.fingerprint,
+		PromptTokenIDs:    c.promptIDs(),
 	}
 	for i := range resp.Choices {
 		resp.Choices[i] = completionChoice{

@@ -166,6 +166,8 @@ type textChoice struct {
 	FinishReason *string       `json:"finish_reason"`
 	StopReason   *struct{}     `json:"stop_reason"`         // always null
 	TokenIDs     *[]int32      `json:"token_ids,omitempty"` // with return_token_ids
+	// PromptTokenIDs (return_token_ids): with a choice's first chunk, or on every choice.
+	PromptTokenIDs *[]int32 `json:"prompt_token_ids,omitempty"`
 }
 
 // textLogprobs are the legacy completions logprobs of a choice (or of a streamed increment).
@@ -215,6 +217,9 @@ func (textFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	one[0] = textChoice{Index: d.Index, Text: text}
 	if c.params.tokenIDs {
 		one[0].TokenIDs = nonNilIDs(d.TokenIDs)
+		if first {
+			one[0].PromptTokenIDs = c.promptIDs()
+		}
 	}
 	if c.params.logprobs {
 		one[0].Logprobs = toTextLogprobs(d.Logprobs, c.textOffset[d.Index])
@@ -262,6 +267,7 @@ func (textFormat) response(c *call, texts []string, reasons []string, lps [][]ll
 		}
 		if c.params.tokenIDs {
 			resp.Choices[i].TokenIDs = nonNilIDs(c.tokenIDs[i])
+			resp.Choices[i].PromptTokenIDs = c.promptIDs()
 		}
 	}
 	return &resp

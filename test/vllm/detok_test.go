@@ -22,7 +22,8 @@ import (
 // vLLM's FastIncrementalDetokenizer, which AsyncLLM's output processor uses) for the same greedy
 // token ids, on 200 prompts whose answers hold code, emoji, CJK, combining marks, whitespace runs
 // and (with skip_special_tokens=false) special tokens; streamed and not; and with stop strings
-// taken across streamed chunk boundaries, so that they straddle tokens.
+// taken across streamed chunk boundaries, so that they straddle tokens. The prompt token ids the
+// server reports (Go's encoder, package tokenize) must be Hugging Face's.
 
 var detokSeeds = []string{
 	"def add(a, b):\n    return a + b", "for (int i = 0; i < n; i++) { sum += a[i]; }",
@@ -52,6 +53,7 @@ type detokChoice struct {
 	Text         string  `json:"text"`
 	TokenIDs     []int32 `json:"token_ids"`
 	FinishReason *string `json:"finish_reason"`
+	PromptIDs    []int32 `json:"prompt_token_ids"`
 }
 
 type detokResult struct {
@@ -60,6 +62,7 @@ type detokResult struct {
 	finish string
 	chunks []string // streamed: the text of each content chunk
 	usage  int
+	prompt []int32 // prompt_token_ids: how govllm tokenized the prompt (Go's encoder)
 }
 
 func completeDetok(t *testing.T, body map[string]any) detokResult {
@@ -80,6 +83,7 @@ func completeDetok(t *testing.T, body map[string]any) detokResult {
 		}
 		require.NoError(t, json.NewDecoder(resp.Body).Decode(&c))
 		r.text, r.ids, r.usage = c.Choices[0].Text, c.Choices[0].TokenIDs, c.Usage.CompletionTokens
+		r.prompt = c.Choices[0].PromptIDs
 		r.finish = *c.Choices[0].FinishReason
 		return r
 	}
@@ -100,6 +104,9 @@ func completeDetok(t *testing.T, body map[string]any) detokResult {
 		for _, ch := range c.Choices {
 			r.text += ch.Text
 			r.ids = append(r.ids, ch.TokenIDs...)
+			if ch.PromptIDs != nil {
+				r.prompt = ch.PromptIDs
+			}
 			if ch.Text != "" {
 				r.chunks = append(r.chunks, ch.Text)
 			}
@@ -215,6 +222,7 @@ func TestDetokenizedTextMatchesVLLM(t *testing.T) {
 		Text      string  `json:"text"`
 		NumTokens int     `json:"num_tokens"`
 		Stop      *string `json:"stop"`
+		PromptIDs []int32 `json:"prompt_ids"`
 	}
 	require.NoError(t, json.Unmarshal(lines[len(lines)-1], &refs))
 	require.Len(t, refs, len(flat))
@@ -222,6 +230,7 @@ func TestDetokenizedTextMatchesVLLM(t *testing.T) {
 	stops, matched, multibyte, special := 0, 0, 0, 0
 	for i, c := range flat {
 		ref := refs[i]
+		require.Equal(t, ref.PromptIDs, c.got.prompt, "%s: prompt tokens (Go's encoder against Hugging Face's)", c.label)
 		require.Equal(t, ref.Text, c.got.text, c.label)
 		require.Equal(t, ref.NumTokens, len(c.got.ids), "%s: tokens kept", c.label)
 		require.Equal(t, ref.NumTokens, c.got.usage, "%s: usage", c.label)

@@ -8,6 +8,7 @@ number of concurrent ``generate`` calls on that loop.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -201,6 +202,55 @@ def context_length_error(max_len: int, prompt_len: int, max_tokens: int | None) 
         "Please reduce the length of the messages or completion.",
         param="max_tokens",
     )
+
+
+# Texts on which a fast encoder must give the tokenizer's own ids before it is trusted: special
+# tokens, contractions, whitespace runs, digits, non-Latin scripts, emoji, combining marks.
+ENCODER_PROBES = (
+    "Hello, world! It's a test: don't panic.",
+    "<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n<|im_start|>assistant\n",
+    "<s>[INST] hi [/INST]</s> <|endoftext|><|eot_id|>",
+    "  leading\t\ttabs\n\n\nand   spaces   \u00a0\u3000end  ",
+    "def f(x):\n    return x**2  # square\n",
+    "东京 Ελληνικά русский 🙂👨‍👩‍👧 e\u0301 naïve",
+    "I'm, you're, we've, they'll, he'd, 'S 'x",
+    "",
+)
+
+
+class PromptEncoder:
+    """Tokenizes prompts with Go's encoder (``_govllm_shim.encode``, set by the bridge as
+    ``fast``) once it has given ``encode``'s own ids on ENCODER_PROBES, else with ``encode``
+    itself (the backend's tokenizer: ``encode(text, add_special_tokens)``)."""
+
+    def __init__(self, encode: Any) -> None:
+        self.encode_slow = encode
+        self.fast: Any = None
+        self._trusted: bool | None = None
+
+    def _check(self) -> bool:
+        fast = self.fast
+        if fast is None:
+            return False
+        for text in ENCODER_PROBES:
+            for special in (False, True):
+                got = fast(text, special)
+                if got is None:
+                    return False
+                if list(got) != list(self.encode_slow(text, special)):
+                    logging.getLogger("govllm").warning(
+                        "Go's prompt encoder disagrees with the tokenizer on %r: tokenizing in Python", text)
+                    return False
+        return True
+
+    def __call__(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._trusted is None:
+            self._trusted = self._check()
+        if self._trusted:
+            ids = self.fast(text, add_special_tokens)
+            if ids is not None:
+                return ids
+        return list(self.encode_slow(text, add_special_tokens))
 
 
 class EngineDeadError(Exception):

@@ -109,6 +109,9 @@ class Bridge:
         self.backend = load_backend(self.cfg)
         if hasattr(self.backend, "submit"):
             self.backend.relay = shim.relay  # token ids straight from the engine's outputs to Go
+        prompt_encoder = getattr(self.backend, "prompt_encoder", None)
+        if prompt_encoder is not None:
+            prompt_encoder.fast = shim.encode  # Go tokenizes prompts when it reproduces the tokenizer
         await self.backend.start()
 
     async def _start(self) -> bool:

@@ -244,3 +244,31 @@ def test_constants_are_plain_assignments():
         assert m and int(m.group(1)) == getattr(bridge, name), name
     assert re.search(r"^FINISH_CODES = \{None: 0, \"stop\": 1, \"length\": 2, \"abort\": 3, \"error\": 4, "
                      r"\"repetition\": 5\}$", text, re.M)
+
+
+def test_prompt_encoder_trusts_fast_only_when_it_agrees():
+    """Go's encoder is used once it gives the tokenizer's own ids on the probes, never otherwise."""
+    from govllm.backend import PromptEncoder
+
+    def slow(text, special):
+        return [len(text), int(special)]
+
+    calls = []
+
+    def agreeing(text, special):
+        calls.append(text)
+        return [len(text), int(special)]
+
+    enc = PromptEncoder(slow)
+    assert enc("abc", True) == [3, 1]  # no fast encoder: the tokenizer
+    enc = PromptEncoder(slow)
+    enc.fast = agreeing
+    assert enc("abcd", False) == [4, 0] and calls[-1] == "abcd"
+
+    enc = PromptEncoder(slow)
+    enc.fast = lambda text, special: [0] if "'" in text else [len(text), int(special)]
+    assert enc("abcd", False) == [4, 0] and enc._trusted is False
+
+    enc = PromptEncoder(slow)
+    enc.fast = lambda text, special: None  # Go has no encoder for this tokenizer
+    assert enc("ab", True) == [2, 1] and enc._trusted is False

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..backend import (
-    EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, render_chat,
+    EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error, render_chat,
 )
 from . import vllm_compat, vllm_env
 from .vllm_env import GiB
@@ -246,6 +246,7 @@ class VLLMBackend:
         self.engine_kwargs: dict[str, Any] = {}
         self._max_model_len = 0
         self.relay: Any = None  # _govllm_shim.relay, set by the bridge before start
+        self.prompt_encoder = PromptEncoder(self._encode_with_tokenizer)
         self._requests: dict[int, _Request] = {}
         self._routes: dict[str, int] = {}  # vLLM request id -> Go id << 16 | choice index
         self._to_abort: list[str] = []
@@ -412,13 +413,16 @@ class VLLMBackend:
             raise RequestError("this model has no chat template: use the completions endpoint", param="messages")
         rendered = render_chat(tok, messages)
         if isinstance(rendered, str):
-            return list(tok.encode(rendered, add_special_tokens=False))
+            return self.prompt_encoder(rendered, False)
         return [int(t) for t in rendered]  # tokenizers whose template returns ids (mistral)
 
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise EngineDeadError("the vllm engine is not started")
-        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        return self.prompt_encoder(prompt, True)
+
+    def _encode_with_tokenizer(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

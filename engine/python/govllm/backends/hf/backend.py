@@ -37,7 +37,9 @@ import tempfile
 import threading
 from typing import Any
 
-from ...backend import EngineConfig, EngineDeadError, RequestError, SamplingParams, context_length_error, render_chat
+from ...backend import (
+    EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error, render_chat,
+)
 from . import compat, loading
 from .sampler import SAMPLING_EPS, LogprobRecord, RequestSampling, build_sampler_class, seed_key
 
@@ -138,6 +140,7 @@ class TransformersBackend:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.extra = dict(config.extra or {})
+        self.prompt_encoder = PromptEncoder(self._encode_with_tokenizer)
         self.tokenizer = None
         self.model = None
         self.manager = None
@@ -341,10 +344,16 @@ class TransformersBackend:
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise RequestError("this model has no chat template: use the completions endpoint", param="messages")
-        return list(tok(render_chat(tok, messages), add_special_tokens=False)["input_ids"])
+        rendered = render_chat(tok, messages)
+        if not isinstance(rendered, str):
+            return [int(t) for t in rendered]
+        return self.prompt_encoder(rendered, False)
 
     def encode(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return self.prompt_encoder(prompt, True)
+
+    def _encode_with_tokenizer(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, **self._decode_kwargs)

@@ -1,0 +1,86 @@
+package tokenize_test
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/govllm/govllm/tokenize"
+)
+
+func repoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Dir(filepath.Dir(file))
+}
+
+func defaultEncoder(t testing.TB) *tokenize.Encoder {
+	t.Helper()
+	dir := filepath.Join(repoRoot(), "models", "SmolLM2-135M-Instruct")
+	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err != nil {
+		t.Skip("the default model is not installed (make bootstrap)")
+	}
+	e, err := tokenize.Load(dir)
+	require.NoError(t, err)
+	return e
+}
+
+// TestEncodeMatchesTokenizers compares with Hugging Face tokenizers' ids for the default
+// model's tokenizer (testdata/make_reference.py wrote them).
+func TestEncodeMatchesTokenizers(t *testing.T) {
+	e := defaultEncoder(t)
+	b, err := os.ReadFile(filepath.Join("testdata", "reference.json"))
+	require.NoError(t, err)
+	var ref struct {
+		Cases []struct {
+			Text       string  `json:"text"`
+			IDs        []int32 `json:"ids"`
+			SpecialIDs []int32 `json:"special_ids"`
+		} `json:"cases"`
+	}
+	require.NoError(t, json.Unmarshal(b, &ref))
+	require.Greater(t, len(ref.Cases), 800)
+	for i, c := range ref.Cases {
+		want := c.IDs
+		if want == nil {
+			want = []int32{}
+		}
+		require.Equal(t, want, e.Encode(c.Text, false), "case %d %q", i, c.Text)
+		if c.SpecialIDs == nil {
+			c.SpecialIDs = []int32{}
+		}
+		require.Equal(t, c.SpecialIDs, e.Encode(c.Text, true), "case %d %q with special tokens", i, c.Text)
+		// The cache must not change anything: a second encode gives the same ids.
+		require.Equal(t, want, e.Encode(c.Text, false), "case %d again", i)
+	}
+}
+
+// Tokenizers this package does not reproduce are refused, so the caller falls back.
+func TestUnsupportedTokenizers(t *testing.T) {
+	for _, name := range []string{"spm_llama", "spm_gemma", "spm_metaspace"} {
+		_, err := tokenize.Load(filepath.Join(repoRoot(), "detok", "testdata", "spm", name))
+		require.True(t, errors.Is(err, tokenize.ErrUnsupported), "%s: %v", name, err)
+	}
+	_, err := tokenize.Parse([]byte(`{"model":{"type":"WordPiece","vocab":{}}}`))
+	require.ErrorIs(t, err, tokenize.ErrUnsupported)
+	_, err = tokenize.Parse([]byte(`not json`))
+	require.Error(t, err)
+	require.False(t, errors.Is(err, tokenize.ErrUnsupported))
+}
+
+func BenchmarkEncodeChatPrompt(b *testing.B) {
+	e := defaultEncoder(b)
+	text := "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n" +
+		"<|im_start|>user\nWrite a short poem about the sea, its waves and the wind over them, in the style of " +
+		"an old sailor's song, with a chorus.<|im_end|>\n<|im_start|>assistant\n"
+	n := len(e.Encode(text, false))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		e.Encode(text, false)
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/token")
+}
