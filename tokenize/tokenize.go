@@ -307,7 +307,7 @@ func (e *Encoder) appendWord(out []int32, word string) []int32 {
 	if len(e.cache) >= maxCache {
 		clear(e.cache)
 	}
-	e.cache[word] = syms
+	e.cache[strings.Clone(word)] = syms // word may point into the caller's memory (the shim's callback)
 	e.mu.Unlock()
 	return append(out, syms...)
 }

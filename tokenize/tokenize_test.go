@@ -5,8 +5,11 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"math/rand/v2"
 	"runtime"
+	"strings"
 	"testing"
+	"unsafe"
 
 	"github.com/stretchr/testify/require"
 
@@ -70,6 +73,29 @@ func TestUnsupportedTokenizers(t *testing.T) {
 	_, err = tokenize.Parse([]byte(`not json`))
 	require.Error(t, err)
 	require.False(t, errors.Is(err, tokenize.ErrUnsupported))
+}
+
+// The cache must not keep the caller's bytes: the shim hands Encode a string over C memory that
+// Python reuses after the call. Texts are encoded from one reused buffer and compared with a
+// fresh encoder's ids (a kept key would later match words it no longer spells).
+func TestEncodeDoesNotKeepTheCallersBytes(t *testing.T) {
+	e, reference := defaultEncoder(t), defaultEncoder(t) // reference only ever sees Go strings
+	rng := rand.New(rand.NewPCG(3, 4))
+	buf := make([]byte, 4096)
+	for round := 0; round < 200; round++ {
+		var words []string
+		for n := 0; n < 300; n++ {
+			w := make([]byte, 1+rng.IntN(3))
+			for i := range w {
+				w[i] = byte('a' + rng.IntN(26))
+			}
+			words = append(words, string(w))
+		}
+		text := strings.Join(words, " ")
+		n := copy(buf, text)
+		got := e.Encode(unsafe.String(&buf[0], n), false)
+		require.Equal(t, reference.Encode(text, false), got, "round %d", round)
+	}
 }
 
 func BenchmarkEncodeChatPrompt(b *testing.B) {
