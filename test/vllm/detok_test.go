@@ -155,6 +155,13 @@ func TestDetokenizedTextMatchesVLLM(t *testing.T) {
 		}
 	}
 	require.GreaterOrEqual(t, len(prompts), 200)
+	// Short answers that end with EOS, whose text (skip_special_tokens=false,
+	// include_stop_str_in_output) then ends with <|im_end|>.
+	shortFrom := len(prompts)
+	for _, q := range []string{"What is 2+2?", "Say yes.", "Name a color.", "What is the capital of Italy?",
+		"Is the sky blue?", "Say hello in French.", "How many legs does a cat have?", "Spell 'cat'."} {
+		prompts = append(prompts, "<|im_start|>user\n"+q+"<|im_end|>\n<|im_start|>assistant\n")
+	}
 
 	cases := make([][]detokCase, len(prompts))
 	var wg sync.WaitGroup
@@ -165,9 +172,13 @@ func TestDetokenizedTextMatchesVLLM(t *testing.T) {
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			skip, spaces := i%4 != 3, i%8 != 7
+			// skip_special_tokens=false with include_stop_str_in_output keeps the EOS token's text.
+			skip, spaces, keepEOS := i%4 != 3, i%8 != 7, i%8 == 3
+			if i >= shortFrom {
+				skip, spaces, keepEOS = false, i%2 == 0, true
+			}
 			base := map[string]any{"prompt": p, "temperature": 0, "max_tokens": maxTokens, "return_token_ids": true,
-				"skip_special_tokens": skip, "spaces_between_special_tokens": spaces}
+				"skip_special_tokens": skip, "spaces_between_special_tokens": spaces, "include_stop_str_in_output": keepEOS}
 			with := func(extra map[string]any) map[string]any {
 				m := map[string]any{}
 				for k, v := range base {
@@ -185,7 +196,7 @@ func TestDetokenizedTextMatchesVLLM(t *testing.T) {
 					Spaces: spaces, EOS: r.finish == "stop" && len(r.ids) > 0 && r.ids[len(r.ids)-1] == eos,
 					got: r, label: fmt.Sprintf("prompt %d %q (%s)", i, p, label)}
 			}
-			cs := []detokCase{mk("plain", plain, nil, false, 0), mk("streamed", streamed, nil, false, 0)}
+			cs := []detokCase{mk("plain", plain, nil, keepEOS, 0), mk("streamed", streamed, nil, keepEOS, 0)}
 			if stop := straddlingStop(streamed.chunks); stop != "" {
 				include, minTokens := i%2 == 1, 0
 				if i%5 == 0 {
@@ -260,6 +271,7 @@ func TestDetokenizedTextMatchesVLLM(t *testing.T) {
 		"%d with special tokens in the text; streamed = non-streamed ids for %d of %d prompts",
 		len(flat), stops, matched, multibyte, special, same, len(cases))
 	require.Greater(t, matched, len(cases)/4, "too few stop strings matched to test them")
+	require.Positive(t, special, "no special token in any text")
 	require.Greater(t, same, len(cases)*3/4)
 }
 
