@@ -40,10 +40,10 @@ test: bootstrap build check-deps
 
 # The contract and the HTTP layer build without cgo, purego or the embedded shim.
 check-deps:
-	CGO_ENABLED=0 go vet ./llm/ ./server/ ./bench/ ./registry/ ./detok/
+	CGO_ENABLED=0 go vet ./llm/ ./server/ ./bench/ ./registry/ ./detok/ ./tokenize/
 	@if go list -deps ./server/ ./llm/ | grep -E 'purego|govllm/engine$$'; then \
 	  echo "check-deps: server or llm depends on the runtime" >&2; exit 1; fi
-	@echo "check-deps: llm, server, bench, registry and detok build without cgo; server links no purego"
+	@echo "check-deps: llm, server, bench, registry, detok and tokenize build without cgo; server links no purego"
 
 test-go: $(SHIM)
 	go test $(GO_TEST_FLAGS) ./...
@@ -55,6 +55,7 @@ FUZZTIME ?= 20s
 fuzz:
 	go test -run '^$$' -fuzz '^FuzzDecodeChat$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./server/
 	go test -run '^$$' -fuzz '^FuzzDecodeCompletion$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./server/
+	go test -run '^$$' -fuzz '^FuzzEncode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./tokenize/
 
 test-python:
 	$(PY) -m pytest -q engine/python/tests

@@ -110,3 +110,16 @@ func BenchmarkEncodeChatPrompt(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/token")
 }
+
+// FuzzEncode: any text encodes without panicking, and to the same ids twice (the second time
+// from the cache). Exactness is TestEncodeMatchesTokenizers'.
+func FuzzEncode(f *testing.F) {
+	e := defaultEncoder(f)
+	for _, s := range []string{"", "Hello, world!", "<|im_start|>user\nhi<|im_end|>", "a  b\t\n\u00a0c", "🙂's 123"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		a := e.Encode(s, true)
+		require.Equal(t, a, e.Encode(s, true))
+	})
+}
