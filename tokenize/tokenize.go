@@ -29,12 +29,17 @@ var ErrUnsupported = errors.New("tokenize: unsupported tokenizer")
 
 // Encoder encodes text with one tokenizer. It is safe for concurrent use.
 type Encoder struct {
-	vocab  map[string]int32
-	merges map[[2]int32]merge
-	bytes  [256]int32 // the id of each byte's ByteLevel character; -1: none (the byte is dropped, as tokenizers does without an unk token)
-	added  map[byte][]addedToken
-	prefix []int32 // TemplateProcessing's single template around the sequence: ids before it
-	suffix []int32 // and after it
+	vocab map[string]int32
+	// The merges of each left symbol, by right symbol: merges of left id a are
+	// [mergeStart[a], mergeStart[a+1]) in mergeRight (sorted) and mergeOut. A slice per symbol
+	// keeps a word's lookups in a few cache lines; a map of all pairs missed the cache each time.
+	mergeStart []int32
+	mergeRight []int32
+	mergeOut   []merge
+	bytes      [256]int32 // the id of each byte's ByteLevel character; -1: none (the byte is dropped, as tokenizers does without an unk token)
+	added      map[byte][]addedToken
+	prefix     []int32 // TemplateProcessing's single template around the sequence: ids before it
+	suffix     []int32 // and after it
 
 	mu    sync.Mutex
 	cache map[string][]int32 // pre-token -> ids
@@ -114,8 +119,7 @@ func Parse(tokenizerJSON []byte) (*Encoder, error) {
 	if err := checkPreTokenizer(f.PreTokenizer); err != nil {
 		return nil, err
 	}
-	e := &Encoder{vocab: m.Vocab, merges: make(map[[2]int32]merge, len(m.Merges)), added: map[byte][]addedToken{},
-		cache: map[string][]int32{}}
+	e := &Encoder{vocab: m.Vocab, added: map[byte][]addedToken{}, cache: map[string][]int32{}}
 	for b := 0; b < 256; b++ {
 		id, ok := e.vocab[string(byteChar[b])]
 		if !ok {
@@ -123,6 +127,7 @@ func Parse(tokenizerJSON []byte) (*Encoder, error) {
 		}
 		e.bytes[b] = id
 	}
+	var pairs []mergePair
 	for rank, raw := range m.Merges {
 		var a, b string
 		var pair []string
@@ -145,11 +150,9 @@ func Parse(tokenizerJSON []byte) (*Encoder, error) {
 		if !oka || !okb || !okm {
 			return nil, unsupported("merge %d (%q %q) outside the vocabulary", rank, a, b)
 		}
-		key := [2]int32{ia, ib}
-		if _, dup := e.merges[key]; !dup {
-			e.merges[key] = merge{rank: int32(rank), id: im}
-		}
+		pairs = append(pairs, mergePair{left: ia, right: ib, merge: merge{rank: int32(rank), id: im}})
 	}
+	e.indexMerges(pairs)
 	specials := map[string]int32{}
 	for _, t := range f.AddedTokens {
 		if t.SingleWord || t.LStrip || t.RStrip {
@@ -240,6 +243,62 @@ func (e *Encoder) readPostProcessor(raw json.RawMessage, specials map[string]int
 	return nil
 }
 
+type mergePair struct {
+	left, right int32
+	merge
+}
+
+// indexMerges builds the per-left-symbol merge lists; of a pair listed twice the last one
+// counts, as in tokenizers (whose map of merges keeps the last insertion).
+func (e *Encoder) indexMerges(pairs []mergePair) {
+	sort.SliceStable(pairs, func(i, j int) bool {
+		if pairs[i].left != pairs[j].left {
+			return pairs[i].left < pairs[j].left
+		}
+		return pairs[i].right < pairs[j].right
+	})
+	maxID := int32(0)
+	for _, id := range e.vocab {
+		maxID = max(maxID, id)
+	}
+	e.mergeStart = make([]int32, maxID+2)
+	for i, p := range pairs {
+		if i > 0 && pairs[i-1].left == p.left && pairs[i-1].right == p.right {
+			e.mergeOut[len(e.mergeOut)-1] = p.merge // stable sort: this one came later in the file
+			continue
+		}
+		e.mergeRight = append(e.mergeRight, p.right)
+		e.mergeOut = append(e.mergeOut, p.merge)
+		e.mergeStart[p.left+1] = int32(len(e.mergeRight))
+	}
+	for a := 1; a < len(e.mergeStart); a++ {
+		e.mergeStart[a] = max(e.mergeStart[a], e.mergeStart[a-1])
+	}
+}
+
+// noMerge is the rank of a pair that does not merge.
+const noMerge = int32(1<<31 - 1)
+
+// lookup returns the merge of the pair (a, b), or one of rank noMerge.
+func (e *Encoder) lookup(a, b int32) merge {
+	if a < 0 || int(a)+1 >= len(e.mergeStart) {
+		return merge{rank: noMerge}
+	}
+	lo, hi := int(e.mergeStart[a]), int(e.mergeStart[a+1])
+	for lo < hi {
+		mid := int(uint(lo+hi) >> 1)
+		switch r := e.mergeRight[mid]; {
+		case r == b:
+			return e.mergeOut[mid]
+		case r < b:
+			lo = mid + 1
+		default:
+			hi = mid
+		}
+	}
+	return merge{rank: noMerge}
+}
+
 // Encode returns the ids of text, as tokenizer.encode(text, add_special_tokens=addSpecial)
 // returns them.
 func (e *Encoder) Encode(text string, addSpecial bool) []int32 {
@@ -313,22 +372,37 @@ func (e *Encoder) appendWord(out []int32, word string) []int32 {
 }
 
 // bpe merges syms, always the pair of lowest rank first (the leftmost among equals), as
-// tokenizers' Word::merge_all does.
+// tokenizers' Word::merge_all does. pairs[i] is the merge of syms[i] and syms[i+1]; a merge
+// looks up only the two pairs it changes.
 func (e *Encoder) bpe(syms []int32) []int32 {
-	for len(syms) > 1 {
-		best, at := merge{rank: -1}, -1
-		for i := 0; i+1 < len(syms); i++ {
-			if m, ok := e.merges[[2]int32{syms[i], syms[i+1]}]; ok && (at < 0 || m.rank < best.rank) {
-				best, at = m, i
+	if len(syms) < 2 {
+		return syms
+	}
+	var small [32]merge
+	pairs := small[:0]
+	for i := 0; i+1 < len(syms); i++ {
+		pairs = append(pairs, e.lookup(syms[i], syms[i+1]))
+	}
+	for {
+		at := -1
+		for i := range pairs {
+			if pairs[i].rank != noMerge && (at < 0 || pairs[i].rank < pairs[at].rank) {
+				at = i
 			}
 		}
 		if at < 0 {
-			break
+			return syms
 		}
-		syms[at] = best.id
+		syms[at] = pairs[at].id
 		syms = append(syms[:at+1], syms[at+2:]...)
+		pairs = append(pairs[:at], pairs[at+1:]...)
+		if at > 0 {
+			pairs[at-1] = e.lookup(syms[at-1], syms[at])
+		}
+		if at < len(pairs) {
+			pairs[at] = e.lookup(syms[at], syms[at+1])
+		}
 	}
-	return syms
 }
 
 // splitGPT2 returns the length of the first pre-token of s under GPT-2's pattern

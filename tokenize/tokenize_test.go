@@ -3,9 +3,9 @@ package tokenize_test
 import (
 	"encoding/json"
 	"errors"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"math/rand/v2"
 	"runtime"
 	"strings"
 	"testing"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/govllm/govllm/detok"
 	"github.com/govllm/govllm/tokenize"
 )
 
@@ -122,4 +123,28 @@ func FuzzEncode(f *testing.F) {
 		a := e.Encode(s, true)
 		require.Equal(t, a, e.Encode(s, true))
 	})
+}
+
+// BenchmarkEncodeRandomPrompt encodes prompts of random token ids decoded to text (what vLLM's
+// benchmark client sends), a new prompt each time, so that most pre-tokens miss the cache.
+func BenchmarkEncodeRandomPrompt(b *testing.B) {
+	e := defaultEncoder(b)
+	tok, err := detok.Load(filepath.Join(repoRoot(), "models", "SmolLM2-135M-Instruct"))
+	require.NoError(b, err)
+	rng := rand.New(rand.NewPCG(5, 6))
+	prompts := make([]string, 4096)
+	for i := range prompts {
+		ids := make([]int32, 64)
+		for j := range ids {
+			ids[j] = 100 + rng.Int32N(40000)
+		}
+		prompts[i] = tok.Decode(ids, detok.DefaultOptions())
+	}
+	tokens := 0
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		tokens += len(e.Encode(prompts[i%len(prompts)], false))
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/prompt")
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(tokens), "ns/token")
 }

@@ -65,7 +65,7 @@ def test_relay_protocol(loop, backend):
     assert len(records) >= 2 and all(r["index"] == 0 and r["meta"] is None for r in records)
     assert [r["finish"] for r in records] == [0] * (len(records) - 1) + [LENGTH]
     assert sum(len(r["ids"]) for r in records) == 5 and all(r["ids"] for r in records)
-    assert backend._routes == {} and backend._requests == {}
+    assert backend._table.routes == {} and backend._table.requests == {}
 
     async def twice():
         go_id, first = await start(backend, [1, 2, 3], greedy(2), "dup")
@@ -171,7 +171,7 @@ def test_stop_choice(loop, backend):
     assert len(tokens_of(backend, go_id, 0)) < 30
     assert len(tokens_of(backend, go_id, 1)) == 30 and records_of(backend, go_id, 1)[-1]["finish"] == LENGTH
     assert loop.run_until_complete(wait_released(backend, "stop-me"))
-    assert backend._routes == {} and backend._requests == {}
+    assert backend._table.routes == {} and backend._table.requests == {}
 
 
 def test_stop_token_ids(loop, backend):
@@ -255,7 +255,7 @@ def test_cancel_mid_stream(loop, backend):
     assert sum(len(r["ids"]) for r in records_of(backend, go_id)) < 400
     assert all(r["finish"] == 0 for r in records_of(backend, go_id))
     assert backend.manager.output_router.output_queue.empty()
-    assert backend._routes == {} and backend._requests == {} and backend.num_running() == 0
+    assert backend._table.routes == {} and backend._table.requests == {} and backend.num_running() == 0
     backend.cancel(go_id)  # a request that ended: nothing happens
     assert collect(loop, backend, topic_prompt(backend, 4), greedy(2), "after-cancel")[0]["finish"] == "length"
 
@@ -266,7 +266,7 @@ def test_failed_choice_is_an_error_finish(loop, backend):
     async def scenario():
         go_id, done = await start(backend, topic_prompt(backend, 3), greedy(200, ignore_eos=True, n=2), "fail-me")
         await wait_tokens(backend, go_id, 2)
-        choice = backend._requests[go_id].choices[0]
+        choice = backend._table.requests[go_id].extra[0]
         failed = SimpleNamespace(request_id=choice.engine_id, generated_tokens=[], error="simulated",
                                  status=None, is_finished=lambda: True)
         backend._on_output(choice, failed)
@@ -293,7 +293,7 @@ def test_relay_failure_fails_the_request(loop, backend, monkeypatch):
 
     loop.run_until_complete(scenario())
     assert loop.run_until_complete(wait_released(backend, "relay-fail"))
-    assert backend._routes == {} and backend._requests == {}
+    assert backend._table.routes == {} and backend._table.requests == {}
 
 
 def test_logprobs_meta_layout():

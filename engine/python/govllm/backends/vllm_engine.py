@@ -38,6 +38,7 @@ from typing import Any
 from ..backend import (
     EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error, render_chat,
 )
+from ..routes import RouteTable
 from . import vllm_compat, vllm_env
 from .vllm_env import GiB
 
@@ -220,12 +221,6 @@ def _current_platform() -> str:
 
 
 
-@dataclasses.dataclass
-class _Request:
-    go_id: int
-    children: list[str]  # vLLM request ids, one per choice
-    done: asyncio.Future
-    live: set[str] = dataclasses.field(default_factory=set)  # the children still running
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,8 +242,7 @@ class VLLMBackend:
         self._max_model_len = 0
         self.relay: Any = None  # _govllm_shim.relay, set by the bridge before start
         self.prompt_encoder = PromptEncoder(self._encode_with_tokenizer)
-        self._requests: dict[int, _Request] = {}
-        self._routes: dict[str, int] = {}  # vLLM request id -> Go id << 16 | choice index
+        self._table = RouteTable()  # vLLM request ids of each Go request's choices
         self._to_abort: list[str] = []
         self._pump: asyncio.Task | None = None
         self._tasks: Any = None
@@ -371,7 +365,7 @@ class VLLMBackend:
 
     def num_running(self) -> int:
         """Choices govllm still routes (each child of an n>1 request counts once)."""
-        return len(self._routes)
+        return len(self._table)
 
     async def shutdown(self) -> None:
         if self._closed:
@@ -383,7 +377,7 @@ class VLLMBackend:
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.wait([self._pump], timeout=1)
-        for go_id in list(self._requests):
+        for go_id in list(self._table.requests):
             self.cancel(go_id)
         # AsyncLLM.shutdown() blocks for seconds (it terminates and joins EngineCore); its loop-side
         # cleanup is scheduled thread-safely, so it can run in an executor thread. The output handler
@@ -502,7 +496,7 @@ class VLLMBackend:
         self.health()
         api = self.api
         assert api is not None and self.relay is not None
-        if go_id in self._requests:
+        if go_id in self._table:
             raise RequestError(f"request {go_id} is already running")
         params = self.sampling_params(len(prompt_token_ids), sampling)
         if self._tasks is None:
@@ -515,12 +509,7 @@ class VLLMBackend:
             if err is not None:
                 raise err from exc
             raise
-        loop = asyncio.get_running_loop()
-        req = _Request(go_id=go_id, children=[c.request_id for c in children], done=loop.create_future())
-        req.live = set(req.children)
-        self._requests[go_id] = req
-        for index, child in enumerate(children):
-            self._routes[child.request_id] = go_id << 16 | index
+        req = self._table.add(go_id, [c.request_id for c in children])
         if getattr(self.engine, "output_handler", None) is not None:
             log.warning("AsyncLLM started its output handler: stopping it (it would take the engine's outputs)")
             await vllm_compat.detach_output_handler(self.engine)
@@ -538,33 +527,14 @@ class VLLMBackend:
 
     def stop_choice(self, go_id: int, index: int) -> None:
         """Go matched a stop string in choice index: stop it in the engine."""
-        req = self._requests.get(go_id)
-        if req is None or not 0 <= index < len(req.children):
-            return
-        child = req.children[index]
-        if child in req.live:
-            self._routes.pop(child, None)
-            req.live.discard(child)
+        child = self._table.stop(go_id, index)
+        if child is not None:
             self._abort_later(child)
-            if not req.live:
-                self._finish(req)
 
     def cancel(self, go_id: int) -> None:
         """Abort every choice still running (the client went away, or shutdown)."""
-        req = self._requests.get(go_id)
-        if req is None:
-            return
-        for child in req.live:
-            self._routes.pop(child, None)
+        for child in self._table.cancel(go_id):
             self._abort_later(child)
-        req.live.clear()
-        self._finish(req)
-
-    def _finish(self, req: "_Request") -> None:
-        if self._requests.get(req.go_id) is req:
-            del self._requests[req.go_id]
-        if not req.done.done():
-            req.done.set_result(None)
 
     def _abort_later(self, child: str) -> None:
         """Queue an engine abort; one abort_requests_async per loop iteration carries them all."""
@@ -588,30 +558,16 @@ class VLLMBackend:
     async def _run_pump(self) -> None:
         """The engine's output loop in place of AsyncLLM's: one relay call per engine step."""
         engine_core = vllm_compat.core(self.engine)
-        relay, routes, codes, meta = self.relay, self._routes, vllm_compat.finish_codes(), vllm_compat.logprobs_meta
-        requests = self._requests
+        relay, table, codes, meta = self.relay, self._table, vllm_compat.finish_codes(), vllm_compat.logprobs_meta
+        routes = table.routes
         try:
             while True:
                 outputs = await engine_core.get_output_async()
-                if not outputs.outputs:
-                    continue
-                for child in relay(outputs.outputs, routes, codes, meta):
-                    key = routes.pop(child, None)
-                    if key is None:
-                        continue
-                    req = requests.get(key >> 16)
-                    if req is not None:
-                        req.live.discard(child)
-                        if not req.live:
-                            self._finish(req)
+                if outputs.outputs:
+                    table.finished(relay(outputs.outputs, routes, codes, meta))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._dead = f"the vLLM engine died: {type(exc).__name__}: {exc}"
             log.error("%s", self._dead)
-            dead = EngineDeadError(self._dead)
-            for req in list(requests.values()):
-                if not req.done.done():
-                    req.done.set_exception(dead)
-            requests.clear()
-            routes.clear()
+            table.fail_all(EngineDeadError(self._dead))

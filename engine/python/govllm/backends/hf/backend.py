@@ -40,6 +40,7 @@ from typing import Any
 from ...backend import (
     EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error, render_chat,
 )
+from ...routes import RouteTable
 from . import compat, loading
 from .sampler import SAMPLING_EPS, LogprobRecord, RequestSampling, build_sampler_class, seed_key
 
@@ -126,14 +127,6 @@ class _Choice:
     done: bool = False  # finished, stopped or cancelled: later outputs are dropped
 
 
-@dataclasses.dataclass
-class _Request:
-    go_id: int
-    choices: list[_Choice]
-    done: asyncio.Future
-    live: set[str] = dataclasses.field(default_factory=set)  # engine ids of the choices still routed
-
-
 class TransformersBackend:
     name = ENGINE_NAME
 
@@ -154,8 +147,7 @@ class TransformersBackend:
         self._num_blocks = 0
         self._rng = random.Random(config.seed)
         self.relay: Any = None  # _govllm_shim.relay, set by the bridge before start
-        self._requests: dict[int, _Request] = {}  # by Go id
-        self._routes: dict[str, int] = {}  # engine request id -> Go id << 16 | choice index
+        self._table = RouteTable()  # engine request ids of each Go request's choices; extra: its _Choices
         self._pending: list[_Output] = []  # outputs of this loop iteration, relayed by _flush
         self._tokenizer_tmp: str | None = None  # a tokenizer.json written for Go (tokenizer_dir)
         self._watchdog: asyncio.Task | None = None
@@ -288,16 +280,11 @@ class TransformersBackend:
         """The manager can serve no more: fail every request with EngineDeadError."""
         self._dead = reason
         log.error("transformers engine died: %s", reason)
-        dead = EngineDeadError(reason)
-        for req in list(self._requests.values()):
-            for choice in req.choices:
+        for req in list(self._table.requests.values()):
+            for choice in req.extra:
                 choice.done = True
-                self._routes.pop(choice.engine_id, None)
                 compat.drop_handler(self.manager, choice.engine_id)
-            req.live.clear()
-            if not req.done.done():
-                req.done.set_exception(dead)
-        self._requests.clear()
+        self._table.fail_all(EngineDeadError(reason))
 
     def _death_reason(self) -> str | None:
         return compat.death_reason(self.manager, closing=self._closed)
@@ -317,7 +304,7 @@ class TransformersBackend:
             if self._closed and self.manager is None:
                 return
             self._closed = True
-            for go_id in list(self._requests):
+            for go_id in list(self._table.requests):
                 self.cancel(go_id)
             manager, self.manager = self.manager, None
         if self._tokenizer_tmp is not None:
@@ -460,7 +447,7 @@ class TransformersBackend:
             raise RuntimeError("the transformers backend has no relay (the bridge sets it before start)")
         prompt = [int(t) for t in prompt_token_ids]
         max_new_tokens = self._validate(prompt, sampling)
-        if go_id in self._requests:
+        if go_id in self._table:
             raise RequestError(f"request {go_id} is already running")
         manager = self.manager
         eos = set() if sampling.ignore_eos else set(self.eos_token_ids)
@@ -475,12 +462,9 @@ class TransformersBackend:
                     params=self._request_sampling(sampling, i, len(prompt), frozenset(eos)))
             for i in range(n)
         ]
-        req = _Request(go_id=go_id, choices=choices, done=asyncio.get_running_loop().create_future())
-        self._requests[go_id] = req
+        req = self._table.add(go_id, [c.engine_id for c in choices], extra=choices)
         try:
             for choice in choices:
-                self._routes[choice.engine_id] = go_id << 16 | choice.index
-                req.live.add(choice.engine_id)
                 manager.register_result_handler(choice.engine_id, functools.partial(self._on_output, choice))
                 added = manager.add_request(input_ids=prompt, request_id=choice.engine_id,
                                             max_new_tokens=max_new_tokens, streaming=True, eos_token_id=eos_list,
@@ -494,34 +478,18 @@ class TransformersBackend:
 
     def stop_choice(self, go_id: int, index: int) -> None:
         """Go matched a stop string in choice index: stop it in the manager."""
-        req = self._requests.get(go_id)
-        if req is None or not 0 <= index < len(req.choices):
-            return
-        choice = req.choices[index]
-        if choice.engine_id not in req.live:
-            return
-        self._routes.pop(choice.engine_id, None)
-        req.live.discard(choice.engine_id)
-        self._cancel(choice)
-        if not req.live:
-            self._finish(req)
+        req = self._table.get(go_id)
+        if req is not None and self._table.stop(go_id, index) is not None:
+            self._cancel(req.extra[index])
 
     def cancel(self, go_id: int) -> None:
         """Abort every choice still running (the client went away, or shutdown)."""
-        req = self._requests.get(go_id)
+        req = self._table.get(go_id)
         if req is None:
             return
-        for choice in req.choices:
-            self._routes.pop(choice.engine_id, None)
+        self._table.cancel(go_id)
+        for choice in req.extra:
             self._cancel(choice)
-        req.live.clear()
-        self._finish(req)
-
-    def _finish(self, req: _Request) -> None:
-        if self._requests.get(req.go_id) is req:
-            del self._requests[req.go_id]
-        if not req.done.done():
-            req.done.set_result(None)
 
     def _cancel(self, choice: _Choice) -> None:
         """Stop a choice in the manager (nothing to do for one the manager finished)."""
@@ -568,18 +536,14 @@ class TransformersBackend:
         if reason is not None:
             self._die(f"{reason} ({error})")
             return
-        key = self._routes.get(choice.engine_id)
-        if key is None:
+        req = self._table.request_of(choice.engine_id)
+        if req is None:
             return
         log.error("request %s: generation failed: %s", choice.engine_id, error)
         self._queue(_Output(choice.engine_id, [], FINISH_ERROR))
-        req = self._requests.get(key >> 16)
-        if req is not None:
-            for other in req.choices:
-                if other is not choice and other.engine_id in req.live:
-                    self._routes.pop(other.engine_id, None)
-                    req.live.discard(other.engine_id)
-                    self._cancel(other)
+        for other in req.extra:
+            if other is not choice and self._table.stop(req.go_id, other.index) is not None:
+                self._cancel(other)
 
     def _queue(self, output: _Output) -> None:
         self._pending.append(output)
@@ -590,38 +554,23 @@ class TransformersBackend:
         outputs, self._pending = self._pending, []
         if not outputs:
             return
-        routes = self._routes
         try:
-            finished = self.relay(outputs, routes, FINISH_CODES, logprobs_meta)
+            finished = self.relay(outputs, self._table.routes, FINISH_CODES, logprobs_meta)
         except Exception as exc:
             log.exception("relaying %d outputs failed", len(outputs))
             self._fail_outputs(outputs, exc)
             return
-        for engine_id in finished:
-            key = routes.pop(engine_id, None)
-            if key is None:
-                continue
-            req = self._requests.get(key >> 16)
-            if req is not None:
-                req.live.discard(engine_id)
-                if not req.live:
-                    self._finish(req)
+        self._table.finished(finished)
 
     def _fail_outputs(self, outputs: list[_Output], exc: Exception) -> None:
         """relay raised: the requests of these outputs fail (the bridge answers 500)."""
         for output in outputs:
-            key = self._routes.get(output.request_id)
-            req = None if key is None else self._requests.get(key >> 16)
+            req = self._table.request_of(output.request_id)
             if req is None:
                 continue
-            for choice in req.choices:
-                self._routes.pop(choice.engine_id, None)
+            self._table.fail(req.go_id, exc)
+            for choice in req.extra:
                 self._cancel(choice)
-            req.live.clear()
-            if self._requests.get(req.go_id) is req:
-                del self._requests[req.go_id]
-            if not req.done.done():
-                req.done.set_exception(exc)
 
     def _logprobs(self, params: RequestSampling, first: int, tokens: list[int]) -> list[LogprobRecord | None]:
         """The sampler's records of output tokens first, first+1, ... (None where a token has none)."""
