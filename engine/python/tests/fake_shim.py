@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any
 
+from helpers import relay_outputs
+
 EV_DELTA = 1  # shim.c frames emit's records with kind 1
 EV_PROMPT = 8  # its payload is int32s, not JSON
 
@@ -56,22 +58,11 @@ class FakeShim:
     def relay(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
               logprobs_meta: Any) -> list[str]:
         """shim.c's relay: one delta record per routed output, the finished request ids returned."""
-        finished = []
-        for out in outputs:
-            key = routes.get(out.request_id)
-            if key is None:
-                continue
-            reason = out.finish_reason
-            finish = 0 if reason is None else (finish_codes[int(reason)] if int(reason) < len(finish_codes) else 4)
-            meta = None
-            if logprobs_meta is not None and out.new_logprobs is not None:
-                meta = logprobs_meta(out)
-            self._record({"kind": EV_DELTA, "req_id": key >> 16, "index": key & 0xFFFF,
-                          "tokens": [operator.index(t) for t in out.new_token_ids], "text": "", "finish": finish,
-                          "meta": meta})
-            if reason is not None:
-                finished.append(out.request_id)
-        return finished
+        def record(r: dict[str, Any]) -> None:
+            self._record({"kind": EV_DELTA, "req_id": r["go_id"], "index": r["index"], "tokens": r["ids"], "text": "",
+                          "finish": r["finish"], "meta": r["meta"]})
+
+        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, record)
 
     def emit_null(self, *args: Any) -> None:
         pass

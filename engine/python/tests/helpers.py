@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import itertools
+import operator
 import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -13,6 +14,25 @@ from govllm.backend import SamplingParams
 
 
 FINISH_NAMES = {1: "stop", 2: "length", 3: "abort", 4: "error", 5: "stop"}
+
+
+def relay_outputs(outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta: Any,
+                  record: Callable[[dict[str, Any]], None]) -> list[str]:
+    """What shim.c's relay does, in Python: record(...) for each routed output as Go would receive
+    it ({"go_id", "index", "ids", "finish", "meta"}); the finished request ids returned."""
+    finished = []
+    for out in outputs:
+        key = routes.get(out.request_id)
+        if key is None:
+            continue
+        reason = out.finish_reason
+        finish = 0 if reason is None else (finish_codes[int(reason)] if int(reason) < len(finish_codes) else 4)
+        meta = logprobs_meta(out) if logprobs_meta is not None and out.new_logprobs is not None else None
+        record({"go_id": key >> 16, "index": key & 0xFFFF, "ids": [operator.index(t) for t in out.new_token_ids],
+                "finish": finish, "meta": meta})
+        if reason is not None:
+            finished.append(out.request_id)
+    return finished
 
 
 class FakeRelay:
@@ -25,19 +45,7 @@ class FakeRelay:
     def __call__(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
                  logprobs_meta: Any) -> list[str]:
         self.calls += 1
-        finished = []
-        for out in outputs:
-            key = routes.get(out.request_id)
-            if key is None:
-                continue
-            reason = out.finish_reason
-            finish = 0 if reason is None else (finish_codes[int(reason)] if int(reason) < len(finish_codes) else 4)
-            meta = logprobs_meta(out) if logprobs_meta is not None and out.new_logprobs is not None else None
-            self.records.append({"go_id": key >> 16, "index": key & 0xFFFF, "ids": [int(t) for t in out.new_token_ids],
-                                 "finish": finish, "meta": meta})
-            if reason is not None:
-                finished.append(out.request_id)
-        return finished
+        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, self.records.append)
 
 
 def decode_logprobs_meta(meta: bytes) -> list[dict[str, Any]]:
