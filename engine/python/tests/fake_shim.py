@@ -64,6 +64,10 @@ class FakeShim:
 
         return relay_outputs(outputs, routes, finish_codes, logprobs_meta, record)
 
+    def encode(self, text: str, add_special_tokens: bool) -> list[int] | None:
+        """Go's prompt encoder: none here (the backend's tokenizer is used)."""
+        return None
+
     def emit_null(self, *args: Any) -> None:
         pass
 
