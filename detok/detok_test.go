@@ -237,17 +237,23 @@ func TestLossyMatchesMaximalSubparts(t *testing.T) {
 	}
 }
 
-// BenchmarkStreamStep measures Stream.Step, one token at a time, over
-// 1000-token outputs of the default model.
-func BenchmarkStreamStep(b *testing.B) {
+// benchOutput is the default model's tokenizer with a seeded 1000-id output, whose first 32
+// ids serve as the prompt (the step benchmarks' fixture).
+func benchOutput(b *testing.B) (tok *Tokenizer, ids, prompt []int32) {
 	tok, err := Load(defaultModelDir(b))
 	require.NoError(b, err)
 	r := rand.New(rand.NewPCG(7, 8))
-	ids := make([]int32, 1000)
+	ids = make([]int32, 1000)
 	for i := range ids {
 		ids[i] = 17 + r.Int32N(int32(tok.VocabSize())-17)
 	}
-	prompt := ids[:32]
+	return tok, ids, ids[:32]
+}
+
+// BenchmarkStreamStep measures Stream.Step, one token at a time, over
+// 1000-token outputs of the default model.
+func BenchmarkStreamStep(b *testing.B) {
+	tok, ids, prompt := benchOutput(b)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for range b.N {

@@ -378,14 +378,7 @@ func TestOutputRandomSteps(t *testing.T) {
 // per step, over the same 1000-token outputs as BenchmarkStreamStep,
 // without and with (never matching) stop strings.
 func BenchmarkOutputStep(b *testing.B) {
-	tok, err := Load(defaultModelDir(b))
-	require.NoError(b, err)
-	r := rand.New(rand.NewPCG(7, 8))
-	ids := make([]int32, 1000)
-	for i := range ids {
-		ids[i] = 17 + r.Int32N(int32(tok.VocabSize())-17)
-	}
-	prompt := ids[:32]
+	tok, ids, prompt := benchOutput(b)
 	for _, bc := range []struct {
 		name string
 		stop []string

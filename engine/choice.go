@@ -3,7 +3,6 @@ package engine
 import (
 	"encoding/binary"
 	"math"
-	"unicode/utf8"
 
 	"github.com/govllm/govllm/detok"
 )
@@ -90,7 +89,7 @@ func (t *textState) apply(ev *event) (d textDelta, ok bool) {
 	}
 	ids := ev.appendTokenIDs(nil)
 	before := c.out.NumTokens()
-	stop, matched := c.out.Update(ids, ev.finish == finishStop)
+	_, matched := c.out.Update(ids, ev.finish == finishStop)
 	kept := c.out.NumTokens() - before
 	if kept < len(ids) {
 		ids = ids[:kept]
@@ -99,7 +98,6 @@ func (t *textState) apply(ev *event) (d textDelta, ok bool) {
 	if ev.finish == finishNone && matched {
 		d.finish, d.stopString = "stop", true
 	}
-	_ = stop
 	if d.finish != "" {
 		c.done = true
 	}
@@ -111,7 +109,7 @@ func (t *textState) apply(ev *event) (d textDelta, ok bool) {
 	return d, d.finish != "" || d.text != "" || len(d.tokens) > 0
 }
 
-// logprobFloor stands for -inf and NaN, which JSON cannot carry (as the bridge's LOGPROB_FLOOR).
+// logprobFloor stands for -inf and NaN, which JSON cannot carry.
 const logprobFloor = -9999.0
 
 // decodeLogprobs reads a delta's logprobs meta: u32 rows, u32 cols, then rows×cols int32 token
@@ -156,24 +154,15 @@ func (t *textState) decodeLogprobs(meta []byte, all []int32, first, n int) []Tok
 	return out
 }
 
-// logprobEntry is one logprob as the server reports it: the token's text, its logprob (NaN and
-// -inf floored) and its UTF-8 bytes.
+// logprobEntry is one logprob as the server reports it: the token's text (detok's texts are
+// valid UTF-8: undecodable bytes are U+FFFD), its logprob (NaN and -inf floored) and its bytes.
 func logprobEntry(text string, lp float64) TokenLogprob {
 	if math.IsNaN(lp) || lp < logprobFloor {
 		lp = logprobFloor
 	}
-	b := make([]int, 0, len(text))
+	b := make([]int, len(text))
 	for i := 0; i < len(text); i++ {
-		b = append(b, int(text[i]))
-	}
-	if !utf8.ValidString(text) {
-		b = b[:0]
-		for _, r := range text {
-			var buf [4]byte
-			for _, c := range buf[:utf8.EncodeRune(buf[:], r)] {
-				b = append(b, int(c))
-			}
-		}
+		b[i] = int(text[i])
 	}
 	return TokenLogprob{Token: text, Logprob: lp, Bytes: b}
 }

@@ -337,7 +337,6 @@ func (e *Engine) handle(ev *event) {
 			_ = json.Unmarshal(ev.meta, &m)
 			if s.text != nil {
 				// Go counted the output: a stop string it matched dropped the later tokens.
-				m.Usage.PromptTokens = len(s.text.prompt)
 				m.Usage.CompletionTokens = s.text.completionTokens()
 			}
 			s.finish(m.Usage, nil)

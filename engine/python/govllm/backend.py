@@ -7,9 +7,9 @@ number of concurrent ``generate`` calls on that loop.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -56,7 +56,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0; 1 = off
     min_tokens: int = 0
     logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
-    # Text options: Go detokenizes and matches stop strings; backends read them only to report.
+    # Text options. Go applies them for token-id backends (it detokenizes and matches stop
+    # strings); a text backend (generate) gets them to apply itself.
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -132,20 +133,6 @@ class Delta:
     text: str
     finish_reason: str | None = None
     logprobs: list[dict[str, Any]] | None = None
-
-
-# The lowest logprob reported: -inf (and a missing value) are not JSON.
-LOGPROB_FLOOR = -9999.0
-
-
-def logprob_entry(token: str, logprob: float) -> dict[str, Any]:
-    """One ``Delta.logprobs`` entry (or one of its ``top``), the same from every backend: the decoded
-    token, its logprob (NaN and -inf clamped to -9999) and the token's UTF-8 bytes."""
-    logprob = float(logprob)
-    if logprob != logprob:  # NaN: not reported
-        logprob = LOGPROB_FLOOR
-    return {"token": token, "logprob": max(logprob, LOGPROB_FLOOR),
-            "bytes": list(token.encode("utf-8", errors="replace"))}
 
 
 class RequestError(Exception):

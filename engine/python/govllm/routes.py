@@ -66,26 +66,21 @@ class RouteTable:
 
     def cancel(self, go_id: int) -> list[str]:
         """Stop routing every choice and resolve the future; the names that were still routed."""
-        req = self.requests.get(go_id)
-        if req is None:
-            return []
-        names = [n for n in req.names if n in req.live]
-        for name in names:
-            self.routes.pop(name, None)
-        req.live.clear()
-        self._resolve(req, None)
-        return names
+        return self._end(go_id, None)
 
     def finished(self, names: list[str]) -> None:
         """The engine ended these choices (relay's return value)."""
         for name in names:
-            key = self.routes.get(name)
-            req = None if key is None else self.requests.get(key >> 16)
+            req = self.request_of(name)
             if req is not None:
                 self._drop(req, name)
 
     def fail(self, go_id: int, exc: BaseException) -> list[str]:
         """Fail one request; the names that were still routed."""
+        return self._end(go_id, exc)
+
+    def _end(self, go_id: int, exc: BaseException | None) -> list[str]:
+        """Stop routing every choice of go_id and resolve its future (with exc, if given)."""
         req = self.requests.get(go_id)
         if req is None:
             return []

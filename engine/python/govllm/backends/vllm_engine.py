@@ -1,11 +1,14 @@
 """The "vllm" backend: vLLM's V1 ``AsyncLLM`` driven in process.
 
 ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))`` is built on the bridge's event loop (the
-interpreter's main thread): vLLM's frontend runs on that loop, the scheduler and model in a spawned
-``VLLM::EngineCore`` process (plus workers for tensor/pipeline parallelism). Process-wide
-environment setup, done in ``create()`` before vllm is imported, is ``vllm_env``. Each ``generate``
-call is one vLLM request with ``RequestOutputKind.DELTA``; each ``CompletionOutput`` becomes a
-``Delta``. Stop strings, EOS, ``n > 1`` and seeds are vLLM's own.
+interpreter's main thread); the scheduler and model run in a spawned ``VLLM::EngineCore`` process
+(plus workers for tensor/pipeline parallelism). Process-wide environment setup, done in
+``create()`` before vllm is imported, is ``vllm_env``. AsyncLLM's output path is not used:
+``submit`` builds the request's ``EngineCoreRequest``s with vLLM's own input processing and adds
+them to the engine core, and one pump task hands each engine step's outputs to Go with a single
+``relay`` call (C reads the token ids; Go detokenizes, matches stop strings and counts usage).
+EOS, stop token ids, min_tokens, max_tokens, ``n > 1`` and seeds stay the engine's; every use of
+vLLM's internals below ``AsyncLLM.generate`` is in ``vllm_compat``.
 
 Configuration: model, served_model_name, max_model_len and max_num_seqs (0: vLLM's defaults),
 dtype, seed; ``extra`` keys that are ``AsyncEngineArgs`` fields pass through (whole floats become
@@ -21,7 +24,7 @@ engine-core failure fails every request with ``EngineDeadError``; finish reason 
 
 Version differences handled: sync or async ``get_tokenizer``; ``model_config`` attribute or
 ``get_model_config()``; ``AsyncLLM`` or ``AsyncLLMEngine``; ``usage_context`` accepted or not;
-``VLLMValidationError``/``VLLMClientError`` present or not; the unfinished-request count.
+``VLLMValidationError``/``VLLMClientError`` present or not.
 """
 
 from __future__ import annotations
@@ -138,9 +141,7 @@ class _VllmApi:
     DELTA: Any
     usage_context: Any
     dead_errors: tuple[type[BaseException], ...]
-    generate_errors: tuple[type[BaseException], ...]
-    vllm_client_errors: tuple[type[BaseException], ...]  # always the client's
-    client_errors: tuple[type[BaseException], ...]  # the above + ValueError, TypeError, OverflowError
+    client_errors: tuple[type[BaseException], ...]  # vLLM's client errors + ValueError, TypeError, OverflowError
     graceful_errors: tuple[type[BaseException], ...]
     tokens_input: Any
 
@@ -163,12 +164,10 @@ def _import_vllm() -> _VllmApi:
         usage_context = UsageContext.OPENAI_API_SERVER
 
     dead: list[type[BaseException]] = []
-    generate: list[type[BaseException]] = []
     with contextlib.suppress(ImportError):
-        from vllm.v1.engine.exceptions import EngineDeadError as V1Dead, EngineGenerateError
+        from vllm.v1.engine.exceptions import EngineDeadError as V1Dead
 
         dead.append(V1Dead)
-        generate.append(EngineGenerateError)
     with contextlib.suppress(ImportError, AttributeError):
         from vllm.engine.async_llm_engine import AsyncEngineDeadError  # V0
 
@@ -200,8 +199,6 @@ def _import_vllm() -> _VllmApi:
         DELTA=RequestOutputKind.DELTA,
         usage_context=usage_context,
         dead_errors=tuple(dead),
-        generate_errors=tuple(generate),
-        vllm_client_errors=tuple(client),
         client_errors=tuple(client) + (ValueError, TypeError, OverflowError),
         graceful_errors=tuple(graceful),
         tokens_input=tokens_input,
