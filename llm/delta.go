@@ -8,11 +8,16 @@ type Delta struct {
 	TokenIDs []int32
 	// Text is the detokenized increment; it never splits a UTF-8 character.
 	Text string
-	// FinishReason is empty until the last delta of the choice: "stop", "length" or "abort".
+	// FinishReason is empty until the last delta of the choice: "stop", "length", "abort" or "tool_calls".
 	FinishReason string
 	// Logprobs has one entry per token of TokenIDs when the request set SamplingParams.Logprobs,
 	// and is nil otherwise.
 	Logprobs []TokenLogprob
+	// Reasoning is the increment of the reasoning text, with Request.Parsing.Reasoning.
+	Reasoning string
+	// ToolCalls are pieces of tool calls, with Request.Parsing.ToolCalls. FinishReason is
+	// "tool_calls" on the last delta of a choice that called tools.
+	ToolCalls []ToolCallDelta
 }
 
 // TokenLogprob is the log probability of one generated token.

@@ -1,6 +1,9 @@
 package llm
 
-import "fmt"
+import (
+	"encoding/json"
+	"fmt"
+)
 
 // MaxChoices bounds SamplingParams.N: the wire format numbers choices with 16 bits.
 const MaxChoices = 1<<16 - 1
@@ -9,6 +12,12 @@ const MaxChoices = 1<<16 - 1
 type Message struct {
 	Role    string `json:"role"`
 	Content string `json:"content"`
+	// ToolCalls are the calls an assistant message made.
+	ToolCalls []ToolCall `json:"tool_calls,omitempty"`
+	// ToolCallID is the call a "tool" message answers.
+	ToolCallID string `json:"tool_call_id,omitempty"`
+	// Name is the tool's name on a "tool" message (some templates print it).
+	Name string `json:"name,omitempty"`
 }
 
 // Request is one generation request. Exactly one of Messages, Prompt and PromptTokenIDs is set:
@@ -22,6 +31,11 @@ type Request struct {
 	Prompt         string         `json:"prompt,omitempty"`
 	PromptTokenIDs []int32        `json:"prompt_token_ids,omitempty"`
 	Sampling       SamplingParams `json:"sampling"`
+	// Tools are the functions the model may call (OpenAI's "tools" array), rendered into the
+	// prompt by the chat template and given to the tool-call parser.
+	Tools json.RawMessage `json:"tools,omitempty"`
+	// Parsing, when set, splits the output into content, reasoning and tool calls.
+	Parsing *Parsing `json:"parsing,omitempty"`
 }
 
 // Validate reports whether the request is well formed before it reaches the engine. It checks

@@ -50,6 +50,14 @@ type SamplingParams struct {
 	SkipSpecialTokens *bool `json:"skip_special_tokens,omitempty"`
 	// SpacesBetweenSpecialTokens puts spaces between added tokens in the text; nil means true.
 	SpacesBetweenSpecialTokens *bool `json:"spaces_between_special_tokens,omitempty"`
+	// StructuredOutputs, when set, constrains the output (a JSON schema, a regex, ...).
+	StructuredOutputs *StructuredOutputs `json:"structured_outputs,omitempty"`
+	// LogitBias adds a bias in [-100, 100] to the logits of token ids before sampling.
+	LogitBias map[int32]float64 `json:"logit_bias,omitempty"`
+	// AllowedTokenIDs, when non-empty, are the only tokens that may be sampled.
+	AllowedTokenIDs []int32 `json:"allowed_token_ids,omitempty"`
+	// BadWords are words (tokenized with and without a leading space) that may not be generated.
+	BadWords []string `json:"bad_words,omitempty"`
 }
 
 // Validate checks the bounds every engine shares. They are the same as the HTTP layer's, so a
@@ -80,6 +88,18 @@ func (sp *SamplingParams) Validate() error {
 		return invalid("min_tokens", "min_tokens must be less than or equal to max_tokens=%d, got %d", sp.MaxTokens, sp.MinTokens)
 	case sp.Logprobs != nil && (*sp.Logprobs < 0 || *sp.Logprobs > MaxLogprobs):
 		return invalid("logprobs", "logprobs must be in [0, %d], got %d", MaxLogprobs, *sp.Logprobs)
+	case sp.StructuredOutputs != nil && sp.StructuredOutputs.Set() != 1:
+		return invalid("structured_outputs", "structured_outputs must set exactly one of json, json_object, regex, choice and grammar")
+	}
+	for id, b := range sp.LogitBias {
+		if id < 0 || !(b >= -MaxLogitBias && b <= MaxLogitBias) {
+			return invalid("logit_bias", "logit_bias maps token ids (>= 0) to biases in [-%v, %v], got %d: %v", MaxLogitBias, MaxLogitBias, id, b)
+		}
+	}
+	for _, id := range sp.AllowedTokenIDs {
+		if id < 0 {
+			return invalid("allowed_token_ids", "allowed_token_ids must be non-negative, got %d", id)
+		}
 	}
 	return nil
 }
@@ -93,6 +113,8 @@ const (
 	MaxRepetitionPenalty = 100.0
 	// MaxLogprobs is the most top logprobs a position may ask for.
 	MaxLogprobs = 20
+	// MaxLogitBias bounds the magnitude of a logit_bias value (OpenAI's bound).
+	MaxLogitBias = 100.0
 )
 
 func penaltyOK(v float64) bool { return v >= -2 && v <= 2 && !math.IsNaN(v) }

@@ -61,10 +61,24 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Constraints. structured_outputs: exactly one of "json" (a schema: object or JSON text),
+    # "json_object" (true), "regex", "choice" (list of strings), "grammar" (EBNF or Lark), plus
+    # "param": the request field it came from (for errors). logit_bias: token id -> bias in
+    # [-100, 100]. allowed_token_ids: the only tokens that may be sampled. bad_words: words that
+    # may not be generated (vLLM's rule: tokenized with and without a leading space).
+    structured_outputs: dict[str, Any] | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+            except (TypeError, ValueError) as exc:
+                raise RequestError(f"logit_bias must map token ids to numbers: {exc}", param="logit_bias") from exc
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
@@ -104,11 +118,31 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):
             raise RequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}", param="logprobs")
+        so = self.structured_outputs
+        if so is not None:
+            kinds = [k for k in STRUCTURED_KINDS if so.get(k) not in (None, False, "")]
+            if len(kinds) != 1:
+                raise RequestError("structured_outputs must set exactly one of " + ", ".join(STRUCTURED_KINDS),
+                                   param=str(so.get("param") or "structured_outputs"))
+        for tid, bias in (self.logit_bias or {}).items():
+            if tid < 0 or not -100 <= bias <= 100:
+                raise RequestError(f"logit_bias maps token ids (>= 0) to biases in [-100, 100], got {tid}: {bias}",
+                                   param="logit_bias")
+        if self.allowed_token_ids is not None and any(int(t) < 0 for t in self.allowed_token_ids):
+            raise RequestError("allowed_token_ids must be non-negative", param="allowed_token_ids")
+
+    def structured_param(self) -> str:
+        """The request field structured_outputs came from (what an error about it names)."""
+        so = self.structured_outputs or {}
+        return str(so.get("param") or "structured_outputs")
 
     def non_default(self) -> list[str]:
         """The names of the fields that differ from their defaults, in declaration order."""
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _SAMPLING_DEFAULTS[f.name]]
 
+
+# The constraint kinds of structured_outputs, one of which is set.
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 _SAMPLING_DEFAULTS: dict[str, Any] = {
     f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
