@@ -10,6 +10,14 @@ type ModelInfo struct {
 	MaxModelLen int
 	// Backend is the engine that runs the model: "transformers", "vllm" or a custom module.
 	Backend string
+	// ToolCallParser is the tool-call parser the engine was started with for "auto" tool
+	// choice (vLLM's --tool-call-parser name); empty when auto tool choice is off.
+	ToolCallParser string
+	// ReasoningParser is the reasoning parser the engine was started with; empty for none.
+	ReasoningParser string
+	// StructuredOutputs reports whether the backend applies SamplingParams.StructuredOutputs
+	// (and so tool_choice "required" and named choices).
+	StructuredOutputs bool
 }
 
 // Stats is an engine's own view of its load.
