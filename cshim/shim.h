@@ -15,6 +15,7 @@ enum shim_cmd {
   SHIM_CMD_SHUTDOWN = 3, /* end the bridge's loop */
   SHIM_CMD_STATS = 4,    /* answered with a SHIM_EV_STATS record of the same req_id */
   SHIM_CMD_STOP_CHOICE = 5, /* data: a choice index (decimal); Go matched a stop string: stop that choice */
+  SHIM_CMD_PARSE = 6,    /* data: JSON {index, text, token_ids, finished, whole}: parse a choice's output */
 };
 
 /* Records from the bridge to Go: the kind byte of a record header. */
@@ -27,6 +28,7 @@ enum shim_ev {
   SHIM_EV_LOG = 6,   /* a log line */
   SHIM_EV_STATS = 7, /* the answer to SHIM_CMD_STATS */
   SHIM_EV_PROMPT = 8, /* the request's prompt token ids (meta: little-endian int32s), before its deltas */
+  SHIM_EV_PARSED = 9, /* the answer to SHIM_CMD_PARSE: meta JSON {index, content, reasoning, tool_calls, tools_called} */
 };
 
 /* A delta's finish byte: why its choice ended, if it did (OpenAI's finish_reason). */

@@ -28,6 +28,14 @@ type (
 	ModelInfo = llm.ModelInfo
 	// Stats is llm.Stats.
 	Stats = llm.Stats
+	// ToolCall is llm.ToolCall.
+	ToolCall = llm.ToolCall
+	// ToolCallDelta is llm.ToolCallDelta.
+	ToolCallDelta = llm.ToolCallDelta
+	// StructuredOutputs is llm.StructuredOutputs.
+	StructuredOutputs = llm.StructuredOutputs
+	// Parsing is llm.Parsing.
+	Parsing = llm.Parsing
 )
 
 // Sentinel errors of the engine package. The first three are llm's, so errors.Is works with

@@ -295,14 +295,15 @@ func (e *Engine) poll() {
 // handle routes one event. It runs on the poller and must never block.
 func (e *Engine) handle(ev *event) {
 	switch ev.kind {
-	case evDelta, evEnd, evError, evPrompt:
+	case evDelta, evEnd, evError, evPrompt, evParsed:
 		var s *Stream
 		if ev.kind == evDelta && ev.reqID == e.lastID && e.last != nil {
 			s = e.last // consecutive events of one request skip the table
 		} else {
 			e.mu.Lock()
 			s = e.streams[ev.reqID]
-			if s != nil && (ev.kind == evEnd || ev.kind == evError) {
+			// A parsing request's END may precede its last parser replies: it stays routed.
+			if s != nil && (ev.kind == evError || (ev.kind == evEnd && (s.parse == nil || s.parse.outstanding == 0))) {
 				delete(e.streams, ev.reqID)
 			}
 			e.mu.Unlock()
@@ -339,7 +340,20 @@ func (e *Engine) handle(ev *event) {
 				// Go counted the output: a stop string it matched dropped the later tokens.
 				m.Usage.CompletionTokens = s.text.completionTokens()
 			}
+			if s.parse != nil && s.parse.outstanding > 0 {
+				s.parse.end = &m.Usage // finished by the last reply
+				return
+			}
 			s.finish(m.Usage, nil)
+		case evParsed:
+			if s.onParsed(ev.meta) {
+				e.forget(s.id)
+				s.finish(*s.parse.end, nil)
+			}
+			if !s.touched {
+				s.touched = true
+				e.touched = append(e.touched, s)
+			}
 		case evError:
 			re := &RequestError{Status: 500, Type: "InternalServerError"}
 			if err := json.Unmarshal(ev.meta, re); err != nil || re.Message == "" {
@@ -356,6 +370,10 @@ func (e *Engine) handle(ev *event) {
 			// Tokenizer is the directory of the tokenizer.json Go detokenizes with; empty
 			// when the backend sends text.
 			Tokenizer string `json:"tokenizer"`
+			// The parsers the bridge loaded, and whether the backend applies structured outputs.
+			ToolCallParser    string `json:"tool_call_parser"`
+			ReasoningParser   string `json:"reasoning_parser"`
+			StructuredOutputs bool   `json:"structured_outputs"`
 		}
 		if err := json.Unmarshal(ev.meta, &m); err != nil {
 			e.die(fmt.Errorf("engine: bad ready event: %w", err))
@@ -376,7 +394,8 @@ func (e *Engine) handle(ev *event) {
 			}
 			e.installEncoder(enc)
 		}
-		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend})
+		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend,
+			ToolCallParser: m.ToolCallParser, ReasoningParser: m.ReasoningParser, StructuredOutputs: m.StructuredOutputs})
 		select {
 		case e.ready <- nil:
 		default:
@@ -465,6 +484,9 @@ func (e *Engine) Start(ctx context.Context, req Request) (*Stream, error) {
 	}
 	id := nextRequestID.Add(1)
 	s := newStream(e, id, e.cfg.MaxPendingTokens, req.Sampling)
+	if p := req.Parsing; p != nil && (p.ToolCalls || p.Reasoning) {
+		s.parse = &parseState{streamed: p.Streamed}
+	}
 	e.mu.Lock()
 	switch {
 	case e.closed:

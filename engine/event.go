@@ -19,6 +19,8 @@ const (
 	// evPrompt carries the request's prompt token ids (meta: little-endian int32s), before its
 	// first delta: the detokenizer is primed with them, and usage counts them.
 	evPrompt = 8
+	// evParsed answers cmdParse: a choice's output split by the backend's parsers (parse.go).
+	evParsed = 9
 )
 
 // The shim's finish codes: SHIM_FINISH_* in cshim/shim.h, the bridge's FINISH_CODES.

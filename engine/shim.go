@@ -61,6 +61,8 @@ const (
 	cmdStats    = 4
 	// cmdStopChoice stops one choice (data: its index in decimal): Go matched a stop string.
 	cmdStopChoice = 5
+	// cmdParse sends a choice's output to the backend's parsers (parse.go); evParsed answers.
+	cmdParse = 6
 )
 
 // maxQueueBytes caps Config.QueueBytes (SHIM_MAX_QUEUE_BYTES in cshim/shim.h): records carry

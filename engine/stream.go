@@ -24,6 +24,7 @@ type Stream struct {
 
 	sampling SamplingParams // what the Go-side detokenizer and stop strings need
 	text     *textState     // poller-only: set by the prompt event when Go detokenizes
+	parse    *parseState    // poller-only: set when the request asked for output parsing
 
 	notify  chan struct{} // capacity 1: "something changed"
 	stop    func() bool   // unregisters the ctx watcher
@@ -94,7 +95,7 @@ func (s *Stream) pushEvent(ev *event) bool {
 				logprobs = m.Logprobs
 			}
 		}
-		return s.push(Delta{Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text),
+		return s.deliver(Delta{Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text),
 			FinishReason: ev.finishReason(), Logprobs: logprobs})
 	}
 	d, ok := s.text.apply(ev)
@@ -109,8 +110,17 @@ func (s *Stream) pushEvent(ev *event) bool {
 	if !ok {
 		return true
 	}
-	return s.push(Delta{Index: int(ev.index), TokenIDs: d.tokens, Text: d.text, FinishReason: d.finish,
+	return s.deliver(Delta{Index: int(ev.index), TokenIDs: d.tokens, Text: d.text, FinishReason: d.finish,
 		Logprobs: d.logprobs})
+}
+
+// deliver queues a delta for the reader, through the parsers when the request asked for them.
+func (s *Stream) deliver(d Delta) bool {
+	if s.parse != nil {
+		s.deliverParsed(d)
+		return true
+	}
+	return s.push(d)
 }
 
 // push queues d (see pushEvent).

@@ -48,6 +48,17 @@ type Options struct {
 	// EngineArgs are the user's extra engine arguments (--engine-arg), passed through; an
 	// argument the plan would set itself (gpu_memory_utilization, say) is kept as given.
 	EngineArgs map[string]any `json:"engine_args,omitempty"`
+	// EnableAutoToolChoice turns on "auto" tool choice, parsed with ToolCallParser (vLLM's
+	// --enable-auto-tool-choice and --tool-call-parser).
+	EnableAutoToolChoice bool   `json:"enable_auto_tool_choice,omitempty"`
+	ToolCallParser       string `json:"tool_call_parser,omitempty"`
+	// ReasoningParser splits reasoning from content in chat responses (vLLM's parser names).
+	ReasoningParser string `json:"reasoning_parser,omitempty"`
+	// ChatTemplate overrides the model's chat template: a Jinja file, or the template itself.
+	ChatTemplate string `json:"chat_template,omitempty"`
+	// StructuredOutputTimeout bounds a constraint's compile, in seconds; 0 means
+	// DefaultStructuredOutputTimeout.
+	StructuredOutputTimeout float64 `json:"structured_output_timeout,omitempty"`
 }
 
 // Host is what Resolve asks of the machine. Nil fields use the real thing.
@@ -133,7 +144,7 @@ func Check(opts Options) error {
 			return fmt.Errorf("%w: --engine-arg %s: %v", ErrBadOptions, k, err)
 		}
 	}
-	return nil
+	return checkParsing(opts)
 }
 
 // Resolve makes the plan for opts on host h. It fails, with the fix, when the options cannot
@@ -180,6 +191,7 @@ func Resolve(ctx context.Context, opts Options, h Host) (Plan, error) {
 	}
 	p.chooseDtype(opts)
 	p.engineArgs(opts)
+	p.parsingArgs(opts)
 	return p, nil
 }
 

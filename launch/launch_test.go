@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -246,6 +248,35 @@ func TestResolveErrors(t *testing.T) {
 			_, err := launch.Resolve(context.Background(), tc.opts, tc.host)
 			require.ErrorIs(t, err, tc.is)
 			require.ErrorContains(t, err, tc.msg)
+		})
+	}
+}
+
+func TestCheckParsingOptions(t *testing.T) {
+	tmpl := filepath.Join(t.TempDir(), "t.jinja")
+	require.NoError(t, os.WriteFile(tmpl, []byte("{{ messages }}"), 0o644))
+	cases := []struct {
+		name string
+		opts launch.Options
+		want string // "" means valid
+	}{
+		{"auto tool choice with a parser", launch.Options{EnableAutoToolChoice: true, ToolCallParser: "hermes"}, ""},
+		{"auto tool choice without a parser", launch.Options{EnableAutoToolChoice: true}, "--enable-auto-tool-choice needs --tool-call-parser"},
+		{"a parser without auto tool choice", launch.Options{ToolCallParser: "hermes"}, "add --enable-auto-tool-choice"},
+		{"negative timeout", launch.Options{StructuredOutputTimeout: -1}, "--structured-output-timeout"},
+		{"template file", launch.Options{ChatTemplate: tmpl}, ""},
+		{"inline template", launch.Options{ChatTemplate: "{% for m in messages %}{{ m.content }}{% endfor %}"}, ""},
+		{"missing template file", launch.Options{ChatTemplate: "/nonexistent/x.jinja"}, "--chat-template /nonexistent/x.jinja"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			err := launch.Check(tc.opts)
+			if tc.want == "" {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorIs(t, err, launch.ErrBadOptions)
+			require.ErrorContains(t, err, tc.want)
 		})
 	}
 }

@@ -25,6 +25,9 @@ type launchFlags struct {
 	maxModelLen, tp, pp                                    *int
 	headroom                                               *float64
 	engineArgs                                             engineArgFlag
+	autoToolChoice                                         *bool
+	toolCallParser, reasoningParser, chatTemplate          *string
+	structuredOutputTimeout                                *float64
 }
 
 func addLaunchFlags(fs *flag.FlagSet) *launchFlags {
@@ -43,6 +46,11 @@ func addLaunchFlags(fs *flag.FlagSet) *launchFlags {
 			"fraction of each GPU's memory left unused when sizing the engine's share"),
 		loadFormat: fs.String("load-format", "", "weights format: auto, safetensors, dummy (random weights for a config.json; both engines), or any vLLM load format"),
 	}
+	f.autoToolChoice = fs.Bool("enable-auto-tool-choice", false, "let the model call tools on its own (tool_choice \"auto\"), parsed with --tool-call-parser")
+	f.toolCallParser = fs.String("tool-call-parser", "", "vLLM's tool-call parser for auto tool choice: hermes, llama3_json, mistral, pythonic, qwen3_xml, openai, ... (both engines)")
+	f.reasoningParser = fs.String("reasoning-parser", "", "vLLM's reasoning parser (deepseek_r1, qwen3, ...): the thinking goes to message.reasoning")
+	f.chatTemplate = fs.String("chat-template", "", "Jinja chat template (a file, or the template itself) in place of the model's; templates/chatml_tools.jinja renders tools for ChatML models")
+	f.structuredOutputTimeout = fs.Float64("structured-output-timeout", launch.DefaultStructuredOutputTimeout, "seconds a request's JSON schema or grammar may take to compile; past it the request gets a 400")
 	fs.IntVar(f.tp, "tensor-parallel", 0, "alias of --tensor-parallel-size")
 	fs.Var(&f.engineArgs, "engine-arg", "extra engine argument KEY=VALUE (VALUE parsed as JSON when it can be, e.g. enforce_eager=false); repeatable")
 	return f
@@ -54,7 +62,10 @@ func (f *launchFlags) options(withDefaultModel bool) launch.Options {
 		Model: *f.model, Engine: *f.engine, Python: *f.python, Device: *f.device, Dtype: *f.dtype,
 		MaxModelLen: *f.maxModelLen, TensorParallel: *f.tp, PipelineParallel: *f.pp,
 		GPUs: gpu.ParseGPUList(*f.gpus), Headroom: headroomFlag(*f.headroom), LoadFormat: *f.loadFormat,
-		EngineArgs: f.engineArgs,
+		EngineArgs:           f.engineArgs,
+		EnableAutoToolChoice: *f.autoToolChoice, ToolCallParser: *f.toolCallParser,
+		ReasoningParser: *f.reasoningParser, ChatTemplate: *f.chatTemplate,
+		StructuredOutputTimeout: *f.structuredOutputTimeout,
 	}
 	if o.Model == "" && withDefaultModel {
 		o.Model = defaultModel()

@@ -29,6 +29,7 @@ CMD_ABORT = 2
 CMD_SHUTDOWN = 3
 CMD_STATS = 4
 CMD_STOP_CHOICE = 5
+CMD_PARSE = 6
 # Event kinds to Go (engine/event.go). EV_DELTA records are framed by the shim's emit.
 EV_DELTA = 1
 EV_END = 2
@@ -38,8 +39,10 @@ EV_FATAL = 5
 EV_LOG = 6
 EV_STATS = 7
 EV_PROMPT = 8
+EV_PARSED = 9
 FINISH_CODES = {None: 0, "stop": 1, "length": 2, "abort": 3, "error": 4, "repetition": 5}
 HEALTH_INTERVAL = 0.25  # seconds between backend health checks
+PARSER_LINGER = 60.0  # seconds a finished request's parsers wait for Go's last parse commands
 
 BACKENDS = {
     "transformers": "govllm.backends.hf_transformers:create",
@@ -92,6 +95,8 @@ class Bridge:
         self.ready = False
         self.shutting_down = False
         self.sampling_defaults = generation_defaults(cfg.model)
+        self.parsers: Any = None  # parsing.Parsers: the server's tool-call and reasoning parsers
+        self.request_parsers: dict[int, _RequestParsing] = {}  # Go request id -> its parsers
 
     async def run(self) -> None:
         fd = shim.inbox_fd()
@@ -113,6 +118,13 @@ class Bridge:
         if prompt_encoder is not None:
             prompt_encoder.fast = shim.encode  # Go tokenizes prompts when it reproduces the tokenizer
         await self.backend.start()
+        extra = self.cfg.extra or {}
+        if extra.get("tool_call_parser") or extra.get("reasoning_parser"):
+            from .parsing import Parsers  # vLLM's parser library: imported only when configured
+
+            self.parsers = Parsers.load(extra.get("tool_call_parser") or None, extra.get("reasoning_parser") or None,
+                                        getattr(self.backend, "tokenizer", None),
+                                        self.cfg.served_model_name or self.cfg.model)
 
     async def _start(self) -> bool:
         """Start the backend; True once READY is sent. A shutdown meanwhile cancels the start."""
@@ -135,6 +147,9 @@ class Bridge:
             "root": self.cfg.model,
             "max_model_len": self.backend.max_model_len(),
             "backend": self.backend.name,
+            "structured_outputs": bool(getattr(self.backend, "structured_outputs", False)),
+            "tool_call_parser": getattr(self.parsers, "tool_call_parser", None) or "",
+            "reasoning_parser": getattr(self.parsers, "reasoning_parser", None) or "",
         }
         if hasattr(self.backend, "submit"):
             try:
@@ -171,7 +186,10 @@ class Bridge:
                 task = self.loop.create_task(self._serve(req_id, data))
                 task.add_done_callback(lambda t, rid=req_id: self._reap(rid, t))
                 self.tasks[req_id] = task
+            elif kind == CMD_PARSE:
+                self._on_parse(req_id, data)
             elif kind == CMD_ABORT:
+                self.request_parsers.pop(req_id, None)
                 task = self.tasks.get(req_id)
                 if task is not None:
                     task.cancel()
@@ -203,6 +221,10 @@ class Bridge:
         # A task cancelled before its first step never ran _serve, which reports every other
         # ending itself: Go still waits for this request's END.
         self.tasks.pop(req_id, None)
+        if req_id in self.request_parsers:
+            # Go sends each choice's last parse after the request's END: keep the parsers a while,
+            # but not forever (a stream its reader closed never sends it).
+            self.loop.call_later(PARSER_LINGER, self.request_parsers.pop, req_id, None)
         if task.cancelled():
             shim.emit_event(req_id, EV_END, _meta({"usage": {"prompt_tokens": 0, "completion_tokens": 0}}))
 
@@ -227,6 +249,8 @@ class Bridge:
     def _prompt_ids(self, req: Request) -> list[int]:
         assert self.backend is not None
         if req.messages:
+            if req.tools:
+                return self.backend.apply_chat_template(req.messages, tools=req.tools)
             return self.backend.apply_chat_template(req.messages)
         if req.prompt:
             return self.backend.encode(req.prompt)
@@ -250,6 +274,8 @@ class Bridge:
             rid, claimed = self._claim(req.request_id, req_id), True
             ids = self._prompt_ids(req)
             usage["prompt_tokens"] = len(ids)
+            if req.parsing:
+                self._start_parsing(req_id, req)
             apply_default_max_tokens(req, len(ids), self.backend.max_model_len())
             if hasattr(self.backend, "submit"):
                 await self._serve_tokens(req_id, ids, req, rid)  # Go counts the output
@@ -259,6 +285,7 @@ class Bridge:
             log.debug("request %s aborted", rid)  # by Go (client gone, Close): END below
         except RequestError as exc:
             log.debug("request %s refused: %s", rid, exc)
+            self.request_parsers.pop(req_id, None)
             self._fail(req_id, exc.status, exc.type, str(exc), exc.param)
             return
         except EngineDeadError as exc:
@@ -302,6 +329,45 @@ class Bridge:
                 emit(req_id, d.index, d.token_ids, d.text, FINISH_CODES.get(d.finish_reason, 1),
                      json.dumps({"logprobs": d.logprobs}).encode())
 
+    def _start_parsing(self, req_id: int, req: Request) -> None:
+        """The parsers of a request that asked for them (RequestError when the server has none)."""
+        parsing = req.parsing or {}
+        tools, reasoning = bool(parsing.get("tool_calls")), bool(parsing.get("reasoning"))
+        if not (tools or reasoning):
+            return
+        parsers = self.parsers
+        if parsers is None or (tools and not parsers.tool_call_parser) or (reasoning and not parsers.reasoning_parser):
+            raise RequestError("this server has no such parser: start it with --enable-auto-tool-choice "
+                               "--tool-call-parser NAME or --reasoning-parser NAME", param="tools" if tools else None)
+        self.request_parsers[req_id] = _RequestParsing(parsers.for_request(req.raw or {}, tool_calls=tools,
+                                                                           reasoning=reasoning),
+                                                       max(1, int(req.sampling.n)))
+
+    def _on_parse(self, req_id: int, data: bytes) -> None:
+        """CMD_PARSE: one choice's output through its parsers; always answered with EV_PARSED, so
+        Go never waits (text unparsed when the parsers are gone or fail)."""
+        try:
+            cmd = json.loads(data)
+            index, text = int(cmd["index"]), str(cmd.get("text") or "")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("bad parse command for request %d: %s", req_id, exc)
+            return
+        finished = bool(cmd.get("finished"))
+        state = self.request_parsers.get(req_id)
+        result: dict[str, Any] = {"content": text}
+        if state is not None:
+            try:
+                result = state.parser.feed(index, text, list(cmd.get("token_ids") or []), finished,
+                                           bool(cmd.get("whole")))
+            except Exception:
+                log.exception("request %d: the output parser failed: passing the text through", req_id)
+            if finished:
+                state.open -= 1
+                if state.open <= 0:
+                    self.request_parsers.pop(req_id, None)
+        result["index"] = index
+        shim.emit_event(req_id, EV_PARSED, _meta(result))
+
     def _healthy(self) -> str:
         if not self.ready:
             return "the engine is starting"
@@ -322,6 +388,14 @@ class Bridge:
     def _fail(self, req_id: int, status: int, type_: str, message: str, param: str | None) -> None:
         shim.emit_event(req_id, EV_ERROR, _meta({"status": status, "type": type_, "message": message,
                                                  "param": param or ""}))
+
+
+class _RequestParsing:
+    """A request's parsers and how many of its choices have not sent their last output yet."""
+
+    def __init__(self, parser: Any, n: int) -> None:
+        self.parser = parser
+        self.open = n
 
 
 def main(config: dict[str, Any]) -> None:

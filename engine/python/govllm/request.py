@@ -56,6 +56,9 @@ class Request:
     prompt_token_ids: list[int] | None
     sampling: SamplingParams
     default_max_tokens: int | None  # the model's, when the request left max_tokens unset
+    tools: list[Any] | None = None  # OpenAI tools: rendered by the chat template, given to the parsers
+    parsing: dict[str, Any] | None = None  # {"tool_calls", "reasoning", "streamed"}: run the parsers
+    raw: dict[str, Any] | None = None  # the request as Go sent it (what the parsers read)
 
 
 def parse_request(data: bytes, fallback_id: str, defaults: dict[str, Any]) -> Request:
@@ -87,9 +90,16 @@ def parse_request(data: bytes, fallback_id: str, defaults: dict[str, Any]) -> Re
     if ids is not None:
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise RequestError("prompt_token_ids must be a list of integers", param="prompt_token_ids")
+    tools = req.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise RequestError("tools must be an array", param="tools")
+    parsing = req.get("parsing")
+    if parsing is not None and not isinstance(parsing, dict):
+        raise RequestError("parsing must be an object", param="parsing")
     return Request(request_id=request_id, messages=req.get("messages"), prompt=req.get("prompt"),
                    prompt_token_ids=ids, sampling=sampling,
-                   default_max_tokens=int(default_max) if default_max is not None else None)
+                   default_max_tokens=int(default_max) if default_max is not None else None,
+                   tools=tools or None, parsing=parsing or None, raw=req)
 
 
 def apply_default_max_tokens(req: Request, prompt_len: int, max_model_len: int) -> None:

@@ -39,7 +39,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..backend import (
-    EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error, render_chat,
+    STRUCTURED_KINDS, EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams,
+    context_length_error, render_chat,
 )
 from ..routes import RouteTable
 from . import vllm_compat, vllm_env
@@ -49,7 +50,10 @@ log = logging.getLogger("govllm.vllm")
 
 ENGINE_NAME = "vllm"
 # extra keys govllm itself interprets (everything else must be an AsyncEngineArgs field).
-GOVLLM_EXTRA_KEYS = frozenset({"kv_cache_gib", "pdeathsig", "debug"})
+# (reasoning_parser is an AsyncEngineArgs field: vLLM then starts structured outputs after the
+# reasoning, and the bridge loads the same parser for the responses.)
+GOVLLM_EXTRA_KEYS = frozenset({"kv_cache_gib", "pdeathsig", "debug", "tool_call_parser", "chat_template",
+                               "structured_output_timeout"})
 
 _ERROR_TYPES = {409: "ConflictError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
 
@@ -227,6 +231,7 @@ def _current_platform() -> str:
 
 class VLLMBackend:
     name = ENGINE_NAME
+    structured_outputs = True  # vLLM's own structured-output backends (xgrammar, guidance, outlines)
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -465,6 +470,14 @@ class VLLMBackend:
         )
         if sampling.logprobs is not None:
             kwargs["logprobs"] = int(sampling.logprobs)
+        if sampling.logit_bias:
+            kwargs["logit_bias"] = dict(sampling.logit_bias)
+        if sampling.allowed_token_ids:
+            kwargs["allowed_token_ids"] = [int(t) for t in sampling.allowed_token_ids]
+        if sampling.bad_words:
+            kwargs["bad_words"] = list(sampling.bad_words)
+        if sampling.structured_outputs:
+            kwargs["structured_outputs"] = self._structured_outputs(sampling)
         try:
             return api.SamplingParams(**kwargs)
         except Exception as exc:
@@ -472,6 +485,18 @@ class VLLMBackend:
             if err is not None:
                 raise err from exc
             raise
+
+    def _structured_outputs(self, sampling: SamplingParams) -> Any:
+        """govllm's structured_outputs dict -> vLLM's StructuredOutputsParams (one constraint)."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        spec = {k: v for k, v in (sampling.structured_outputs or {}).items() if k in STRUCTURED_KINDS}
+        if spec.get("json_object") is False:
+            spec.pop("json_object")
+        try:
+            return StructuredOutputsParams(**spec)
+        except Exception as exc:
+            raise RequestError(f"invalid {sampling.structured_param()}: {exc}", param=sampling.structured_param()) from exc
 
     def _prompt(self, prompt_token_ids: list[int]) -> Any:
         ids = [int(t) for t in prompt_token_ids]
