@@ -174,3 +174,36 @@ def test_live_manager_internals(backend):
     assert compat.cuda_graph_flags(runner) == (runner.use_cuda_graph_varlen, runner.use_cuda_graph_decode)
     compat.drop_handler(manager, "no-such-request")
     compat.drain_orphans(manager)
+
+
+def test_xgrammar_bitmask_and_matcher(tokenizer):
+    """The xgrammar pieces the sampler uses (compat's bitmask helpers, GrammarMatcher's accept /
+    rollback / reset / terminate / stop tokens) behave as relied on with the pinned xgrammar."""
+    import torch
+    import xgrammar as xgr
+
+    from govllm import structured
+
+    assert structured.xgrammar_version() == structured.TESTED_XGRAMMAR
+    vocab = 49152
+    bitmask = compat.allocate_bitmask(3, vocab)
+    assert bitmask.shape == (3, (vocab + 31) // 32) and bitmask.dtype == torch.int32
+    assert bool((bitmask == -1).all()), "a fresh bitmask allows every token"
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=[tokenizer.eos_token_id])
+    compiled = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False).compile_grammar('root ::= "yes" | "no"')
+    matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=[tokenizer.eos_token_id])
+    matcher.fill_next_token_bitmask(bitmask, 1)  # row 1 only
+    logits = torch.zeros(3, vocab)
+    compat.apply_bitmask(logits, bitmask, [1])
+    assert bool((logits[0] == 0).all()) and bool((logits[2] == 0).all()), "rows not listed are untouched"
+    allowed = (logits[1] == 0).nonzero().view(-1).tolist()
+    assert allowed and all("yes".startswith(tokenizer.decode([t])) or "no".startswith(tokenizer.decode([t]))
+                           for t in allowed)
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    assert all(matcher.accept_token(t) for t in yes) and matcher.is_completed()
+    compat.rollback(matcher, len(yes))
+    assert not matcher.is_completed()
+    assert all(matcher.accept_token(t) for t in yes)
+    assert matcher.accept_token(tokenizer.eos_token_id) and matcher.is_terminated()
+    matcher.reset()
+    assert not matcher.is_terminated() and not matcher.accept_token(tokenizer.eos_token_id)

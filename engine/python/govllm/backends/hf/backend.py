@@ -11,6 +11,12 @@ strings (then tells the backend to ``stop_choice``) and counts usage. Sampling i
 ``sampler.PerRequestSampler`` (the manager itself runs greedy), which also masks EOS and
 stop_token_ids under min_tokens and records logprobs.
 
+Constraints, per choice within the batch: structured_outputs (compiled by govllm/structured.py on its
+worker pool, within ``extra["structured_output_timeout"]`` seconds, default 5; each choice gets its
+own xgrammar GrammarMatcher), logit_bias, allowed_token_ids and bad_words (vLLM's rules). The
+matcher's stop tokens are the request's EOS and stop_token_ids; a constrained request keeps the
+model's EOS even under ignore_eos, so a complete grammar always ends the choice ("stop").
+
 ``EngineConfig``: max_num_seqs (default 256 on CUDA, 64 on CPU); max_model_len (default the
 model's, lowered to what the KV cache holds); dtype ("auto": bfloat16 on CUDA, float32 on CPU);
 device ("": cuda when available); seed. ``extra``: num_blocks; page_size (alias block_size;
@@ -41,6 +47,7 @@ from ...backend import (
     EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error, render_chat,
 )
 from ...routes import RouteTable
+from ... import structured
 from . import compat, loading
 from .sampler import SAMPLING_EPS, LogprobRecord, RequestSampling, build_sampler_class, seed_key
 
@@ -52,7 +59,8 @@ WATCHDOG_INTERVAL_S = 0.5
 # Options of ``extra`` passed to ContinuousBatchingConfig unchanged.
 _CB_PASSTHROUGH = ("allow_block_sharing", "use_cuda_graph", "use_async_batching", "default_compile_level",
                    "scheduler_type", "max_memory_percent", "max_blocks_per_request", "auto_switch_to_flash")
-_PLANNED_ONLY = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs")
+_PLANNED_ONLY = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs",
+                 "structured_outputs", "logit_bias", "allowed_token_ids", "bad_words")
 
 # relay's finish_codes: an output's finish_reason is the shim's code itself (cshim/shim.h SHIM_FINISH_*).
 FINISH_CODES = (0, 1, 2, 3, 4, 5)
@@ -157,6 +165,8 @@ class TransformersBackend:
         self._decode_kwargs = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
         self._planned_ok = True  # penalties, min_tokens and logprobs can run (see PerRequestSampler.bind_runner)
         self._transformers_version = ""
+        self._structured: structured.StructuredCompiler | None = None
+        self._structured_timeout = structured.structured_timeout(self.extra)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -307,6 +317,9 @@ class TransformersBackend:
             for go_id in list(self._table.requests):
                 self.cancel(go_id)
             manager, self.manager = self.manager, None
+        if self._structured is not None:
+            self._structured.close()
+            self._structured = None
         if self._tokenizer_tmp is not None:
             shutil.rmtree(self._tokenizer_tmp, ignore_errors=True)
             self._tokenizer_tmp = None
@@ -397,6 +410,7 @@ class TransformersBackend:
             bad = [t for t in sampling.stop_token_ids if not 0 <= int(t) < self.vocab_size]
             if bad:
                 raise RequestError(f"stop_token_ids contains {bad[0]}, which is out of vocabulary", param="stop_token_ids")
+        self._validate_constraints(sampling)
         if sampling.seed is not None and not isinstance(sampling.seed, int):
             raise RequestError(f"seed must be an integer, got {sampling.seed!r}", param="seed")
         if any(not isinstance(s, str) for s in sampling.stop):
@@ -411,8 +425,56 @@ class TransformersBackend:
             raise context_length_error(max_len, prompt_len, sampling.max_tokens)
         return sampling.max_tokens
 
+    def _validate_constraints(self, sampling: SamplingParams) -> None:
+        vocab = self.vocab_size
+        if sampling.logit_bias:
+            bad = [t for t in sampling.logit_bias if vocab and not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"logit_bias contains token id {bad[0]}, which is out of vocabulary "
+                                   f"(size {vocab})", param="logit_bias")
+        if sampling.allowed_token_ids is not None:
+            ids = sampling.allowed_token_ids
+            if not ids:
+                raise RequestError("allowed_token_ids must not be empty", param="allowed_token_ids")
+            bad = [t for t in ids if not isinstance(t, int) or (vocab and not 0 <= t < vocab)]
+            if bad:
+                raise RequestError(f"allowed_token_ids contains {bad[0]}, which is out of vocabulary (size {vocab})",
+                                   param="allowed_token_ids")
+        if sampling.bad_words is not None:
+            if any(not isinstance(w, str) or not w for w in sampling.bad_words):
+                raise RequestError("bad_words must be non-empty strings", param="bad_words")
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's SamplingParams.update_from_tokenizer: each word (left-stripped) tokenized alone and
+        after a space; the spaced form is kept when it is a different word of as many tokens."""
+        out: list[list[int]] = []
+        for word in dict.fromkeys(words):
+            for spaced in (False, True):
+                ids = list(self.tokenizer.encode((" " if spaced else "") + word.lstrip(), add_special_tokens=False))
+                if not ids:
+                    if not spaced:
+                        raise RequestError(f"bad_words entry {word!r} tokenizes to no tokens", param="bad_words")
+                    continue
+                if not spaced or (ids[0] != out[-1][0] and len(ids) == len(out[-1])):
+                    out.append(ids)
+        vocab = self.vocab_size
+        bad = [t for ids in out for t in ids if vocab and not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"bad_words tokenize to {bad[0]}, which is out of vocabulary", param="bad_words")
+        return out
+
+    def structured_compiler(self) -> structured.StructuredCompiler:
+        """The backend's xgrammar compiler (its tokenizer info is built on first use, on a worker)."""
+        if self._structured is None:
+            self._structured = structured.StructuredCompiler(
+                self.tokenizer, self.vocab_size or None, self.eos_token_ids,
+                workers=int(self.extra.get("structured_output_workers") or structured.DEFAULT_WORKERS),
+                threads=int(self.extra.get("structured_output_threads") or structured.DEFAULT_THREADS))
+        return self._structured
+
     def _request_sampling(self, sampling: SamplingParams, choice: int, prompt_len: int,
-                          stop_ids: frozenset[int]) -> RequestSampling:
+                          stop_ids: frozenset[int], constraint: Any = None,
+                          bad_words: list[list[int]] | None = None) -> RequestSampling:
         """One choice's parameters for the sampler; greedy requests drop temperature, top-p/k and min_p
         (as vLLM does), sampled ones get their key from the seed (or from the engine's generator)."""
         common = dict(
@@ -423,7 +485,14 @@ class TransformersBackend:
             stop_ids=tuple(sorted(stop_ids)),
             logprobs=sampling.logprobs,
             prompt_len=prompt_len,
+            logit_bias=sampling.logit_bias,
+            allowed=None if sampling.allowed_token_ids is None else tuple(sampling.allowed_token_ids),
+            bad_words=tuple(tuple(w) for w in bad_words or ()),
         )
+        if constraint is not None:
+            stops = sorted(stop_ids)
+            common["matcher"] = self.structured_compiler().matcher(constraint, stops)
+            common["grammar_stops"] = tuple(stops)
         temperature = float(sampling.temperature)
         if temperature < SAMPLING_EPS:
             return RequestSampling(**common)
@@ -449,8 +518,16 @@ class TransformersBackend:
         max_new_tokens = self._validate(prompt, sampling)
         if go_id in self._table:
             raise RequestError(f"request {go_id} is already running")
+        bad_words = self.bad_words_token_ids(sampling.bad_words) if sampling.bad_words else None
+        constraint = None
+        if sampling.structured_outputs is not None:
+            constraint = await self.structured_compiler().compile_constraint(sampling.structured_outputs,
+                                                                             self._structured_timeout)
+            self.health()  # the engine may have died or shut down meanwhile
+            if go_id in self._table:
+                raise RequestError(f"request {go_id} is already running")
         manager = self.manager
-        eos = set() if sampling.ignore_eos else set(self.eos_token_ids)
+        eos = set() if sampling.ignore_eos and constraint is None else set(self.eos_token_ids)
         eos.update(int(t) for t in sampling.stop_token_ids)
         eos_list = sorted(eos) or [-1]  # [-1]: no EOS at all (None would mean the manager's default)
         n = int(sampling.n)
@@ -459,7 +536,7 @@ class TransformersBackend:
         base = f"{request_id}/{go_id}"
         choices = [
             _Choice(index=i, engine_id=base if n == 1 else f"{base}/{i}", eos=frozenset(eos),
-                    params=self._request_sampling(sampling, i, len(prompt), frozenset(eos)))
+                    params=self._request_sampling(sampling, i, len(prompt), frozenset(eos), constraint, bad_words))
             for i in range(n)
         ]
         req = self._table.add(go_id, [c.engine_id for c in choices], extra=choices)

@@ -241,3 +241,27 @@ def host_memory_probe(device: str) -> Iterator[None]:
         yield
     finally:
         cb_cache.get_device_and_memory_breakdown = original
+
+
+# --------------------------------------------------------------------------------------- xgrammar
+# The token-mask side of structured outputs (compiling is govllm/structured.py). Public xgrammar API,
+# gathered here so that test_hf_compat.py pins its shape and semantics against xgrammar 0.2.8.
+
+
+def allocate_bitmask(rows: int, vocab: int) -> Any:
+    """An all-allowed int32 token bitmask [rows, ceil(vocab / 32)] on the host."""
+    import xgrammar as xgr
+
+    return xgr.allocate_token_bitmask(rows, vocab)
+
+
+def apply_bitmask(logits: Any, bitmask: Any, rows: list[int]) -> None:
+    """logits[r, t] = -inf for each row r of ``rows`` whose bitmask row disallows t (in place)."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.size(-1), indices=rows)
+
+
+def rollback(matcher: Any, tokens: int) -> None:
+    """Undo the last ``tokens`` tokens a GrammarMatcher accepted."""
+    matcher.rollback(tokens)

@@ -3,8 +3,14 @@
 The manager runs greedy; ``PerRequestSampler`` replaces its logits processor and returns scores
 that are -inf except at the token it chose, so the manager's argmax picks that token. Per row:
 
-1. logprobs (rows that ask): log_softmax of the raw logits, as vLLM's default ``raw_logprobs``.
-2. min_tokens: EOS and stop_token_ids get -inf while fewer than min_tokens tokens were generated.
+0. structured outputs (rows with a grammar): tokens the row's xgrammar ``GrammarMatcher`` does not
+   allow get -inf (its token bitmask), before anything else, as vLLM applies the grammar bitmask to
+   the logits before its sampler; once the grammar is complete only its stop tokens remain.
+1. logprobs (rows that ask): log_softmax of the logits so far (vLLM's default ``raw_logprobs``: the
+   model's logits, grammar-masked for a constrained row, before every other processor).
+2. allowed_token_ids, bad_words (vLLM's rule: a word's last token is banned when the tokens before
+   it were just generated), min_tokens (EOS and stop_token_ids get -inf while fewer than min_tokens
+   tokens were generated), logit_bias (added), in vLLM's order.
 3. penalties: repetition over prompt and output tokens, then frequency and presence over output
    tokens (vLLM's formulas). Greedy rows take the argmax here.
 4. temperature, min_p, top-k, then top-p over the renormalised top-k survivors (vLLM's
@@ -12,8 +18,14 @@ that are -inf except at the token it chose, so the manager's argmax picks that t
    CDF, so a seeded request draws the same tokens whatever else is in the batch.
 
 Temperature, top_p, top_k, min_p, key and position travel as six int32 rows of the manager's
-argument tensor (that path also runs inside CUDA graphs). Penalties, min_tokens and logprobs need a
-host-built ``_Plan`` per batch, which runs eagerly: CUDA graphs are switched off for such a batch.
+argument tensor (that path also runs inside CUDA graphs). Penalties, min_tokens, logprobs and the
+constraints need a host-built ``_Plan`` per batch, which runs eagerly: CUDA graphs are switched off
+for such a batch. A batch without such a row costs one attribute check per row.
+
+A constrained row's matcher advances on the manager's thread right after its token is chosen (one
+host sync per planned batch with a grammar or multi-token bad words); the request's own output
+history (``RequestSampling.history``) is checked against the position at each step, so a token the
+manager discards (preemption, soft reset) is rolled back and a history it rebuilt is replayed.
 """
 
 from __future__ import annotations
@@ -105,12 +117,15 @@ class RequestSampling:
 
     __slots__ = ("temperature", "top_p", "top_k", "key", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens", "stop_ids", "logprobs", "prompt_len", "records",
-                 "penalised", "extras")
+                 "penalised", "extras", "matcher", "grammar_stops", "bias_ids", "bias_values", "allowed",
+                 "bad_words", "tracked", "history")
 
     def __init__(self, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, key: int = 0,
                  min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, min_tokens: int = 0, stop_ids: tuple[int, ...] = (),
-                 logprobs: int | None = None, prompt_len: int = 0) -> None:
+                 logprobs: int | None = None, prompt_len: int = 0, matcher: Any = None,
+                 grammar_stops: tuple[int, ...] = (), logit_bias: dict[int, float] | None = None,
+                 allowed: tuple[int, ...] | None = None, bad_words: tuple[tuple[int, ...], ...] = ()) -> None:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.top_k = int(top_k)
@@ -126,8 +141,23 @@ class RequestSampling:
         self.records: collections.deque[LogprobRecord] = collections.deque()
         self.penalised = (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                           or self.frequency_penalty != 0.0)
+        # Constraints: an xgrammar GrammarMatcher (one per choice) and its stop tokens; logit_bias as
+        # parallel tuples; the only tokens allowed; bad words as token sequences.
+        self.matcher = matcher
+        self.grammar_stops = tuple(int(t) for t in grammar_stops)
+        bias = {int(k): float(v) for k, v in (logit_bias or {}).items() if float(v) != 0.0}
+        self.bias_ids = tuple(bias)
+        self.bias_values = tuple(bias.values())
+        self.allowed = None if allowed is None else tuple(sorted({int(t) for t in allowed}))
+        self.bad_words = tuple(tuple(int(t) for t in w) for w in bad_words if w)
+        # Rows that follow their output tokens on the host: a grammar, or a bad word of several tokens.
+        self.tracked = matcher is not None or any(len(w) > 1 for w in self.bad_words)
+        self.history: list[int] = []  # the output tokens the host has followed (matcher accepted)
+        constrained = (matcher is not None or bool(self.bias_ids) or self.allowed is not None
+                       or bool(self.bad_words))
         # Anything the argument tensor cannot carry: such a batch takes the sampler's planned path.
-        self.extras = self.penalised or (self.min_tokens > 0 and bool(self.stop_ids)) or logprobs is not None
+        self.extras = (self.penalised or (self.min_tokens > 0 and bool(self.stop_ids)) or logprobs is not None
+                       or constrained)
 
     def __deepcopy__(self, memo: dict) -> "RequestSampling":
         return self
@@ -166,6 +196,16 @@ class _Plan:
     logprob_params: list[RequestSampling] = dataclasses.field(default_factory=list)
     logprob_index: list[int] = dataclasses.field(default_factory=list)
     top: int = 0
+    # constraints: (row, token, bias) triples; rows with allowed tokens and their (row, token) pairs
+    bias_rows: list[int] = dataclasses.field(default_factory=list)
+    bias_tokens: list[int] = dataclasses.field(default_factory=list)
+    bias_values: list[float] = dataclasses.field(default_factory=list)
+    allowed_rows: list[int] = dataclasses.field(default_factory=list)
+    allowed_pairs_rows: list[int] = dataclasses.field(default_factory=list)
+    allowed_pairs_tokens: list[int] = dataclasses.field(default_factory=list)
+    # rows followed on the host (grammar, multi-token bad words): row, params, output index, state
+    tracked: list[tuple[int, RequestSampling, int, Any]] = dataclasses.field(default_factory=list)
+    any_grammar: bool = False
 
 
 class _PenaltySlots:
@@ -383,6 +423,21 @@ def build_sampler_class() -> type:
                     plan.prompt_tokens.extend(prompt)
                     plan.output_slots.extend([slot] * len(output))
                     plan.output_tokens.extend(output)
+            if params.bias_ids:
+                plan.bias_rows.extend([row] * len(params.bias_ids))
+                plan.bias_tokens.extend(params.bias_ids)
+                plan.bias_values.extend(params.bias_values)
+            if params.allowed is not None:
+                plan.allowed_rows.append(row)
+                plan.allowed_pairs_rows.extend([row] * len(params.allowed))
+                plan.allowed_pairs_tokens.extend(params.allowed)
+            for word in params.bad_words:
+                if len(word) == 1:  # always banned; longer words depend on the history (see _constrain)
+                    plan.mask_rows.append(row)
+                    plan.mask_tokens.append(word[0])
+            if params.tracked:
+                plan.tracked.append((row, params, generated, state))
+                plan.any_grammar = plan.any_grammar or params.matcher is not None
             if params.logprobs is not None:
                 plan.logprob_rows.append(row)
                 plan.logprob_params.append(params)
@@ -416,28 +471,119 @@ def build_sampler_class() -> type:
 
         @torch.compiler.disable  # host-side lists per batch: keep it out of any compiled forward
         def _call_planned(self, scores: torch.Tensor, args: torch.Tensor, plan: _Plan) -> torch.Tensor:
-            logits = self.planned_logits(scores, plan)
+            owned = False
+            if plan.tracked:
+                self._follow(plan)
+                if plan.any_grammar:
+                    scores, owned = self._apply_grammar(scores, plan), True
+            logits = self.planned_logits(scores, plan, owned=owned)
             exact, candidates = self._search(scores) if self._any_filtered else (False, None)
             chosen = self.choose(logits, args, sampled=self._any_sampled, filtered=self._any_filtered,
                                  exact=exact, min_p=self._any_min_p, candidates=candidates)
+            if plan.tracked:
+                self._advance(plan, chosen, logits)
             if plan.penalty_rows:
                 self._count(plan, chosen)
             if plan.logprob_rows:
                 self._record_logprobs(scores, chosen, plan)
             return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
-        def planned_logits(self, scores: torch.Tensor, plan: _Plan) -> torch.Tensor:
-            """The logits after a plan's min_tokens mask and penalties (scores itself when it has neither)."""
+        def planned_logits(self, scores: torch.Tensor, plan: _Plan, owned: bool = False) -> torch.Tensor:
+            """The logits after a plan's allowed tokens, bad words, min_tokens mask, logit_bias and
+            penalties (scores itself when it has none of them; in place when ``owned``)."""
             logits = scores
-            if plan.mask_rows or plan.penalty_rows:
+            if not owned and (plan.mask_rows or plan.penalty_rows or plan.bias_rows or plan.allowed_rows):
                 logits = scores.clone()
+            device = scores.device
+            if plan.allowed_rows:
+                keep = torch.zeros_like(logits, dtype=torch.bool)
+                keep[torch.tensor(plan.allowed_pairs_rows, device=device),
+                     torch.tensor(plan.allowed_pairs_tokens, device=device)] = True
+                rows = torch.zeros(logits.size(0), 1, dtype=torch.bool, device=device)
+                rows[torch.tensor(plan.allowed_rows, device=device)] = True
+                logits.masked_fill_(rows & ~keep, float("-inf"))
             if plan.mask_rows:
-                rows = torch.tensor(plan.mask_rows, device=scores.device)
-                tokens = torch.tensor(plan.mask_tokens, device=scores.device)
+                rows = torch.tensor(plan.mask_rows, device=device)
+                tokens = torch.tensor(plan.mask_tokens, device=device)
                 logits[rows, tokens] = float("-inf")
+            if plan.bias_rows:
+                rows = torch.tensor(plan.bias_rows, device=device)
+                tokens = torch.tensor(plan.bias_tokens, device=device)
+                values = torch.tensor(plan.bias_values, dtype=logits.dtype, device=device)
+                logits.index_put_((rows, tokens), values, accumulate=True)
             if plan.penalty_rows:
                 self._apply_penalties(logits, plan)
             return logits
+
+        @staticmethod
+        def _follow(plan: _Plan) -> None:
+            """Brings each followed row's history (and matcher) to the row's position, and adds the
+            bad words its history completes to the plan's mask."""
+            for row, params, generated, state in plan.tracked:
+                history = params.history
+                if len(history) != generated:
+                    matcher = params.matcher
+                    if len(history) > generated:  # the manager discarded tokens: roll them back
+                        if matcher is not None:
+                            compat.rollback(matcher, len(history) - generated)
+                        del history[generated:]
+                    else:  # the manager rebuilt the request: replay its outputs
+                        tokens = compat.token_history(state)[params.prompt_len:][:generated]
+                        if matcher is not None:
+                            matcher.reset()
+                            for token in tokens:
+                                if not matcher.accept_token(token):
+                                    log.warning("request %s: replaying token %d: the grammar rejects it",
+                                                compat.request_id(state), token)
+                                    break
+                        history[:] = tokens
+                for word in params.bad_words:
+                    n = len(word) - 1
+                    if 0 < n <= len(history) and tuple(history[-n:]) == word[:-1]:
+                        plan.mask_rows.append(row)
+                        plan.mask_tokens.append(word[-1])
+
+        @staticmethod
+        def _apply_grammar(scores: torch.Tensor, plan: _Plan) -> torch.Tensor:
+            """A copy of scores with each grammar row's disallowed tokens at -inf (a matcher that is
+            already terminated allows only its stop tokens)."""
+            bitmask = compat.allocate_bitmask(scores.size(0), scores.size(-1))
+            rows = []
+            for row, params, _, _ in plan.tracked:
+                matcher = params.matcher
+                if matcher is None:
+                    continue
+                if matcher.is_terminated():
+                    plan.allowed_rows.append(row)
+                    plan.allowed_pairs_rows.extend([row] * len(params.grammar_stops))
+                    plan.allowed_pairs_tokens.extend(params.grammar_stops)
+                    continue
+                matcher.fill_next_token_bitmask(bitmask, row)
+                rows.append(row)
+            logits = scores.clone()
+            if rows:
+                compat.apply_bitmask(logits, bitmask.to(logits.device, non_blocking=True), rows)
+            return logits
+
+        @staticmethod
+        def _advance(plan: _Plan, chosen: torch.Tensor, logits: torch.Tensor) -> None:
+            """Feeds each followed row's chosen token to its matcher and history (the host sync of a
+            constrained batch). A token the matcher refuses (only possible when the row had nothing
+            allowed left, e.g. allowed_token_ids against the grammar) is replaced by the row's best
+            allowed token, else a stop token, so the grammar's state stays consistent."""
+            rows = [row for row, _, _, _ in plan.tracked]
+            picks = chosen[torch.tensor(rows, device=chosen.device)].view(-1).tolist()
+            for (row, params, _, state), token in zip(plan.tracked, picks):
+                matcher = params.matcher
+                if matcher is not None and not matcher.is_terminated() and not matcher.accept_token(token):
+                    fallback = int(logits[row].argmax())
+                    if not matcher.accept_token(fallback):
+                        fallback = params.grammar_stops[0] if params.grammar_stops else fallback
+                        log.warning("request %s: no token allowed by its grammar and other constraints: "
+                                    "stopping", compat.request_id(state))
+                    chosen[row, 0] = fallback
+                    token = fallback
+                params.history.append(token)
 
         def _pool(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             """The penalty pool, grown (doubling) to hold every slot handed out."""
@@ -501,7 +647,8 @@ def build_sampler_class() -> type:
 
         @staticmethod
         def _record_logprobs(raw: torch.Tensor, chosen: torch.Tensor, plan: _Plan) -> None:
-            """log_softmax of the raw logits (vLLM's default raw_logprobs): the picked token's, its rank
+            """log_softmax of the raw logits (vLLM's default raw_logprobs; grammar-masked for a constrained
+            row, as vLLM masks before its sampler): the picked token's, its rank
             and the top alternatives', handed to each request's records. The one host sync of a planned
             batch."""
             rows = torch.tensor(plan.logprob_rows, dtype=torch.int64, device=raw.device)
