@@ -81,6 +81,10 @@ def structured_timeout(extra: dict[str, Any] | None) -> float:
     return timeout
 
 
+class CompileTimeoutError(RequestError):
+    """A constraint did not compile within its time bound (the client's 400)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ConstraintSpec:
     """A parsed ``structured_outputs``: kind ("json", "json_object", "regex", "choice" and, for
@@ -386,8 +390,8 @@ class StructuredCompiler:
         try:
             await asyncio.wait_for(entry.done.wait(), timeout=float(timeout_s))
         except asyncio.TimeoutError:
-            raise RequestError(f"the {parsed.what} did not compile within {float(timeout_s)} s "
-                               "(--structured-output-timeout)", param=parsed.param) from None
+            raise CompileTimeoutError(f"the {parsed.what} did not compile within {float(timeout_s)} s "
+                                      "(--structured-output-timeout)", param=parsed.param) from None
         finally:
             entry.waiters -= 1
             if not entry.done.is_set() and entry.waiters == 0 and entry.future.cancel():

@@ -43,6 +43,7 @@ from ..backend import (
     context_length_error, render_chat,
 )
 from ..routes import RouteTable
+from .. import structured
 from . import vllm_compat, vllm_env
 from .vllm_env import GiB
 
@@ -250,6 +251,7 @@ class VLLMBackend:
         self._tasks: Any = None
         self._closed = False
         self._dead: str | None = None
+        self._compiler: structured.StructuredCompiler | None = None  # the time bound of constraints
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -373,6 +375,8 @@ class VLLMBackend:
         if self._closed:
             return
         self._closed = True
+        if self._compiler is not None:
+            self._compiler.close()
         engine = self.engine
         if engine is None:
             return
@@ -486,6 +490,25 @@ class VLLMBackend:
                 raise err from exc
             raise
 
+    async def _bound_compile(self, sampling: SamplingParams) -> None:
+        """The time bound vLLM lacks (vllm-project/vllm#54003): the constraint is compiled here
+        first, with xgrammar and the model's tokenizer on a worker thread (xgrammar releases the
+        GIL), and a compile past --structured-output-timeout is a 400 before the engine core
+        ever sees it. EngineCore compiles it again (each side caches). Any other compile error
+        is left to vLLM's own validation, which may fall back to another backend (guidance)."""
+        if self._compiler is None:
+            vocab = None
+            with contextlib.suppress(Exception):
+                vocab = int(self.engine.model_config.get_vocab_size())
+            self._compiler = structured.StructuredCompiler(self.tokenizer, vocab_size=vocab)
+        try:
+            await self._compiler.compile_constraint(sampling.structured_outputs or {},
+                                                    structured.structured_timeout(self.config.extra))
+        except structured.CompileTimeoutError:
+            raise
+        except RequestError as exc:
+            log.debug("xgrammar refused %s (%s): vLLM decides", sampling.structured_param(), exc)
+
     def _structured_outputs(self, sampling: SamplingParams) -> Any:
         """govllm's structured_outputs dict -> vLLM's StructuredOutputsParams (one constraint)."""
         from vllm.sampling_params import StructuredOutputsParams
@@ -521,6 +544,8 @@ class VLLMBackend:
         if go_id in self._table:
             raise RequestError(f"request {go_id} is already running")
         params = self.sampling_params(len(prompt_token_ids), sampling)
+        if sampling.structured_outputs:
+            await self._bound_compile(sampling)
         if self._tasks is None:
             self._tasks = await vllm_compat.supported_tasks(self.engine)
         try:
@@ -529,6 +554,8 @@ class VLLMBackend:
         except Exception as exc:
             err = self._request_error(exc)
             if err is not None:
+                if sampling.structured_outputs and err.param in (None, "", "structured_outputs"):
+                    err.param = sampling.structured_param()  # vLLM's grammar errors name no field
                 raise err from exc
             raise
         req = self._table.add(go_id, [c.request_id for c in children])
