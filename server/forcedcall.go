@@ -2,6 +2,7 @@ package server
 
 import (
 	"encoding/json"
+	"strings"
 
 	"github.com/govllm/govllm/llm"
 )
@@ -9,7 +10,8 @@ import (
 // A forced tool choice ("required" or a named function) constrains the output to JSON through
 // structured outputs (tools.go); forcedCalls turns that JSON into tool calls as it streams.
 //
-//   - Named function: the whole output is the arguments of that function: one call.
+//   - Named function: the whole output is the arguments of that function, a JSON object: one
+//     call.
 //   - "required": the output is an array of objects {"name": <a tool>, "parameters": <its
 //     arguments>}, in either key order: one call per element.
 //
@@ -230,38 +232,32 @@ func (x *forcedCalls) step(b byte, i int) bool {
 			x.fail()
 		}
 	case scString, scEscape, scUnicode:
+		if !x.stringByteOK(b) {
+			x.fail()
+			return true
+		}
 		x.keep(b, i)
 		if x.strKey {
 			x.key = append(x.key, b)
 		}
 		switch x.state {
 		case scString:
-			switch {
-			case b == '"':
+			switch b {
+			case '"':
 				if x.strKey {
 					x.keyEnd()
 					x.state = scColon
 				} else {
 					x.valueEnd(i)
 				}
-			case b == '\\':
+			case '\\':
 				x.state = scEscape
-			case b < 0x20:
-				x.fail()
 			}
 		case scEscape:
-			switch b {
-			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
-				x.state = scString
-			case 'u':
+			if x.state = scString; b == 'u' {
 				x.hex, x.state = 4, scUnicode
-			default:
-				x.fail()
 			}
 		case scUnicode:
-			if !(b >= '0' && b <= '9' || b >= 'a' && b <= 'f' || b >= 'A' && b <= 'F') {
-				x.fail()
-			}
 			if x.hex--; x.hex == 0 {
 				x.state = scString
 			}
@@ -287,6 +283,17 @@ func (x *forcedCalls) step(b byte, i int) bool {
 		x.fail() // text after the value
 	}
 	return true
+}
+
+// stringByteOK reports whether b may come next in the string being scanned.
+func (x *forcedCalls) stringByteOK(b byte) bool {
+	switch x.state {
+	case scEscape:
+		return strings.IndexByte(`"\\/bfnrtu`, b) >= 0
+	case scUnicode:
+		return b >= '0' && b <= '9' || b >= 'a' && b <= 'f' || b >= 'A' && b <= 'F'
+	}
+	return b >= 0x20
 }
 
 // close takes the closing bracket b at offset i of the innermost container.
@@ -337,6 +344,10 @@ func (x *forcedCalls) valueStart(b byte, i int) {
 	depth := len(x.stack)
 	if x.named != "" {
 		if depth == 0 {
+			if b != '{' { // the arguments are an object
+				x.fail()
+				return
+			}
 			x.name, x.haveName = x.named, true
 			x.announce(i)
 			x.capture = captureArgs
