@@ -232,7 +232,7 @@ func TestToolAndConstraintMapping(t *testing.T) {
 		},
 		{
 			name: "response_format text: no constraint", info: testInfo,
-			body: `{` + userHi + `,"response_format":{"type":"text"}}`,
+			body:  `{` + userHi + `,"response_format":{"type":"text"}}`,
 			check: func(t *testing.T, got llm.Request) { require.Nil(t, got.Sampling.StructuredOutputs) },
 		},
 		{
