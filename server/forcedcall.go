@@ -410,7 +410,7 @@ func (x *forcedCalls) valueEnd(i int) {
 		switch x.capture {
 		case captureName:
 			var name string
-			if err := json.Unmarshal(x.nameRaw, &name); err != nil {
+			if err := json.Unmarshal(x.nameRaw, &name); err != nil || name == "" {
 				x.fail()
 				return
 			}

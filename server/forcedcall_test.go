@@ -187,3 +187,30 @@ func TestForcedCallsInvalid(t *testing.T) {
 		})
 	}
 }
+
+// FuzzForcedCalls feeds arbitrary output, split at an arbitrary byte, to the extractor: it never
+// panics, streamed and whole reads agree, and complete calls always have JSON arguments.
+func FuzzForcedCalls(f *testing.F) {
+	for _, c := range forcedCases {
+		f.Add(c.named != "", c.text, uint(len(c.text)/2))
+	}
+	f.Add(false, `[{"name":"a","parameters":{"x":"\u12"}}]`, uint(3))
+	f.Fuzz(func(t *testing.T, named bool, text string, split uint) {
+		name := ""
+		if named {
+			name = "f"
+		}
+		k := int(split % uint(len(text)+1))
+		calls, _, ok := runForced(t, name, []string{text[:k], text[k:]})
+		whole, wholeOK := parseForced(&forcedTools{named: name}, text, func() string { return "id" })
+		require.Equal(t, wholeOK, ok)
+		if !ok {
+			return
+		}
+		require.Equal(t, toWant(whole), toWant(calls))
+		for _, c := range calls {
+			require.True(t, json.Valid([]byte(c.Function.Arguments)), c.Function.Arguments)
+			require.NotEmpty(t, c.Function.Name)
+		}
+	})
+}
