@@ -27,8 +27,16 @@ type format interface {
 	// usageChunk is the last event when the client asked for usage.
 	usageChunk(c *call, u usage) any
 	// response is the body of a non-streamed answer.
-	// lps holds each choice's token logprobs when c.params.logprobs.
-	response(c *call, texts []string, reasons []string, lps [][]llm.TokenLogprob, u usage) any
+	response(c *call, outs []choiceOut, u usage) any
+}
+
+// choiceOut is the whole output of one choice of a non-streamed answer.
+type choiceOut struct {
+	text      string // with the echoed prompt of a text completion
+	reasoning string
+	toolCalls []llm.ToolCall
+	reason    string
+	logprobs  []llm.TokenLogprob // when c.params.logprobs
 }
 
 // promptTokens is what a stream may offer for return_token_ids' prompt_token_ids
@@ -59,6 +67,10 @@ type call struct {
 	log         *slog.Logger
 	start       time.Time
 	kind        string // "chat" or "text", for logs
+	// newID makes the ids of the tool calls the server makes (forced tool choice).
+	newID func(prefix string) string
+	// forced holds, per choice, the extractor of a streamed forced tool choice's calls.
+	forced []*forcedCalls
 
 	stream    llm.TokenStream
 	cancelGen context.CancelFunc // ends the context the stream was started with
@@ -130,8 +142,9 @@ func (s *Server) next(c *call) (llm.Delta, error) {
 				return llm.Delta{}, err
 			}
 			s.observeDelta(c, d)
+			c.params.shape(&d)
 			if d.Text == "" && d.FinishReason == "" && (len(d.Logprobs) == 0 || !c.params.logprobs) &&
-				(len(d.TokenIDs) == 0 || !c.params.tokenIDs) {
+				(len(d.TokenIDs) == 0 || !c.params.tokenIDs) && d.Reasoning == "" && len(d.ToolCalls) == 0 {
 				continue
 			}
 			return d, nil
@@ -145,6 +158,23 @@ func (s *Server) next(c *call) (llm.Delta, error) {
 		default:
 			return llm.Delta{}, err
 		}
+	}
+}
+
+// shape applies the request's output options to d: include_reasoning false drops its
+// reasoning; parallel_tool_calls false (auto tool choice) keeps only the first call.
+func (p *callParams) shape(d *llm.Delta) {
+	if p.dropReasoning {
+		d.Reasoning = ""
+	}
+	if p.singleCall && len(d.ToolCalls) > 0 {
+		kept := d.ToolCalls[:0:0]
+		for _, tc := range d.ToolCalls {
+			if tc.Index == 0 {
+				kept = append(kept, tc)
+			}
+		}
+		d.ToolCalls = kept
 	}
 }
 
@@ -235,11 +265,8 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Reques
 func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 	n := c.params.n
 	texts := make([]strings.Builder, n)
-	reasons := make([]string, n)
-	var lps [][]llm.TokenLogprob
-	if c.params.logprobs {
-		lps = make([][]llm.TokenLogprob, n)
-	}
+	reasoning := make([]strings.Builder, n)
+	outs := make([]choiceOut, n)
 	for {
 		d, err := s.next(c)
 		if errors.Is(err, io.EOF) {
@@ -249,23 +276,28 @@ func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 			s.reject(w, c.log, fmt.Errorf("server: %s completion: %w", c.kind, err), toAPIError(err))
 			return false
 		}
+		o := &outs[d.Index]
 		texts[d.Index].WriteString(d.Text)
+		reasoning[d.Index].WriteString(d.Reasoning)
+		if len(d.ToolCalls) > 0 {
+			o.toolCalls = mergeToolCalls(o.toolCalls, d.ToolCalls)
+		}
 		if c.params.tokenIDs {
 			c.tokenIDs[d.Index] = append(c.tokenIDs[d.Index], d.TokenIDs...)
 		}
-		if lps != nil {
-			lps[d.Index] = append(lps[d.Index], d.Logprobs...)
+		if c.params.logprobs {
+			o.logprobs = append(o.logprobs, d.Logprobs...)
 		}
 		if d.FinishReason != "" {
-			reasons[d.Index] = d.FinishReason
+			o.reason = d.FinishReason
 		}
 	}
 	u := c.usage()
-	out := make([]string, n)
-	for i := range texts {
-		out[i] = c.echo + texts[i].String()
+	for i := range outs {
+		outs[i].text = c.echo + texts[i].String()
+		outs[i].reasoning = reasoning[i].String()
 	}
-	writeJSON(w, http.StatusOK, f.response(c, out, reasons, lps, u))
+	writeJSON(w, http.StatusOK, f.response(c, outs, u))
 	s.logDone(c, u)
 	return true
 }

@@ -27,10 +27,42 @@ type chunkChoice struct {
 }
 
 // chunkDelta is {"role":"assistant","content":""} in the role chunk, {"content":"…"} in a
-// content chunk and {} in the finish chunk.
+// content chunk and {} in the finish chunk. An increment of reasoning or tool calls carries
+// "reasoning" or "tool_calls" (with "content" only when there is content too).
 type chunkDelta struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string          `json:"role,omitempty"`
+	Content   *string         `json:"content,omitempty"`
+	Reasoning *string         `json:"reasoning,omitempty"`
+	ToolCalls []chunkToolCall `json:"tool_calls,omitempty"`
+}
+
+// chunkToolCall is a streamed piece of a tool call: the first piece of a call is
+// {"index","id","type":"function","function":{"name","arguments"}}, later ones
+// {"index","function":{"arguments"}}; the arguments fragments concatenate to the arguments'
+// JSON text, as OpenAI streams them.
+type chunkToolCall struct {
+	Index    int           `json:"index"`
+	ID       string        `json:"id,omitempty"`
+	Type     string        `json:"type,omitempty"`
+	Function chunkFunction `json:"function"`
+}
+
+// chunkFunction is the function of a chunkToolCall.
+type chunkFunction struct {
+	Name      string `json:"name,omitempty"`
+	Arguments string `json:"arguments"`
+}
+
+func toChunkToolCalls(pieces []llm.ToolCallDelta) []chunkToolCall {
+	if len(pieces) == 0 {
+		return nil
+	}
+	out := make([]chunkToolCall, len(pieces))
+	for i, p := range pieces {
+		out[i] = chunkToolCall{Index: p.Index, ID: p.ID, Type: p.Type,
+			Function: chunkFunction{Name: p.Name, Arguments: p.Arguments}}
+	}
+	return out
 }
 
 type usage struct {
@@ -109,9 +141,14 @@ func nonNilBytes(b []int) []int {
 	return b
 }
 
+// assistantMessage is the message of a non-streamed choice. As in vLLM, tool_calls is always
+// there ([] when none); content is null when the message has tool calls and no content, as
+// in OpenAI's answers; reasoning is left out when there is none.
 type assistantMessage struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role      string         `json:"role"`
+	Content   *string        `json:"content"`
+	Reasoning *string        `json:"reasoning,omitempty"`
+	ToolCalls []llm.ToolCall `json:"tool_calls"`
 }
 
 const assistantRole = "assistant"
@@ -140,6 +177,10 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		log:         s.log.With("request_id", req.ID),
 		start:       start,
 		kind:        "chat",
+		newID:       s.newID,
+	}
+	if params.forced != nil && params.stream {
+		c.forced = make([]*forcedCalls, params.n)
 	}
 	s.generate(w, r, req, c, chatFormat{})
 }
@@ -157,7 +198,30 @@ func fingerprint(info llm.ModelInfo) string {
 // when there is one, else on the finish chunks.
 type chatFormat struct{}
 
+// forceDelta turns the text of d, a delta of a streamed forced tool choice, into tool-call
+// pieces (forcedcall.go); the finish reason of complete calls is "tool_calls".
+func (c *call) forceDelta(d *llm.Delta) {
+	x := c.forced[d.Index]
+	if x == nil {
+		x = newForcedCalls(c.params.forced, func() string { return c.newID(toolCallIDPrefix) })
+		c.forced[d.Index] = x
+	}
+	pieces, content := x.feed(d.Text)
+	d.Text, d.ToolCalls = content, pieces
+	if d.FinishReason == "" {
+		return
+	}
+	rest, ok := x.finish()
+	d.Text += rest
+	if ok && (d.FinishReason == "stop" || d.FinishReason == "length") {
+		d.FinishReason = "tool_calls"
+	}
+}
+
 func (chatFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
+	if c.forced != nil {
+		c.forceDelta(&d)
+	}
 	chunk := chatChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model}
 	var one [1]chunkChoice
 	emit := func(delta chunkDelta, lps *chatLogprobs, finish *string, ids *[]int32) {
@@ -173,14 +237,22 @@ func (chatFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	if c.params.tokenIDs {
 		ids = nonNilIDs(d.TokenIDs)
 	}
-	if d.Text != "" && !c.params.logprobs && ids == nil {
+	plain := d.Reasoning == "" && len(d.ToolCalls) == 0
+	if d.Text != "" && plain && !c.params.logprobs && ids == nil {
 		sw.appendContentChunk(c, d.Index, d.Text) // the per-token event, without reflection
-	} else if d.Text != "" || (c.params.logprobs && len(d.Logprobs) > 0) || (ids != nil && len(*ids) > 0) {
+	} else if d.Text != "" || !plain || (c.params.logprobs && len(d.Logprobs) > 0) || (ids != nil && len(*ids) > 0) {
 		var lps *chatLogprobs
 		if c.params.logprobs {
 			lps = toChatLogprobs(d.Logprobs)
 		}
-		emit(chunkDelta{Content: &d.Text}, lps, nil, ids)
+		delta := chunkDelta{ToolCalls: toChunkToolCalls(d.ToolCalls)}
+		if d.Text != "" || plain {
+			delta.Content = &d.Text
+		}
+		if d.Reasoning != "" {
+			delta.Reasoning = &d.Reasoning
+		}
+		emit(delta, lps, nil, ids)
 		ids = nil
 	}
 	if d.FinishReason != "" {
@@ -198,25 +270,40 @@ func (chatFormat) usageChunk(c *call, u usage) any {
 	}
 }
 
-func (chatFormat) response(c *call, texts []string, reasons []string, lps [][]llm.TokenLogprob, u usage) any {
+func (chatFormat) response(c *call, outs []choiceOut, u usage) any {
 	resp := chatCompletion{
 		ID:                c.id,
 		Object:            "chat.completion",
 		Created:           c.created,
 		Model:             c.model,
-		Choices:           make([]completionChoice, len(texts)),
+		Choices:           make([]completionChoice, len(outs)),
 		Usage:             u,
 		SystemFingerprint: c.fingerprint,
 		PromptTokenIDs:    c.promptIDs(),
 	}
 	for i := range resp.Choices {
-		resp.Choices[i] = completionChoice{
-			Index:        i,
-			Message:      assistantMessage{Role: assistantRole, Content: texts[i]},
-			FinishReason: reasons[i],
+		o := &outs[i]
+		if f := c.params.forced; f != nil {
+			// Forced tool choice: complete calls replace the text, else it stays content.
+			if calls, ok := parseForced(f, o.text, func() string { return c.newID(toolCallIDPrefix) }); ok {
+				o.toolCalls, o.text = calls, ""
+				if o.reason == "stop" || o.reason == "length" {
+					o.reason = "tool_calls"
+				}
+			}
 		}
+		msg := assistantMessage{Role: assistantRole, Content: &o.text, ToolCalls: o.toolCalls}
+		if msg.ToolCalls == nil {
+			msg.ToolCalls = []llm.ToolCall{}
+		} else if o.text == "" {
+			msg.Content = nil
+		}
+		if o.reasoning != "" {
+			msg.Reasoning = &o.reasoning
+		}
+		resp.Choices[i] = completionChoice{Index: i, Message: msg, FinishReason: o.reason}
 		if c.params.logprobs {
-			resp.Choices[i].Logprobs = toChatLogprobs(lps[i])
+			resp.Choices[i].Logprobs = toChatLogprobs(o.logprobs)
 		}
 		if c.params.tokenIDs {
 			resp.Choices[i].TokenIDs = nonNilIDs(c.tokenIDs[i])

@@ -51,7 +51,7 @@ func (c *completionRequest) toEngine(m llm.ModelInfo) (req llm.Request, p callPa
 			return
 		}
 	}
-	if e = c.samplingRequest.apply(sp, &p); e != nil {
+	if e = c.samplingRequest.apply(sp, &p, m); e != nil {
 		return
 	}
 	switch {
@@ -250,20 +250,20 @@ func advanceOffset(offset int, lps []llm.TokenLogprob) int {
 	return offset
 }
 
-func (textFormat) response(c *call, texts []string, reasons []string, lps [][]llm.TokenLogprob, u usage) any {
+func (textFormat) response(c *call, outs []choiceOut, u usage) any {
 	resp := textCompletion{
 		ID:                c.id,
 		Object:            "text_completion",
 		Created:           c.created,
 		Model:             c.model,
-		Choices:           make([]textChoice, len(texts)),
+		Choices:           make([]textChoice, len(outs)),
 		Usage:             &u,
 		SystemFingerprint: c.fingerprint,
 	}
 	for i := range resp.Choices {
-		resp.Choices[i] = textChoice{Index: i, Text: texts[i], FinishReason: &reasons[i]}
+		resp.Choices[i] = textChoice{Index: i, Text: outs[i].text, FinishReason: &outs[i].reason}
 		if c.params.logprobs {
-			resp.Choices[i].Logprobs = toTextLogprobs(lps[i], 0)
+			resp.Choices[i].Logprobs = toTextLogprobs(outs[i].logprobs, 0)
 		}
 		if c.params.tokenIDs {
 			resp.Choices[i].TokenIDs = nonNilIDs(c.tokenIDs[i])

@@ -16,9 +16,10 @@ import (
 	"github.com/govllm/govllm/llm"
 )
 
-// fuzzServer answers every request it is given with a stream that finishes each choice.
+// fuzzServer answers every request it is given with a stream that finishes each choice. Its
+// model has every capability (parsers, structured outputs), so every path is reachable.
 func fuzzServer(t *testing.T) *Server {
-	b := &fakeBackend{info: testInfo, generateFn: func(_ context.Context, req llm.Request) (llm.TokenStream, error) {
+	b := &fakeBackend{info: fullInfo, generateFn: func(_ context.Context, req llm.Request) (llm.TokenStream, error) {
 		if err := req.Validate(); err != nil {
 			t.Errorf("the server passed on an invalid request: %v", err)
 		}
@@ -65,6 +66,11 @@ func FuzzDecodeChat(f *testing.F) {
 		`{"messages":[{"role":"user","content":"hi"}],"max_tokens":5,"temperature":0.5,"top_p":0.9,"top_k":-1,"min_p":0.1,"seed":1,"stop":["a"],"stop_token_ids":[1]}`,
 		`{"messages":[{"role":"user","content":"hi"}],"presence_penalty":1,"frequency_penalty":-1,"repetition_penalty":1.2,"min_tokens":2,"max_completion_tokens":4}`,
 		`{"messages":[{"role":"tool","content":"x"}]}`,
+		`{"messages":[{"role":"user","content":"w"},{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c","content":"r"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"tool_choice":"required","stream":true}`,
+		`{"messages":[{"role":"user","content":"w"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"f"}},"parallel_tool_calls":false}`,
+		`{"messages":[{"role":"user","content":"w"}],"tools":[{"type":"function","function":{"name":"f"}}],"include_reasoning":false,"stream":true}`,
+		`{"messages":[{"role":"user","content":"w"}],"response_format":{"type":"json_schema","json_schema":{"name":"n","schema":{"type":"object"}}},"logit_bias":{"1":5},"allowed_token_ids":[1],"bad_words":["b"]}`,
+		`{"messages":[{"role":"user","content":"w"}],"structured_outputs":{"json":"{}"}}`,
 		`{"messages":`, `[]`, `null`, "{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}",
 	)
 	f.Fuzz(func(t *testing.T, body []byte) {
@@ -80,6 +86,8 @@ func FuzzDecodeCompletion(f *testing.F) {
 		`{"prompt":["hi"],"echo":true,"stream":true,"stream_options":{"include_usage":true}}`,
 		`{"prompt":[[5]],"temperature":1,"seed":-1,"stop":"x"}`,
 		`{"prompt":["a","b"]}`, `{"prompt":[-1]}`, `{"prompt":""}`,
+		`{"prompt":"p","structured_outputs":{"regex":"a+"},"logit_bias":{"3":-1}}`,
+		`{"prompt":"p","response_format":{"type":"json_object"},"stream":true}`,
 	)
 	f.Fuzz(func(t *testing.T, body []byte) {
 		fuzzBody(t, "/v1/completions", body)

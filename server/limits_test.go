@@ -192,7 +192,7 @@ func TestRequestTimeoutAborts(t *testing.T) {
 				} else {
 					var c chatCompletion
 					require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &c))
-					finish, u, text = c.Choices[0].FinishReason, c.Usage, c.Choices[0].Message.Content
+					finish, u, text = c.Choices[0].FinishReason, c.Usage, *c.Choices[0].Message.Content
 				}
 				require.Equal(t, "abort", finish)
 				require.NotEmpty(t, text)

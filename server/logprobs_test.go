@@ -36,7 +36,7 @@ func TestChatLogprobsNonStream(t *testing.T) {
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	require.JSONEq(t, `{
 		"id":"chatcmpl-test","object":"chat.completion","created":1700000000,"model":"test-model",
-		"choices":[{"index":0,"message":{"role":"assistant","content":"Hi!"},
+		"choices":[{"index":0,"message":{"role":"assistant","content":"Hi!","tool_calls":[]},
 			"logprobs":{"content":[`+hiContent+`,`+bangContent+`]},"finish_reason":"stop"}],
 		"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},
 		"system_fingerprint":"govllm-fake"

@@ -29,13 +29,22 @@ const maxLogprobs = llm.MaxLogprobs
 // chatRequest is the body of POST /v1/chat/completions. Fields the server does not know are
 // ignored, as vLLM and OpenAI do.
 type chatRequest struct {
-	Model               string          `json:"model"`
-	Messages            []chatMessage   `json:"messages"`
-	MaxTokens           *int            `json:"max_tokens"`
-	MaxCompletionTokens *int            `json:"max_completion_tokens"`
-	Logprobs            bool            `json:"logprobs"`
-	TopLogprobs         *int            `json:"top_logprobs"`
-	Tools               json.RawMessage `json:"tools"`
+	Model               string        `json:"model"`
+	Messages            []chatMessage `json:"messages"`
+	MaxTokens           *int          `json:"max_tokens"`
+	MaxCompletionTokens *int          `json:"max_completion_tokens"`
+	Logprobs            bool          `json:"logprobs"`
+	TopLogprobs         *int          `json:"top_logprobs"`
+	// Tools (tools.go).
+	Tools             json.RawMessage `json:"tools"`
+	ToolChoice        json.RawMessage `json:"tool_choice"`
+	ParallelToolCalls *bool           `json:"parallel_tool_calls"`
+	Functions         json.RawMessage `json:"functions"`     // legacy: refused
+	FunctionCall      json.RawMessage `json:"function_call"` // legacy: refused
+	// Reasoning: include_reasoning false drops the parsed reasoning from the answer;
+	// reasoning_effort is refused (the engine takes no chat-template arguments).
+	IncludeReasoning *bool           `json:"include_reasoning"`
+	ReasoningEffort  json.RawMessage `json:"reasoning_effort"`
 	samplingRequest
 }
 
@@ -63,15 +72,14 @@ type samplingRequest struct {
 	Stream         bool           `json:"stream"`
 	StreamOptions  *streamOptions `json:"stream_options"`
 	// User is accepted and ignored, as vLLM does; its type is still checked.
-	User           string          `json:"user"`
-	LogitBias      json.RawMessage `json:"logit_bias"`
-	ResponseFormat *responseFormat `json:"response_format"`
-	UseBeamSearch  bool            `json:"use_beam_search"`
-}
-
-// responseFormat is "response_format": only {"type":"text"} is supported.
-type responseFormat struct {
-	Type string `json:"type"`
+	User          string `json:"user"`
+	UseBeamSearch bool   `json:"use_beam_search"`
+	// Constraints (structured.go).
+	LogitBias         json.RawMessage    `json:"logit_bias"`
+	ResponseFormat    *responseFormat    `json:"response_format"`
+	StructuredOutputs *structuredOutputs `json:"structured_outputs"`
+	AllowedTokenIDs   []int32            `json:"allowed_token_ids"`
+	BadWords          []string           `json:"bad_words"`
 }
 
 type streamOptions struct {
@@ -79,9 +87,13 @@ type streamOptions struct {
 }
 
 // chatMessage is one message; Content is a string, an array of content parts, or null.
+// ToolCalls are an assistant message's calls, ToolCallID the call a tool message answers.
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role       string          `json:"role"`
+	Content    json.RawMessage `json:"content"`
+	Name       string          `json:"name"`
+	ToolCalls  json.RawMessage `json:"tool_calls"`
+	ToolCallID *string         `json:"tool_call_id"`
 }
 
 // contentPart is one element of an array content.
@@ -154,6 +166,10 @@ type callParams struct {
 	includeUsage bool
 	logprobs     bool // the client asked for logprobs: render them (else "logprobs": null)
 	tokenIDs     bool // return_token_ids: each choice (and streamed chunk) carries its token ids
+	// Chat only.
+	forced        *forcedTools // tool_choice "required" or named: the server makes the calls
+	singleCall    bool         // auto tool choice with parallel_tool_calls false: keep call 0 only
+	dropReasoning bool         // include_reasoning false
 }
 
 // checkModel answers 404 unless name is empty or the served model.
@@ -185,7 +201,22 @@ func (c *chatRequest) toEngine(m llm.ModelInfo) (llm.Request, callParams, *apiEr
 		if err != nil {
 			return req, p, err
 		}
-		req.Messages[i] = llm.Message{Role: role, Content: content}
+		out := llm.Message{Role: role, Content: content, Name: msg.Name}
+		if msg.ToolCalls != nil && !isNull(msg.ToolCalls) {
+			if role != "assistant" {
+				return req, p, badRequest(fmt.Sprintf("messages[%d].tool_calls", i), "messages[%d].tool_calls: only assistant messages make tool calls.", i)
+			}
+			if out.ToolCalls, err = messageToolCalls(i, msg.ToolCalls); err != nil {
+				return req, p, err
+			}
+		}
+		if role == "tool" {
+			if msg.ToolCallID == nil || *msg.ToolCallID == "" {
+				return req, p, badRequest(fmt.Sprintf("messages[%d].tool_call_id", i), "messages[%d].tool_call_id is required on a tool message.", i)
+			}
+			out.ToolCallID = *msg.ToolCallID
+		}
+		req.Messages[i] = out
 	}
 
 	sp := &req.Sampling
@@ -201,7 +232,7 @@ func (c *chatRequest) toEngine(m llm.ModelInfo) (llm.Request, callParams, *apiEr
 			return req, p, err
 		}
 	}
-	if err := c.samplingRequest.apply(sp, &p); err != nil {
+	if err := c.samplingRequest.apply(sp, &p, m); err != nil {
 		return req, p, err
 	}
 	if t := c.TopLogprobs; t != nil {
@@ -222,14 +253,21 @@ func (c *chatRequest) toEngine(m llm.ModelInfo) (llm.Request, callParams, *apiEr
 		sp.Logprobs = &top
 		p.logprobs = true
 	}
-	if t := bytes.TrimSpace(c.Tools); len(t) > 0 && !bytes.Equal(t, []byte("null")) && !bytes.Equal(t, []byte("[]")) {
-		return req, p, badRequest("tools", "tools are not supported.")
+	if !isNull(c.ReasoningEffort) {
+		return req, p, badRequest("reasoning_effort", "reasoning_effort is not supported.")
+	}
+	if m.ReasoningParser != "" {
+		req.Parsing = &llm.Parsing{Reasoning: true, Streamed: c.Stream}
+	}
+	p.dropReasoning = c.IncludeReasoning != nil && !*c.IncludeReasoning
+	if err := c.applyTools(&req, &p, m); err != nil {
+		return req, p, err
 	}
 	return req, p, nil
 }
 
 // apply validates the shared fields into sp and p; sp.MaxTokens must be set already.
-func (c *samplingRequest) apply(sp *llm.SamplingParams, p *callParams) *apiError {
+func (c *samplingRequest) apply(sp *llm.SamplingParams, p *callParams, m llm.ModelInfo) *apiError {
 	if t := c.Temperature; t != nil {
 		if !(*t >= 0 && *t <= llm.MaxTemperature) {
 			return badRequest("temperature", "temperature must be in [0, %v], got %v.", llm.MaxTemperature, *t)
@@ -317,31 +355,28 @@ func (c *samplingRequest) apply(sp *llm.SamplingParams, p *callParams) *apiError
 		}
 		p.includeUsage = c.StreamOptions.IncludeUsage
 	}
-	if b := bytes.TrimSpace(c.LogitBias); len(b) > 0 && !bytes.Equal(b, []byte("null")) && !bytes.Equal(b, []byte("{}")) {
-		return badRequest("logit_bias", "logit_bias is not supported.")
-	}
-	if f := c.ResponseFormat; f != nil && f.Type != "" && f.Type != "text" {
-		return badRequest("response_format", "response_format %q is not supported; only \"text\" is.", f.Type)
-	}
 	if c.UseBeamSearch {
 		return badRequest("use_beam_search", "beam search is not supported.")
 	}
-	return nil
+	return c.constraints(sp, m)
 }
 
 // messageRole checks the role of message i and maps "developer" to "system", which chat
 // templates know.
 func messageRole(i int, role string) (string, *apiError) {
 	switch role {
-	case "system", "user", "assistant":
+	case "system", "user", "assistant", "tool":
 		return role, nil
 	case "developer":
 		return "system", nil
 	case "":
 		return "", badRequest(fmt.Sprintf("messages[%d].role", i), "messages[%d].role is required.", i)
+	case "function":
+		return "", badRequest(fmt.Sprintf("messages[%d].role", i),
+			"messages[%d].role \"function\" (legacy function calling) is not supported; use tool messages.", i)
 	}
 	return "", badRequest(fmt.Sprintf("messages[%d].role", i),
-		"messages[%d].role must be one of system, developer, user and assistant, got %q.", i, role)
+		"messages[%d].role must be one of system, developer, user, assistant and tool, got %q.", i, role)
 }
 
 // messageContent returns the text of message i: a string, or the text parts of an array

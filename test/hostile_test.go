@@ -70,7 +70,7 @@ func TestHostileRequests(t *testing.T) {
 		{name: "message a string", body: `{"messages":["hi"]}`, param: "messages"},
 		{name: "unknown role", body: `{"messages":[{"role":"wizard","content":"hi"}]}`, param: "messages[0].role"},
 		{name: "missing role", body: `{"messages":[{"content":"hi"}]}`, param: "messages[0].role"},
-		{name: "tool role", body: `{"messages":[{"role":"tool","content":"hi"}]}`, param: "messages[0].role"},
+		{name: "tool message without tool_call_id", body: `{"messages":[{"role":"tool","content":"hi"}]}`, param: "messages[0].tool_call_id"},
 		{name: "numeric content", body: `{"messages":[{"role":"user","content":42}]}`, param: "messages[0].content"},
 		{name: "null user content", body: `{"messages":[{"role":"user","content":null}]}`, param: "messages[0].content"},
 		{name: "image part", body: `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"http://x"}}]}]}`, param: "messages[0].content"},
