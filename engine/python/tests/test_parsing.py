@@ -115,6 +115,25 @@ CASES = [
     ("pythonic-two", "pythonic", None, "plain", '[get_weather(city="Paris", unit="celsius"), get_time(tz="CET")]',
      None, None, [("get_weather", W), ("get_time", T)]),
     ("pythonic-content", "pythonic", None, "plain", "No tools (needed) here.", "No tools (needed) here.", None, []),
+    # openai (gpt-oss, harmony format; token ids are the o200k_harmony encoding's)
+    ("openai-one", "openai", None, "harmony",
+     "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "unit": "celsius"}<|call|>',
+     None, None, [("get_weather", W)]),
+    ("openai-two", "openai", None, "harmony",
+     '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "unit": '
+     '"celsius"}<|call|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json'
+     '<|message|>{"tz": "CET"}<|call|>', None, None, [("get_weather", W), ("get_time", T)]),
+    ("openai-content", "openai", None, "harmony",
+     "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Hello there!<|return|>",
+     "Hello there!", None, []),
+    ("openai-content-then-call", "openai", None, "harmony",
+     "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time "
+     '<|constrain|>json<|message|>{"tz": "CET"}<|call|>', "Checking.", None, [("get_time", T)]),
+    ("openai-gptoss-reasoning-call", "openai", "openai_gptoss", "harmony",
+     "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "unit": "celsius"}<|call|>',
+     None, "Need the weather.", [("get_weather", W)]),
     # reasoning: deepseek_r1 (the prompt ends with "<think>\n": the output starts inside reasoning)
     ("deepseek_r1-reasoning", None, "deepseek_r1", "deepseek", "The user wants a greeting.\n</think>\n\nHello!",
      "\n\nHello!", "The user wants a greeting.\n", []),
@@ -166,7 +185,32 @@ def family_tokenizers(model_path, tmp_path_factory):
             for s in specials:
                 assert len(tok.encode(s, add_special_tokens=False)) == 1, (name, s)
         out[name] = tok
+    out["harmony"] = _HarmonyTok()
     return out
+
+
+class _HarmonyTok:
+    """The o200k_harmony encoding (vendored in openai_harmony: no download) with a tokenizer's face."""
+
+    def __init__(self) -> None:
+        import openai_harmony
+
+        self.enc = openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+        self.all_special_tokens = sorted(self.enc.special_tokens_set)
+
+    def encode(self, text, add_special_tokens=False):
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def _toks(family_tokenizers, variant):
+    """(the tokenizer the parser gets, the one the output is tokenized with)."""
+    if variant == "harmony":
+        # gpt-oss' HF tokenizer is not here; the harmony parser works on the encoding's ids.
+        return family_tokenizers["plain"], family_tokenizers["harmony"]
+    return family_tokenizers[variant], family_tokenizers[variant]
 
 
 _loaded: dict = {}
@@ -292,8 +336,8 @@ def _case_params(mode):
 @pytest.mark.parametrize("case", _case_params("whole"))
 def test_whole(case, family_tokenizers):
     _, tool, reasoning, variant, text = case[:5]
-    tok = family_tokenizers[variant]
-    rp = _parsers(tool, reasoning, tok, variant).for_request(REQUEST, tool is not None, reasoning is not None)
+    ptok, tok = _toks(family_tokenizers, variant)
+    rp = _parsers(tool, reasoning, ptok, variant).for_request(REQUEST, tool is not None, reasoning is not None)
     out = rp.feed(0, text, tok.encode(text, add_special_tokens=False), True, True)
     assert out["tools_called"] == bool(case[7])
     for c in out["tool_calls"]:
@@ -317,9 +361,9 @@ def _stream_params():
 @pytest.mark.parametrize("case,split", _stream_params())
 def test_streamed(case, split, family_tokenizers):
     _, tool, reasoning, variant, text = case[:5]
-    tok = family_tokenizers[variant]
+    ptok, tok = _toks(family_tokenizers, variant)
     pieces = SPLITS[split](text, tok)
-    rp = _parsers(tool, reasoning, tok, variant).for_request(REQUEST, tool is not None, reasoning is not None)
+    rp = _parsers(tool, reasoning, ptok, variant).for_request(REQUEST, tool is not None, reasoning is not None)
     outs = [rp.feed(0, p, ids, i == len(pieces) - 1, False) for i, (p, ids) in enumerate(pieces)]
     content, reasoning_text, calls = _collect(outs)
     assert outs[-1]["tools_called"] == bool(case[7])
