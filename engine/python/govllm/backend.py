@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -196,17 +197,81 @@ def _text_content(content: Any) -> Any:
     return content
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> Any:
-    """The tokenizer's chat template applied to OpenAI messages (text parts joined), with a
-    generation prompt and untokenized; template errors (jinja raise_exception, bad roles) become
-    the client's 400. Most tokenizers return a string, some (mistral) token ids."""
-    msgs = [{**m, "content": _text_content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
+def _tool_call_arguments(arguments: Any) -> dict[str, Any]:
+    """An assistant tool call's ``arguments`` (OpenAI: JSON text) as the dict HF chat templates expect;
+    vLLM's rule (renderers/chat_utils._postprocess_messages): empty, malformed or non-object -> {}."""
+    if not arguments:
+        return {}
+    parsed = arguments
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            logging.getLogger("govllm.backend").warning(
+                "a tool call's arguments are not valid JSON (%d chars): rendered as {}", len(arguments))
+            return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _chat_message(m: Any) -> Any:
+    """One OpenAI message as vLLM hands it to an HF chat template."""
+    if not isinstance(m, dict):
+        return m
+    msg = {**m, "content": _text_content(m.get("content"))}
+    if msg.get("role") == "assistant" and "tool_calls" in msg:
+        calls = msg.get("tool_calls")
+        if not calls:
+            msg.pop("tool_calls", None)  # keeps templates on the plain assistant path
+        elif isinstance(calls, list):
+            out = []
+            for call in calls:
+                if not isinstance(call, dict) or not isinstance(call.get("function"), dict) \
+                        or call.get("type", "function") != "function":
+                    raise RequestError("chat completions only support assistant tool_calls of type 'function'",
+                                       param="messages")
+                fn = call["function"]
+                out.append({**call, "type": "function",
+                            "function": {**fn, "arguments": _tool_call_arguments(fn.get("arguments"))}})
+            msg["tool_calls"] = out
+    return msg
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                chat_template: str | None = None) -> Any:
+    """The chat template (``chat_template``, else the tokenizer's) applied to OpenAI messages, with a
+    generation prompt and untokenized. Text parts are joined; assistant tool calls' ``arguments``
+    become dicts and ``tool`` messages keep ``tool_call_id``/``name`` (as vLLM renders for HF
+    templates); ``tools`` (OpenAI tool objects) go to the template. Template errors (jinja
+    raise_exception, bad roles) become the client's 400. Most tokenizers return a string, some
+    (mistral) token ids."""
+    msgs = [_chat_message(m) for m in messages]
+    kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
+    if tools:
+        kwargs["tools"] = tools
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
     try:
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(msgs, **kwargs)
     except RequestError:
         raise
     except Exception as exc:
         raise RequestError(f"chat template error: {exc}", param="messages") from exc
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file's path or the template itself (vLLM's rule, load_chat_template:
+    a path that opens is read; one that does not and has none of ``{``, ``}``, newline is a missing
+    file; anything else is the template). None/empty: the tokenizer's own."""
+    if not value:
+        return None
+    try:
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        if not any(c in value for c in "{}\n"):
+            raise ValueError(f"--chat-template {value}: looks like a file path, but it cannot be opened: "
+                             f"{exc.strerror or exc}") from exc
+        return value
 
 
 def context_length_error(max_len: int, prompt_len: int, max_tokens: int | None) -> RequestError:

@@ -41,7 +41,8 @@ class FakeBackend:
             EVENTS.append("start cancelled")
             raise
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                            ) -> list[int]:
         return self.encode(str(messages[-1].get("content", "")))
 
     def encode(self, prompt: str) -> list[int]:

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..backend import (
     STRUCTURED_KINDS, EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams,
-    context_length_error, render_chat,
+    context_length_error, load_chat_template, render_chat,
 )
 from ..routes import RouteTable
 from .. import structured
@@ -266,6 +266,7 @@ class VLLMBackend:
         # AsyncLLM is built on the loop thread on purpose: EngineCore is spawned by the thread that
         # builds it, and PDEATHSIG is tied to that thread's life (see vllm_env). That construction
         # blocks the loop until EngineCore is up; a shutdown meanwhile is handled once it returns.
+        self._chat_template = load_chat_template((self.config.extra or {}).get("chat_template"))
         api, platform = await asyncio.to_thread(self._import)
         self.api = api
         if platform != "unknown" and platform != self.platform:
@@ -405,13 +406,16 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ tokenizer surface
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                            ) -> list[int]:
         tok = self.tokenizer
         if tok is None:
             raise EngineDeadError("the vllm engine is not started")
-        if hasattr(tok, "chat_template") and not getattr(tok, "chat_template", None):
-            raise RequestError("this model has no chat template: use the completions endpoint", param="messages")
-        rendered = render_chat(tok, messages)
+        template = getattr(self, "_chat_template", None)  # --chat-template, resolved at start
+        if not template and hasattr(tok, "chat_template") and not getattr(tok, "chat_template", None):
+            raise RequestError("this model has no chat template: use the completions endpoint or --chat-template",
+                               param="messages")
+        rendered = render_chat(tok, messages, tools, template)
         if isinstance(rendered, str):
             return self.prompt_encoder(rendered, False)
         return [int(t) for t in rendered]  # tokenizers whose template returns ids (mistral)

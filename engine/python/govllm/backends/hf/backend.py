@@ -44,7 +44,8 @@ import threading
 from typing import Any
 
 from ...backend import (
-    EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error, render_chat,
+    EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error,
+    load_chat_template, render_chat,
 )
 from ...routes import RouteTable
 from ... import structured
@@ -193,6 +194,7 @@ class TransformersBackend:
         compat.check_version(transformers.__version__)
         self._transformers_version = transformers.__version__
         cfg, extra = self.config, self.extra
+        self._chat_template = load_chat_template(extra.get("chat_template"))
         self.device = loading.resolve_device(cfg.device)
         self.dtype = loading.resolve_dtype(cfg.dtype, self.device)
         on_cpu = self.device.startswith("cpu")
@@ -340,11 +342,14 @@ class TransformersBackend:
 
     # ------------------------------------------------------------------ tokenizer surface
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                            ) -> list[int]:
         tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise RequestError("this model has no chat template: use the completions endpoint", param="messages")
-        rendered = render_chat(tok, messages)
+        template = getattr(self, "_chat_template", None)  # --chat-template, resolved at start
+        if not template and not getattr(tok, "chat_template", None):
+            raise RequestError("this model has no chat template: use the completions endpoint or --chat-template",
+                               param="messages")
+        rendered = render_chat(tok, messages, tools, template)
         if not isinstance(rendered, str):
             return [int(t) for t in rendered]
         return self.prompt_encoder(rendered, False)
