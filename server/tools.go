@@ -180,6 +180,11 @@ func (c *chatRequest) applyTools(req *llm.Request, p *callParams, m llm.ModelInf
 		}
 		req.Parsing.ToolCalls = true
 		req.Parsing.Streamed = c.Stream
+		if req.Sampling.SkipSpecialTokens == nil {
+			// Tool-call markers are often special tokens (<tool_call> in Hermes models): the parser
+			// must see them, as vLLM's parsers ask with adjust_request.
+			req.Sampling.SkipSpecialTokens = llm.Ptr(false)
+		}
 		p.singleCall = !parallel
 		return nil
 	}

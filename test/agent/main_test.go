@@ -27,6 +27,10 @@ type server struct {
 
 var servers []server
 
+// reasoning is a transformers server on the random-weights tiny model with --reasoning-parser
+// qwen3: a regex makes it write "<think>…</think>…", which the parser splits.
+var reasoning server
+
 const model = "SmolLM2-135M-Instruct"
 
 // serveArgs are the flags every server gets: the default model, hermes auto tool choice and
@@ -64,6 +68,15 @@ func TestMain(m *testing.M) {
 	}
 	// The servers start side by side (the model loads take most of the time).
 	var wg sync.WaitGroup
+	var reasoningErr error
+	wg.Go(func() {
+		srv, err := govtest.Start(ctx, bin, dir, "--engine", "transformers", "--model", govtest.Model("tiny-llama-dummy"),
+			"--load-format", "dummy", "--python", govtest.VenvPython(), "--device", "cpu", "--reasoning-parser", "qwen3")
+		reasoningErr = err
+		if srv != nil {
+			reasoning = server{name: "reasoning", url: srv.URL, srv: srv}
+		}
+	})
 	started := make([]server, len(engines))
 	errs := make([]error, len(engines))
 	for i, engine := range engines {
@@ -77,6 +90,10 @@ func TestMain(m *testing.M) {
 	}
 	wg.Wait()
 	failed := false
+	if reasoningErr != nil {
+		fmt.Fprintf(os.Stderr, "test/agent: start govllm --reasoning-parser qwen3: %v\n", reasoningErr)
+		failed = true
+	}
 	for i, err := range errs {
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "test/agent: start govllm --engine %s: %v\n", engines[i], err)
@@ -88,6 +105,9 @@ func TestMain(m *testing.M) {
 	code := 1
 	if !failed {
 		code = m.Run()
+	}
+	if reasoning.srv != nil {
+		servers = append(servers, reasoning) // stopped (and its log shown) with the others
 	}
 	for _, s := range servers {
 		if err := s.srv.Stop(time.Minute); err != nil && code == 0 {

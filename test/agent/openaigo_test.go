@@ -102,9 +102,15 @@ func TestOpenAIGoStreamedToolCallsAccumulate(t *testing.T) {
 				require.Greater(t, chunks, 3, "the call was not streamed in pieces")
 				c := acc.Choices[0]
 				require.Equal(t, "tool_calls", c.FinishReason)
-				require.Len(t, c.Message.ToolCalls, 1)
-				require.Equal(t, "get_weather", c.Message.ToolCalls[0].Function.Name)
-				requireWeatherArgs(t, c.Message.ToolCalls[0].Function.Arguments)
+				require.NotEmpty(t, c.Message.ToolCalls) // "required" may call it more than once
+				if name == "named" {
+					require.Len(t, c.Message.ToolCalls, 1)
+				}
+				for _, call := range c.Message.ToolCalls {
+					require.Equal(t, "get_weather", call.Function.Name)
+					require.NotEmpty(t, call.ID)
+					requireWeatherArgs(t, call.Function.Arguments)
+				}
 			})
 		}
 	})

@@ -73,8 +73,8 @@ def test_json_schema_strict_validates() -> None:
 
 def test_json_object() -> None:
     completion = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object with a key name."}],
-        temperature=0, max_tokens=200, response_format={"type": "json_object"})
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+        temperature=0, max_tokens=100, response_format={"type": "json_object"})
     choice = completion.choices[0]
     assert choice.finish_reason == "stop", choice
     assert isinstance(json.loads(choice.message.content), dict)

@@ -101,7 +101,8 @@ def _ready(r: Running) -> dict:
 
 def test_ready_and_end_meta(run, tmp_path):
     r = run(tmp_path)
-    assert _ready(r) == {"model": "m", "root": str(tmp_path), "max_model_len": 100, "backend": "fake"}
+    assert _ready(r) == {"model": "m", "root": str(tmp_path), "max_model_len": 100, "backend": "fake",
+                         "structured_outputs": False, "tool_call_parser": "", "reasoning_parser": ""}
     r.submit(1, {"prompt": "echo"})
     deltas, end = r.result(1)
     assert len(deltas) == 1 and deltas[0]["finish"] == r.bridge.FINISH_CODES["stop"]
@@ -272,3 +273,86 @@ def test_prompt_encoder_trusts_fast_only_when_it_agrees():
     enc = PromptEncoder(slow)
     enc.fast = lambda text, special: None  # Go has no encoder for this tokenizer
     assert enc("ab", True) == [2, 1] and enc._trusted is False
+
+
+# ----------------------------------------------------------------------------- output parsing
+
+
+class _FakeRequestParser:
+    """Upper-cases content; "CALL" in a choice's text is a tool call."""
+
+    def __init__(self) -> None:
+        self.fed: list[tuple] = []
+
+    def feed(self, index: int, text: str, token_ids: list[int], finished: bool, whole: bool) -> dict:
+        self.fed.append((index, text, token_ids, finished, whole))
+        if text == "boom":
+            raise RuntimeError("a parser bug")
+        calls = [{"index": 0, "id": "call_1", "type": "function", "name": "f", "arguments": "{}"}] if "CALL" in text else []
+        return {"content": text.upper(), "reasoning": None, "tool_calls": calls, "tools_called": bool(calls)}
+
+
+class _FakeParsers:
+    def __init__(self, tool_call_parser, reasoning_parser) -> None:
+        self.tool_call_parser, self.reasoning_parser = tool_call_parser, reasoning_parser
+        self.made: list[_FakeRequestParser] = []
+
+    def for_request(self, request: dict, tool_calls: bool, reasoning: bool) -> _FakeRequestParser:
+        assert tool_calls and not reasoning and request["tools"] == [{"type": "function"}]
+        self.made.append(_FakeRequestParser())
+        return self.made[-1]
+
+
+@pytest.fixture
+def fake_parsers(monkeypatch):
+    from govllm import parsing
+
+    loaded: list[_FakeParsers] = []
+
+    def load(tool_call_parser, reasoning_parser, tokenizer, model_name):
+        loaded.append(_FakeParsers(tool_call_parser, reasoning_parser))
+        return loaded[-1]
+
+    monkeypatch.setattr(parsing.Parsers, "load", staticmethod(load))
+    return loaded
+
+
+def _parse(r: Running, req_id: int, **cmd) -> dict:
+    before = len([e for e in r.shim.of(req_id) if e["kind"] == r.bridge.EV_PARSED])
+    r.shim.send(r.bridge.CMD_PARSE, req_id, {"token_ids": [], "finished": False, "whole": False, **cmd})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        parsed = [e for e in r.shim.of(req_id) if e["kind"] == r.bridge.EV_PARSED]
+        if len(parsed) > before:
+            return parsed[-1]["meta"]
+        time.sleep(0.005)
+    raise TimeoutError("no EV_PARSED")
+
+
+def test_parse_commands_run_the_request_parsers(run, tmp_path, fake_parsers):
+    r = run(tmp_path, tool_call_parser="hermes")
+    assert _ready(r)["tool_call_parser"] == "hermes"
+    r.submit(1, {"prompt": "echo", "tools": [{"type": "function"}], "parsing": {"tool_calls": True},
+                 "sampling": {"n": 2}})
+    _, end = r.result(1)
+    assert end["kind"] == r.bridge.EV_END
+    # Go's parse commands may come after END: the parsers are still there.
+    assert _parse(r, 1, index=0, text="hi") == {"index": 0, "content": "HI", "reasoning": None, "tool_calls": [],
+                                                "tools_called": False}
+    got = _parse(r, 1, index=1, text="a CALL", token_ids=[5], finished=True, whole=True)
+    assert got["tools_called"] and got["tool_calls"][0]["name"] == "f" and got["index"] == 1
+    assert fake_parsers[0].made[0].fed == [(0, "hi", [], False, False), (1, "a CALL", [5], True, True)]
+    # A parser that raises passes the text through; the last choice's finish frees the parsers.
+    assert _parse(r, 1, index=0, text="boom", finished=True)["content"] == "boom"
+    assert _parse(r, 1, index=0, text="after")["content"] == "after"  # freed: passed through
+    # Unknown requests (parsers gone) are answered too, unparsed.
+    assert _parse(r, 99, index=0, text="late")["content"] == "late"
+
+
+def test_parsing_without_the_parser_is_a_400(run, tmp_path, fake_parsers):
+    r = run(tmp_path)
+    _ready(r)
+    r.submit(2, {"prompt": "echo", "tools": [{"type": "function"}], "parsing": {"tool_calls": True}})
+    _, final = r.result(2)
+    assert final["kind"] == r.bridge.EV_ERROR
+    assert final["meta"]["status"] == 400 and "--tool-call-parser" in final["meta"]["message"]

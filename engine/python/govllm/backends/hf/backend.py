@@ -138,6 +138,7 @@ class _Choice:
 
 class TransformersBackend:
     name = ENGINE_NAME
+    structured_outputs = True  # xgrammar per row of the batch (structured.py, sampler.py)
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
