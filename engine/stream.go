@@ -156,6 +156,8 @@ func (s *Stream) push(d Delta) bool {
 		p.more = append(p.more, d.Text...)
 		p.FinishReason = d.FinishReason
 		p.Logprobs = append(p.Logprobs, d.Logprobs...)
+		p.Reasoning += d.Reasoning // parsed requests only
+		p.ToolCalls = append(p.ToolCalls, d.ToolCalls...)
 		s.mu.Unlock()
 		return true
 	}

@@ -12,7 +12,11 @@ chat requests, greedy, --max-tokens each, C in flight (closed loop):
                array of exactly 12 strings of at most 8 characters (outputs end with the schema;
                their length is what the usage reports)
 Reported: output tokens/s (completion tokens the servers reported / wall time), per workload, and
-the ratio json_schema/free; medians over the rounds. Writes results.json and table.md into --out.
+the ratio json_schema/free; medians over the rounds. Every server also runs with
+--enable-auto-tool-choice --tool-call-parser hermes (govllm with templates/chatml_tools.jinja) and
+answers, once per round, a tool_choice "required" and a named request for get_weather(city, unit):
+reported is how many of their calls have arguments that validate against the tool's parameters
+(jsonschema). Writes results.json and table.md into --out.
 
 Usage: scripts/bench-structured [--out DIR] [--servers govllm-vllm,vllm-serve,govllm-transformers]
            [--concurrency 1,64] [--rounds-interleaved 3] [--requests-per-stream 2] [--max-tokens 96]
@@ -44,6 +48,11 @@ SCHEMA = {
     "additionalProperties": False,
 }
 PROMPT = "List twelve fruits."
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                           "parameters": WEATHER}}]
 
 
 def server_argv(key: str, model: Path, port: int, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -52,6 +61,8 @@ def server_argv(key: str, model: Path, port: int, args: argparse.Namespace) -> t
     gov = str(sbs.ROOT / "bin" / "govllm")
     common = ["serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(model), "--python", py,
               "--device", "cpu", "--max-model-len", str(args.max_model_len)]
+    tools = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    common += [*tools, "--chat-template", str(sbs.ROOT / "templates" / "chatml_tools.jinja")]
     if key == "govllm-vllm":
         return [gov, *common, "--engine", "vllm", "--dtype", "bfloat16", "--engine-arg", "enforce_eager=true"], env
     if key == "govllm-transformers":
@@ -63,7 +74,7 @@ def server_argv(key: str, model: Path, port: int, args: argparse.Namespace) -> t
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
         return [py, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", model.name, "--max-model-len", str(args.max_model_len), "--enforce-eager",
-                "--dtype", "bfloat16"], env
+                "--dtype", "bfloat16", *tools], env
     raise SystemExit(f"unknown server {key!r}")
 
 
@@ -100,6 +111,33 @@ async def load(base: str, model: str, workload: str, c: int, n: int, max_tokens:
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall if wall else None, "errors": errors}
 
 
+def forced_calls(base: str, model: str) -> dict[str, Any]:
+    """A "required" and a named tool choice: how many calls validate against the parameters."""
+    import jsonschema
+
+    out: dict[str, Any] = {}
+    for label, choice in (("required", "required"),
+                          ("named", {"type": "function", "function": {"name": "get_weather"}})):
+        b = {"model": model, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+             "temperature": 0, "max_tokens": 100, "tools": TOOLS, "tool_choice": choice}
+        try:
+            resp = sbs.http_json(base + "/v1/chat/completions", b)
+            calls = resp["choices"][0]["message"].get("tool_calls") or []
+        except Exception as exc:  # noqa: BLE001 - a refusal is a result too
+            out[label] = {"error": str(exc)[:200]}
+            continue
+        valid = 0
+        for call in calls:
+            try:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+                valid += 1
+            except Exception:  # noqa: BLE001
+                pass
+        out[label] = {"calls": len(calls), "valid": valid,
+                      "arguments": [c["function"]["arguments"] for c in calls][:2]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=sbs.ROOT / "build" / "bench-structured")
@@ -128,6 +166,9 @@ def main() -> None:
             try:
                 sbs.wait_healthy(proc, base, log)
                 asyncio.run(load(base, args.model.name, "json_schema", 1, 2, args.max_tokens))  # warm-up
+                calls = forced_calls(base, args.model.name)
+                runs.append({"server": key, "round": rnd, "forced_calls": calls})
+                print(json.dumps(runs[-1]), flush=True)
                 for c in concurrencies:
                     for workload in ("free", "json_schema"):
                         r = asyncio.run(load(base, args.model.name, workload, c, c * args.requests_per_stream,
@@ -141,8 +182,8 @@ def main() -> None:
     for key in keys:
         for c in concurrencies:
             for workload in ("free", "json_schema"):
-                vals = [r["tok_s"] for r in runs if (r["server"], r["concurrency"], r["workload"]) == (key, c, workload)
-                        and r["tok_s"]]
+                vals = [r["tok_s"] for r in runs if "tok_s" in r
+                        and (r["server"], r["concurrency"], r["workload"]) == (key, c, workload) and r["tok_s"]]
                 medians[f"{key}/{c}/{workload}"] = statistics.median(vals) if vals else None
     (args.out / "results.json").write_text(json.dumps({"runs": runs, "medians": medians}, indent=1))
     lines = ["| server | streams | free tok/s | json_schema tok/s | json_schema / free |", "|---|---:|---:|---:|---:|"]
@@ -150,6 +191,16 @@ def main() -> None:
         for c in concurrencies:
             f, j = medians[f"{key}/{c}/free"], medians[f"{key}/{c}/json_schema"]
             lines.append(f"| {key} | {c} | {f:.1f} | {j:.1f} | {j / f:.2f} |" if f and j else f"| {key} | {c} | {f} | {j} | - |")
+    lines += ["", "| server | forced calls that validate (required) | (named) | example arguments |", "|---|---|---|---|"]
+    for key in keys:
+        got = [r["forced_calls"] for r in runs if r.get("server") == key and "forced_calls" in r]
+        cell = {}
+        for label in ("required", "named"):
+            valid = sum(g[label].get("valid", 0) for g in got)
+            total = sum(g[label].get("calls", 0) for g in got)
+            cell[label] = f"{valid}/{total}" if total else (got[0][label].get("error", "no calls") if got else "-")
+        example = got[0]["named"].get("arguments", [""])[0] if got and got[0]["named"].get("arguments") else ""
+        lines.append(f"| {key} | {cell['required']} | {cell['named']} | `{example[:60]}` |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
