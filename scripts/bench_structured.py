@@ -7,9 +7,9 @@ Servers (each alone on the machine, started once per interleaved round, the orde
 
 Per server and concurrency C (--concurrency, default 1,64), two workloads of C x --requests-per-stream
 chat requests, greedy, --max-tokens each, C in flight (closed loop):
-  free         "List twelve fruits." with ignore_eos, so outputs run to max_tokens
+  free         "List six fruits." with ignore_eos, so outputs run to max_tokens
   json_schema  the same prompt with response_format json_schema: an object whose "items" is an
-               array of exactly 12 strings of at most 8 characters (outputs end with the schema;
+               array of exactly 6 strings of at most 8 characters (outputs end with the schema;
                their length is what the usage reports)
 Reported: output tokens/s (completion tokens the servers reported / wall time), per workload, and
 the ratio json_schema/free; medians over the rounds. Every server also runs with
@@ -43,11 +43,11 @@ import bench_side_by_side as sbs  # noqa: E402  (its server start/stop helpers)
 SCHEMA = {
     "type": "object",
     "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 8},
-                             "minItems": 12, "maxItems": 12}},
+                             "minItems": 6, "maxItems": 6}},
     "required": ["items"],
     "additionalProperties": False,
 }
-PROMPT = "List twelve fruits."
+PROMPT = "List six fruits."
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
                                             "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"], "additionalProperties": False}
@@ -64,7 +64,7 @@ def server_argv(key: str, model: Path, port: int, args: argparse.Namespace) -> t
     tools = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     common += [*tools, "--chat-template", str(sbs.ROOT / "templates" / "chatml_tools.jinja")]
     if key == "govllm-vllm":
-        return [gov, *common, "--engine", "vllm", "--dtype", "bfloat16", "--engine-arg", "enforce_eager=true"], env
+        return [gov, *common, "--engine", "vllm", "--dtype", "float32", "--engine-arg", "enforce_eager=true"], env
     if key == "govllm-transformers":
         return [gov, *common, "--engine", "transformers", "--dtype", "float32"], env
     if key == "vllm-serve":
@@ -74,7 +74,7 @@ def server_argv(key: str, model: Path, port: int, args: argparse.Namespace) -> t
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
         return [py, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", model.name, "--max-model-len", str(args.max_model_len), "--enforce-eager",
-                "--dtype", "bfloat16", *tools], env
+                "--dtype", "float32", *tools], env
     raise SystemExit(f"unknown server {key!r}")
 
 
@@ -91,10 +91,10 @@ def body(model: str, workload: str, max_tokens: int) -> dict[str, Any]:
 async def load(base: str, model: str, workload: str, c: int, n: int, max_tokens: int) -> dict[str, Any]:
     """n requests, c in flight; output tokens/s from the servers' usage."""
     queue = list(range(n))
-    tokens, errors = 0, 0
+    tokens, errors, invalid = 0, 0, 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         async def worker() -> None:
-            nonlocal tokens, errors
+            nonlocal tokens, errors, invalid
             while queue:
                 queue.pop()
                 async with session.post(base + "/v1/chat/completions", json=body(model, workload, max_tokens)) as r:
@@ -104,11 +104,16 @@ async def load(base: str, model: str, workload: str, c: int, n: int, max_tokens:
                         continue
                     tokens += data["usage"]["completion_tokens"]
                     if workload == "json_schema":
-                        json.loads(data["choices"][0]["message"]["content"])  # must parse
+                        try:
+                            json.loads(data["choices"][0]["message"]["content"])
+                        except ValueError:
+                            invalid += 1  # cut by max_tokens
+
         start = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(c)))
         wall = time.monotonic() - start
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall if wall else None, "errors": errors}
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall if wall else None, "errors": errors,
+            "invalid_json": invalid}
 
 
 def forced_calls(base: str, model: str) -> dict[str, Any]:
