@@ -15,8 +15,9 @@ type ModelInfo struct {
 	ToolCallParser string
 	// ReasoningParser is the reasoning parser the engine was started with; empty for none.
 	ReasoningParser string
-	// StructuredOutputs reports whether the backend applies SamplingParams.StructuredOutputs
-	// (and so tool_choice "required" and named choices).
+	// StructuredOutputs reports whether the backend applies SamplingParams' constraints:
+	// StructuredOutputs (and so tool_choice "required" and named choices), LogitBias,
+	// AllowedTokenIDs and BadWords.
 	StructuredOutputs bool
 }
 

@@ -214,6 +214,16 @@ func (c *samplingRequest) constraints(sp *llm.SamplingParams, m llm.ModelInfo) *
 	if len(c.BadWords) > 0 {
 		sp.BadWords = c.BadWords
 	}
+	if !m.StructuredOutputs { // a backend that applies no constraints would ignore these
+		for _, f := range []struct {
+			name string
+			set  bool
+		}{{"logit_bias", len(sp.LogitBias) > 0}, {"allowed_token_ids", sp.AllowedTokenIDs != nil}, {"bad_words", sp.BadWords != nil}} {
+			if f.set {
+				return badRequest(f.name, "%s is not supported by this server: its backend (%s) does not apply token constraints.", f.name, backendName(m))
+			}
+		}
+	}
 	return nil
 }
 

@@ -50,6 +50,8 @@ func TestToolAndConstraintBadRequests(t *testing.T) {
 		msg   string // a part of the message, if set
 	}{
 		{name: "empty tools", info: fullInfo, body: `{` + userHi + `,"tools":[]}`, param: "tools", msg: "must not be an empty array"},
+		{name: "logit_bias without constraints", info: testInfo, body: `{` + userHi + `,"logit_bias":{"1":5}}`, param: "logit_bias", msg: "does not apply token constraints"},
+		{name: "bad_words without constraints", info: testInfo, body: `{` + userHi + `,"bad_words":["w"]}`, param: "bad_words", msg: "does not apply token constraints"},
 		{name: "tools not an array", info: fullInfo, body: `{` + userHi + `,"tools":{}}`, param: "tools"},
 		{name: "tool type", info: fullInfo, body: `{` + userHi + `,"tools":[{"type":"code","function":{"name":"f"}}]}`, param: "tools[0].type"},
 		{name: "tool without function", info: fullInfo, body: `{` + userHi + `,"tools":[{"type":"function"}]}`, param: "tools[0].function"},
@@ -258,7 +260,7 @@ func TestToolAndConstraintMapping(t *testing.T) {
 			},
 		},
 		{
-			name: "token constraints", info: testInfo,
+			name: "token constraints", info: soInfo,
 			body: `{` + userHi + `,"logit_bias":{"5":-100,"50256":2.5,"7":100},"allowed_token_ids":[1,2],"bad_words":["x","y z"]}`,
 			check: func(t *testing.T, got llm.Request) {
 				require.Equal(t, map[int32]float64{5: -100, 50256: 2.5, 7: 100}, got.Sampling.LogitBias)
@@ -267,7 +269,7 @@ func TestToolAndConstraintMapping(t *testing.T) {
 			},
 		},
 		{
-			name: "token constraints, completions", info: testInfo, path: "/v1/completions",
+			name: "token constraints, completions", info: soInfo, path: "/v1/completions",
 			body: `{"prompt":"p","logit_bias":{"0":1},"allowed_token_ids":[0],"bad_words":["w"]}`,
 			check: func(t *testing.T, got llm.Request) {
 				require.Equal(t, map[int32]float64{0: 1}, got.Sampling.LogitBias)

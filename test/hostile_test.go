@@ -99,9 +99,9 @@ func TestHostileRequests(t *testing.T) {
 		{name: "stream a string", body: chat(`,"stream":"yes"`), param: "stream"},
 		{name: "stream_options without stream", body: chat(`,"stream_options":{"include_usage":true}`), param: "stream_options"},
 		{name: "top_logprobs above 20", body: chat(`,"logprobs":true,"top_logprobs":21`), param: "top_logprobs"},
-		{name: "tools", body: chat(`,"tools":[{"type":"function","function":{"name":"f"}}]`), param: "tools"},
+		{name: "tools", body: chat(`,"tools":[{"type":"function","function":{"name":"f"}}]`), param: "tool_choice"}, // auto without a parser
 		{name: "logit_bias", body: chat(`,"logit_bias":{"1":100}`), param: "logit_bias"},
-		{name: "json_schema", body: chat(`,"response_format":{"type":"json_schema"}`), param: "response_format"},
+		{name: "json_schema", body: chat(`,"response_format":{"type":"json_schema"}`), param: "response_format.json_schema"},
 		{name: "user not a string", body: chat(`,"user":{"id":1}`), param: "user"},
 		{name: "refused by the engine", body: `{"messages":[{"role":"user","content":"badrequest:no"}]}`, param: "messages"},
 		{name: "unknown model", body: `{"model":"gpt-4o",` + msgs + `}`, status: 404, typ: "NotFoundError", param: "model"},
