@@ -16,6 +16,8 @@ enum shim_cmd {
   SHIM_CMD_STATS = 4,    /* answered with a SHIM_EV_STATS record of the same req_id */
   SHIM_CMD_STOP_CHOICE = 5, /* data: a choice index (decimal); Go matched a stop string: stop that choice */
   SHIM_CMD_PARSE = 6,    /* data: JSON {index, text, token_ids, finished, whole}: parse a choice's output */
+  SHIM_CMD_TOKENIZE = 7, /* data: JSON tokenize/detokenize request; answered with SHIM_EV_TOKENIZED or SHIM_EV_ERROR */
+  SHIM_CMD_EMBED = 8,    /* data: JSON embedding request; answered with SHIM_EV_EMBEDDING or SHIM_EV_ERROR */
 };
 
 /* Records from the bridge to Go: the kind byte of a record header. */
@@ -29,6 +31,9 @@ enum shim_ev {
   SHIM_EV_STATS = 7, /* the answer to SHIM_CMD_STATS */
   SHIM_EV_PROMPT = 8, /* the request's prompt token ids (meta: little-endian int32s), before its deltas */
   SHIM_EV_PARSED = 9, /* the answer to SHIM_CMD_PARSE: meta JSON {index, content, reasoning, tool_calls, tools_called} */
+  SHIM_EV_TOKENIZED = 10, /* the answer to SHIM_CMD_TOKENIZE: meta JSON */
+  SHIM_EV_EMBEDDING = 11, /* the answer to SHIM_CMD_EMBED: meta JSON header + little-endian float32s */
+  SHIM_EV_PROMPT_LOGPROBS = 12, /* a request's prompt logprobs (prompt_logprobs, echo with logprobs): meta JSON, before its deltas */
 };
 
 /* A delta's finish byte: why its choice ended, if it did (OpenAI's finish_reason). */

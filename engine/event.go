@@ -21,6 +21,12 @@ const (
 	evPrompt = 8
 	// evParsed answers cmdParse: a choice's output split by the backend's parsers (parse.go).
 	evParsed = 9
+	// evTokenized answers cmdTokenize.
+	evTokenized = 10
+	// evEmbedding answers cmdEmbed.
+	evEmbedding = 11
+	// evPromptLogprobs carries a request's prompt logprobs, before its first delta.
+	evPromptLogprobs = 12
 )
 
 // The shim's finish codes: SHIM_FINISH_* in cshim/shim.h, the bridge's FINISH_CODES.

@@ -63,6 +63,10 @@ const (
 	cmdStopChoice = 5
 	// cmdParse sends a choice's output to the backend's parsers (parse.go); evParsed answers.
 	cmdParse = 6
+	// cmdTokenize asks the bridge to tokenize or detokenize (evTokenized answers).
+	cmdTokenize = 7
+	// cmdEmbed asks the backend for embeddings (evEmbedding answers).
+	cmdEmbed = 8
 )
 
 // maxQueueBytes caps Config.QueueBytes (SHIM_MAX_QUEUE_BYTES in cshim/shim.h): records carry

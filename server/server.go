@@ -146,6 +146,10 @@ func (s *Server) routes() {
 		{http.MethodPost, "/v1/chat/completions", true, s.handleChat},
 		{http.MethodPost, "/v1/completions", true, s.handleCompletions},
 		{http.MethodGet, "/v1/models", true, s.handleModels},
+		// tokenize, detokenize, version
+		// embeddings
+		// responses
+		// anthropic messages
 		{http.MethodGet, "/health", false, s.handleHealth},
 		{http.MethodGet, "/metrics", false, s.metrics.ServeHTTP},
 	}
