@@ -27,6 +27,8 @@ func goCodes() map[string]int {
 	m := map[string]int{
 		"CMD_SUBMIT": cmdSubmit, "CMD_ABORT": cmdAbort, "CMD_SHUTDOWN": cmdShutdown, "CMD_STATS": cmdStats,
 		"CMD_STOP_CHOICE": cmdStopChoice, "EV_PROMPT": evPrompt, "CMD_PARSE": cmdParse, "EV_PARSED": evParsed,
+		"CMD_TOKENIZE": cmdTokenize, "CMD_EMBED": cmdEmbed, "EV_TOKENIZED": evTokenized, "EV_EMBEDDING": evEmbedding,
+		"EV_PROMPT_LOGPROBS": evPromptLogprobs,
 		"EV_DELTA": evDelta, "EV_END": evEnd, "EV_ERROR": evError, "EV_READY": evReady, "EV_FATAL": evFatal,
 		"EV_LOG": evLog, "EV_STATS": evStats,
 	}
