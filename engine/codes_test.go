@@ -29,7 +29,7 @@ func goCodes() map[string]int {
 		"CMD_STOP_CHOICE": cmdStopChoice, "EV_PROMPT": evPrompt, "CMD_PARSE": cmdParse, "EV_PARSED": evParsed,
 		"CMD_TOKENIZE": cmdTokenize, "CMD_EMBED": cmdEmbed, "EV_TOKENIZED": evTokenized, "EV_EMBEDDING": evEmbedding,
 		"EV_PROMPT_LOGPROBS": evPromptLogprobs,
-		"EV_DELTA": evDelta, "EV_END": evEnd, "EV_ERROR": evError, "EV_READY": evReady, "EV_FATAL": evFatal,
+		"EV_DELTA":           evDelta, "EV_END": evEnd, "EV_ERROR": evError, "EV_READY": evReady, "EV_FATAL": evFatal,
 		"EV_LOG": evLog, "EV_STATS": evStats,
 	}
 	for code, reason := range finishReasons {
