@@ -25,8 +25,14 @@ def model() -> str:
 
 
 def greedy(client: openai.OpenAI, model: str, prompt, **kw):
+    """A greedy completion. vLLM refuses n > 1 at temperature 0: top_k 1 is greedy too."""
+    if kw.get("n", 1) > 1:
+        kw["extra_body"] = {**kw.get("extra_body", {}), "top_k": 1}
+        temperature = 1.0
+    else:
+        temperature = 0.0
     return client.completions.create(model=model, prompt=prompt, max_tokens=kw.pop("max_tokens", MAX_TOKENS),
-                                     temperature=0, **kw)
+                                     temperature=temperature, **kw)
 
 
 @pytest.fixture(scope="module")
