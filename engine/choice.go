@@ -27,6 +27,9 @@ type textState struct {
 	prompt   []int32
 	logprobs int // top logprobs per token asked for; -1: none
 	choices  []choiceText
+	// stopTokenIDs are the request's stop_token_ids, for the stop reason of a choice the
+	// engine ended with "stop".
+	stopTokenIDs []int32
 }
 
 func newTextState(tok *detok.Tokenizer, sp *SamplingParams, prompt []int32) *textState {
@@ -46,7 +49,31 @@ func newTextState(tok *detok.Tokenizer, sp *SamplingParams, prompt []int32) *tex
 	if sp.Logprobs != nil {
 		logprobs = *sp.Logprobs
 	}
-	return &textState{tok: tok, opts: opts, prompt: prompt, logprobs: logprobs}
+	return &textState{tok: tok, opts: opts, prompt: prompt, logprobs: logprobs, stopTokenIDs: sp.StopTokenIDs}
+}
+
+// repetitionStopReason is vLLM's stop_reason of a choice its repetition detection ended.
+const repetitionStopReason = "repetition_detected"
+
+// finishStopReason is the stop reason of the engine's finish code on a choice whose last tokens
+// are ids: for finishStop, the last token's id when it is one of the request's stop_token_ids,
+// else nil (EOS); for repetition, vLLM's string; nil for the rest. vLLM's scheduler checks EOS
+// before stop_token_ids, so an EOS id the client also listed gets nil there and its id here: Go
+// does not know the EOS ids.
+func finishStopReason(finish uint8, stopTokenIDs, ids []int32) any {
+	if finish == finishRepetition {
+		return repetitionStopReason
+	}
+	if finish != finishStop || len(ids) == 0 {
+		return nil
+	}
+	last := ids[len(ids)-1]
+	for _, id := range stopTokenIDs {
+		if id == last {
+			return last
+		}
+	}
+	return nil
 }
 
 func (t *textState) choice(index int) *choiceText {
@@ -78,6 +105,7 @@ type textDelta struct {
 	finish     string
 	logprobs   []TokenLogprob
 	stopString bool // Go matched a stop string: the engine must stop the choice
+	stopReason any  // the matched stop string, or the stop token id that ended the choice
 }
 
 // apply detokenizes one event of a choice. ok is false when the event adds nothing (a choice
@@ -89,14 +117,19 @@ func (t *textState) apply(ev *event) (d textDelta, ok bool) {
 	}
 	ids := ev.appendTokenIDs(nil)
 	before := c.out.NumTokens()
-	_, matched := c.out.Update(ids, ev.finish == finishStop)
+	stop, matched := c.out.Update(ids, ev.finish == finishStop)
 	kept := c.out.NumTokens() - before
 	if kept < len(ids) {
 		ids = ids[:kept]
 	}
 	d.finish = ev.finishReason()
-	if ev.finish == finishNone && matched {
-		d.finish, d.stopString = "stop", true
+	switch {
+	case matched:
+		// As vLLM's output processor: a stop string ends the choice with "stop" whatever the
+		// engine said; the engine is told to stop it unless it already has.
+		d.finish, d.stopString, d.stopReason = "stop", ev.finish == finishNone, stop
+	default:
+		d.stopReason = finishStopReason(ev.finish, t.stopTokenIDs, ids)
 	}
 	if d.finish != "" {
 		c.done = true

@@ -79,6 +79,7 @@ func (s *Stream) deliverParsed(d Delta) {
 			return
 		}
 		w.FinishReason = d.FinishReason
+		w.StopReason = d.StopReason
 		d = *w
 		cmd = parseCommand{Index: d.Index, Text: c.whole.String(), TokenIDs: d.TokenIDs, Finished: true, Whole: true}
 		c.whole.Reset()

@@ -95,8 +95,12 @@ func (s *Stream) pushEvent(ev *event) bool {
 				logprobs = m.Logprobs
 			}
 		}
-		return s.deliver(Delta{Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text),
-			FinishReason: ev.finishReason(), Logprobs: logprobs})
+		d := Delta{Index: int(ev.index), TokenIDs: ev.appendTokenIDs(nil), Text: string(ev.text),
+			FinishReason: ev.finishReason(), Logprobs: logprobs}
+		// The backend matched stop strings itself and does not say which: only a stop token id
+		// (or repetition) is known here.
+		d.StopReason = finishStopReason(ev.finish, s.sampling.StopTokenIDs, d.TokenIDs)
+		return s.deliver(d)
 	}
 	d, ok := s.text.apply(ev)
 	if d.stopString {
@@ -111,7 +115,7 @@ func (s *Stream) pushEvent(ev *event) bool {
 		return true
 	}
 	return s.deliver(Delta{Index: int(ev.index), TokenIDs: d.tokens, Text: d.text, FinishReason: d.finish,
-		Logprobs: d.logprobs})
+		Logprobs: d.logprobs, StopReason: d.stopReason})
 }
 
 // deliver queues a delta for the reader, through the parsers when the request asked for them.
@@ -155,6 +159,7 @@ func (s *Stream) push(d Delta) bool {
 		p.TokenIDs = append(p.TokenIDs, d.TokenIDs...)
 		p.more = append(p.more, d.Text...)
 		p.FinishReason = d.FinishReason
+		p.StopReason = d.StopReason
 		p.Logprobs = append(p.Logprobs, d.Logprobs...)
 		p.Reasoning += d.Reasoning // parsed requests only
 		p.ToolCalls = append(p.ToolCalls, d.ToolCalls...)

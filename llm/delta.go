@@ -10,6 +10,10 @@ type Delta struct {
 	Text string
 	// FinishReason is empty until the last delta of the choice: "stop", "length", "abort" or "tool_calls".
 	FinishReason string
+	// StopReason is vLLM's stop_reason, set only on the last delta of a choice that a stop
+	// condition ended: the matched stop string (a string) or the stop_token_ids token that
+	// ended it (an int32). It is nil for EOS, length and abort, and on every other delta.
+	StopReason any
 	// Logprobs has one entry per token of TokenIDs when the request set SamplingParams.Logprobs,
 	// and is nil otherwise.
 	Logprobs []TokenLogprob

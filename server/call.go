@@ -37,6 +37,8 @@ type choiceOut struct {
 	toolCalls []llm.ToolCall
 	reason    string
 	logprobs  []llm.TokenLogprob // when c.params.logprobs
+	// stopReason is the matched stop string or stop token id (llm.Delta.StopReason), or nil.
+	stopReason any
 }
 
 // promptTokens is what a stream may offer for return_token_ids' prompt_token_ids
@@ -56,6 +58,50 @@ func (c *call) promptIDs() *[]int32 {
 	return nil
 }
 
+// choicePromptIDs is promptIDs for the prompt of choice i (several prompts: batch.go).
+func (c *call) choicePromptIDs(i int) *[]int32 {
+	b, ok := c.stream.(*batchStream)
+	if !ok || !c.params.tokenIDs {
+		return c.promptIDs()
+	}
+	return nonNilIDs(b.promptTokenIDs(i / b.n))
+}
+
+// echoOf is the echoed prompt put before choice i's text, or "".
+func (c *call) echoOf(i int) string {
+	if len(c.echoes) == 0 {
+		return ""
+	}
+	return c.echoes[i*len(c.echoes)/c.params.n]
+}
+
+// usageSoFar is the usage a chunk of choice i carries with continuous_usage_stats: its
+// prompt's tokens and the tokens choice i generated so far, as vLLM counts them per choice.
+// completion says whether to count those (false for the role chunk).
+func (c *call) usageSoFar(i int, completion bool) *usage {
+	if !c.params.continuousUsage {
+		return nil
+	}
+	var u llm.Usage
+	switch st := c.stream.(type) {
+	case *batchStream:
+		u.PromptTokens = st.promptTokenCount(i / st.n)
+	case promptTokens:
+		if ids := st.PromptTokenIDs(); ids != nil {
+			u.PromptTokens = len(ids)
+			break
+		}
+		u.PromptTokens = c.stream.Usage().PromptTokens
+	default:
+		u.PromptTokens = c.stream.Usage().PromptTokens
+	}
+	if completion {
+		u.CompletionTokens = c.choiceTokens[i]
+	}
+	out := toUsage(u)
+	return &out
+}
+
 // call is one completion, chat or text, in flight.
 type call struct {
 	id          string
@@ -63,7 +109,12 @@ type call struct {
 	model       string
 	fingerprint string
 	params      callParams
-	echo        string // text completions with echo: the prompt, put before each choice's text
+	// echoes are, for text completions with echo, the prompts put before their choices' texts
+	// (one per prompt; choice i belongs to prompt i / n).
+	echoes []string
+	// startStream, when set, starts the request instead of Generator.Generate (several
+	// prompts: startBatch).
+	startStream func(ctx context.Context) (llm.TokenStream, error)
 	log         *slog.Logger
 	start       time.Time
 	kind        string // "chat" or "text", for logs
@@ -79,6 +130,8 @@ type call struct {
 	tokens    int  // tokens received
 	firstTok  bool
 	lastTok   []time.Time // per choice, when its previous output arrived
+	// choiceTokens counts, per choice, the tokens received (continuous_usage_stats).
+	choiceTokens []int
 	// textOffset is, per choice, the length of the logprob tokens streamed so far (text
 	// completions' text_offset).
 	textOffset []int
@@ -183,6 +236,7 @@ func (s *Server) observeDelta(c *call, d llm.Delta) {
 	now := s.now()
 	if k := len(d.TokenIDs); k > 0 {
 		c.tokens += k
+		c.choiceTokens[d.Index] += k
 		s.metrics.generationTokens.Add(float64(k))
 		if !c.firstTok {
 			c.firstTok = true
@@ -227,7 +281,13 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Reques
 
 	genCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := s.backend.Generate(genCtx, req)
+	var stream llm.TokenStream
+	var err error
+	if c.startStream != nil {
+		stream, err = c.startStream(genCtx)
+	} else {
+		stream, err = s.backend.Generate(genCtx, req)
+	}
 	if err != nil {
 		s.reject(w, c.log, fmt.Errorf("server: generate: %w", err), toAPIError(err))
 		return
@@ -236,6 +296,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Reques
 	c.stream, c.cancelGen = stream, cancel
 	c.track = newChoiceTracker(c.params.n)
 	c.lastTok = make([]time.Time, c.params.n)
+	c.choiceTokens = make([]int, c.params.n)
 	c.textOffset = make([]int, c.params.n)
 	if c.params.tokenIDs {
 		c.tokenIDs = make([][]int32, c.params.n)
@@ -290,11 +351,12 @@ func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 		}
 		if d.FinishReason != "" {
 			o.reason = d.FinishReason
+			o.stopReason = d.StopReason
 		}
 	}
 	u := c.usage()
 	for i := range outs {
-		outs[i].text = c.echo + texts[i].String()
+		outs[i].text = c.echoOf(i) + texts[i].String()
 		outs[i].reasoning = reasoning[i].String()
 	}
 	writeJSON(w, http.StatusOK, f.response(c, outs, u))

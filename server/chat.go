@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/json"
 	"net/http"
 
 	"github.com/govllm/govllm/llm"
@@ -23,7 +24,10 @@ type chunkChoice struct {
 	Delta        chunkDelta    `json:"delta"`
 	Logprobs     *chatLogprobs `json:"logprobs"` // null unless asked for
 	FinishReason *string       `json:"finish_reason"`
-	TokenIDs     *[]int32      `json:"token_ids,omitempty"` // with return_token_ids
+	// StopReason is on a choice's finish chunk only: the matched stop string, the stop token
+	// id, or null (as vLLM writes it).
+	StopReason json.RawMessage `json:"stop_reason,omitempty"`
+	TokenIDs   *[]int32        `json:"token_ids,omitempty"` // with return_token_ids
 }
 
 // chunkDelta is {"role":"assistant","content":""} in the role chunk, {"content":"…"} in a
@@ -92,7 +96,9 @@ type completionChoice struct {
 	Message      assistantMessage `json:"message"`
 	Logprobs     *chatLogprobs    `json:"logprobs"` // null unless asked for
 	FinishReason string           `json:"finish_reason"`
-	TokenIDs     *[]int32         `json:"token_ids,omitempty"` // with return_token_ids
+	// StopReason is the matched stop string or stop token id, else null.
+	StopReason any      `json:"stop_reason"`
+	TokenIDs   *[]int32 `json:"token_ids,omitempty"` // with return_token_ids
 }
 
 // chatLogprobs are the logprobs of a choice's content (or of a streamed increment).
@@ -226,19 +232,24 @@ func (chatFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	var one [1]chunkChoice
 	emit := func(delta chunkDelta, lps *chatLogprobs, finish *string, ids *[]int32) {
 		one[0] = chunkChoice{Index: d.Index, Delta: delta, Logprobs: lps, FinishReason: finish, TokenIDs: ids}
+		if finish != nil {
+			one[0].StopReason = stopReasonJSON(d.StopReason)
+		}
 		chunk.Choices = one[:]
 		sw.writeSSE(&chunk)
 	}
 	if first {
 		empty := ""
+		chunk.Usage = c.usageSoFar(d.Index, false) // vLLM's role chunk counts no output yet
 		emit(chunkDelta{Role: assistantRole, Content: &empty}, nil, nil, nil)
 	}
+	chunk.Usage = c.usageSoFar(d.Index, true)
 	var ids *[]int32
 	if c.params.tokenIDs {
 		ids = nonNilIDs(d.TokenIDs)
 	}
 	plain := d.Reasoning == "" && len(d.ToolCalls) == 0
-	if d.Text != "" && plain && !c.params.logprobs && ids == nil {
+	if d.Text != "" && plain && !c.params.logprobs && ids == nil && chunk.Usage == nil {
 		sw.appendContentChunk(c, d.Index, d.Text) // the per-token event, without reflection
 	} else if d.Text != "" || !plain || (c.params.logprobs && len(d.Logprobs) > 0) || (ids != nil && len(*ids) > 0) {
 		var lps *chatLogprobs
@@ -301,7 +312,7 @@ func (chatFormat) response(c *call, outs []choiceOut, u usage) any {
 		if o.reasoning != "" {
 			msg.Reasoning = &o.reasoning
 		}
-		resp.Choices[i] = completionChoice{Index: i, Message: msg, FinishReason: o.reason}
+		resp.Choices[i] = completionChoice{Index: i, Message: msg, FinishReason: o.reason, StopReason: o.stopReason}
 		if c.params.logprobs {
 			resp.Choices[i].Logprobs = toChatLogprobs(o.logprobs)
 		}
@@ -310,4 +321,14 @@ func (chatFormat) response(c *call, outs []choiceOut, u usage) any {
 		}
 	}
 	return &resp
+}
+
+// stopReasonJSON is a finish chunk's stop_reason: the reason's JSON, or null.
+func stopReasonJSON(reason any) json.RawMessage {
+	if reason != nil {
+		if b, err := json.Marshal(reason); err == nil {
+			return b
+		}
+	}
+	return json.RawMessage("null")
 }

@@ -146,8 +146,8 @@ func TestChatNonStream(t *testing.T) {
 	require.JSONEq(t, `{
 		"id":"chatcmpl-test","object":"chat.completion","created":1700000000,"model":"test-model",
 		"choices":[
-			{"index":0,"message":{"role":"assistant","content":"Hello <world>","tool_calls":[]},"logprobs":null,"finish_reason":"stop"},
-			{"index":1,"message":{"role":"assistant","content":"xy","tool_calls":[]},"logprobs":null,"finish_reason":"length"}
+			{"index":0,"message":{"role":"assistant","content":"Hello <world>","tool_calls":[]},"logprobs":null,"finish_reason":"stop","stop_reason":null},
+			{"index":1,"message":{"role":"assistant","content":"xy","tool_calls":[]},"logprobs":null,"finish_reason":"length","stop_reason":null}
 		],
 		"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13},
 		"system_fingerprint":"govllm-fake"

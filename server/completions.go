@@ -2,7 +2,9 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"fmt"
 	"math"
 	"net/http"
 
@@ -26,23 +28,25 @@ type completionRequest struct {
 	samplingRequest
 }
 
-// toEngine validates c against the served model and converts it into an engine request; echo
-// is the text to put before each choice's output.
-func (c *completionRequest) toEngine(m llm.ModelInfo) (req llm.Request, p callParams, echo string, e *apiError) {
+// completionPrompt is one prompt of a completion request: a text or token ids.
+type completionPrompt struct {
+	text string
+	ids  []int32
+}
+
+// toEngine validates c against the served model and converts it into one engine request per
+// prompt (the first carrying the shared fields), with p.n counting the choices of all prompts.
+// echoes are the texts to put before each prompt's choices; an entry of a token-id prompt is
+// left empty for the handler to decode.
+func (c *completionRequest) toEngine(m llm.ModelInfo) (reqs []llm.Request, p callParams, prompts []completionPrompt, e *apiError) {
 	p = callParams{n: 1, stream: c.Stream}
 	if e = checkModel(c.Model, m); e != nil {
 		return
 	}
-	if req.Prompt, req.PromptTokenIDs, e = parsePrompt(c.Prompt, true); e != nil {
+	if prompts, e = parsePrompts(c.Prompt); e != nil {
 		return
 	}
-	if c.Echo {
-		if req.PromptTokenIDs != nil {
-			e = badRequest("echo", "echo is not supported with a prompt of token ids; send the prompt as text.")
-			return
-		}
-		echo = req.Prompt
-	}
+	var req llm.Request
 	sp := &req.Sampling
 	sp.MaxTokens = defaultCompletionMaxTokens
 	if c.MaxTokens != nil {
@@ -63,58 +67,128 @@ func (c *completionRequest) toEngine(m llm.ModelInfo) (req llm.Request, p callPa
 		e = badRequest("suffix", "suffix is not supported.")
 	case c.BestOf != nil && *c.BestOf != p.n && *c.BestOf != 1:
 		e = badRequest("best_of", "best_of is not supported.")
+	case len(prompts)*p.n > maxBatchChoices:
+		e = badRequest("prompt", "%d prompts with n=%d make %d choices; at most %d are allowed per request.",
+			len(prompts), p.n, len(prompts)*p.n, maxBatchChoices)
 	}
-	if e == nil && c.Logprobs != nil {
+	if e != nil {
+		return
+	}
+	if c.Logprobs != nil {
 		n := *c.Logprobs
 		sp.Logprobs = &n
 		p.logprobs = true
 	}
+	if len(prompts) > 1 && m.MaxModelLen > 0 {
+		// What can be checked before anything starts is: one prompt too long fails them all.
+		for i, pr := range prompts {
+			if pr.ids != nil && len(pr.ids)+sp.MaxTokens > m.MaxModelLen {
+				e = badRequest("prompt", "This model's maximum context length is %d tokens. However, you requested "+
+					"%d tokens (%d in prompt[%d], %d in the completion). Please reduce the length of the prompt or completion.",
+					m.MaxModelLen, len(pr.ids)+sp.MaxTokens, len(pr.ids), i, sp.MaxTokens)
+				return
+			}
+		}
+	}
+	reqs = make([]llm.Request, len(prompts))
+	for i, pr := range prompts {
+		reqs[i] = req
+		reqs[i].Prompt, reqs[i].PromptTokenIDs = pr.text, pr.ids
+	}
+	p.n *= len(prompts)
 	return
 }
 
-// parsePrompt decodes "prompt": a string, an array of token ids, or an array holding one of
-// those (when outer). Several prompts in one request are refused.
-func parsePrompt(raw json.RawMessage, outer bool) (string, []int32, *apiError) {
+// parsePrompts decodes "prompt": a string, an array of token ids, or an array of either
+// (several prompts, at most maxPrompts, all of one kind).
+func parsePrompts(raw json.RawMessage) ([]completionPrompt, *apiError) {
 	raw = bytes.TrimSpace(raw)
 	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
-		return "", nil, badRequest("prompt", "prompt is required.")
+		return nil, badRequest("prompt", "prompt is required.")
 	}
 	switch raw[0] {
 	case '"':
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return "", nil, badRequest("prompt", "prompt is not a valid string: %v.", err)
+		text, e := parseTextPrompt(raw, "prompt")
+		if e != nil {
+			return nil, e
 		}
-		if s == "" {
-			return "", nil, badRequest("prompt", "prompt must not be empty.")
-		}
-		return s, nil, nil
+		return []completionPrompt{{text: text}}, nil
 	case '[':
 		var items []json.RawMessage
 		if err := json.Unmarshal(raw, &items); err != nil {
-			return "", nil, badRequest("prompt", "prompt must be a string, an array of token ids, or an array of one of those.")
+			return nil, badRequest("prompt", "prompt must be a string, an array of token ids, or an array of those.")
 		}
 		if len(items) == 0 {
-			return "", nil, badRequest("prompt", "prompt must not be empty.")
+			return nil, badRequest("prompt", "prompt must not be empty.")
 		}
-		if first := bytes.TrimSpace(items[0]); outer && len(first) > 0 && (first[0] == '"' || first[0] == '[') {
-			if len(items) > 1 {
-				return "", nil, badRequest("prompt",
-					"Several prompts in one request are not supported (got %d): send one request per prompt.", len(items))
+		first := bytes.TrimSpace(items[0])
+		if len(first) == 0 || (first[0] != '"' && first[0] != '[') {
+			ids, e := parseTokenIDs(items, "prompt")
+			if e != nil {
+				return nil, e
 			}
-			return parsePrompt(items[0], false)
+			return []completionPrompt{{ids: ids}}, nil
 		}
-		ids := make([]int32, len(items))
+		if len(items) > maxPrompts {
+			return nil, badRequest("prompt", "A request may carry at most %d prompts, got %d.", maxPrompts, len(items))
+		}
+		out := make([]completionPrompt, len(items))
 		for i, it := range items {
-			var f float64
-			if err := json.Unmarshal(it, &f); err != nil || f != math.Trunc(f) || f < 0 || f > math.MaxInt32 {
-				return "", nil, badRequest("prompt", "prompt[%d] must be a token id (a non-negative integer), got %s.", i, it)
+			it = bytes.TrimSpace(it)
+			name := fmt.Sprintf("prompt[%d]", i)
+			if len(it) == 0 || it[0] != first[0] {
+				return nil, badRequest("prompt", "%s must be of the kind of prompt[0] (a list of prompts holds strings only, "+
+					"or token-id arrays only), got %s.", name, it)
 			}
-			ids[i] = int32(f)
+			if it[0] == '"' {
+				text, e := parseTextPrompt(it, name)
+				if e != nil {
+					return nil, e
+				}
+				out[i].text = text
+				continue
+			}
+			var ids []json.RawMessage
+			if err := json.Unmarshal(it, &ids); err != nil {
+				return nil, badRequest("prompt", "%s must be an array of token ids.", name)
+			}
+			tokens, e := parseTokenIDs(ids, name)
+			if e != nil {
+				return nil, e
+			}
+			out[i].ids = tokens
 		}
-		return "", ids, nil
+		return out, nil
 	}
-	return "", nil, badRequest("prompt", "prompt must be a string, an array of token ids, or an array of one of those.")
+	return nil, badRequest("prompt", "prompt must be a string, an array of token ids, or an array of those.")
+}
+
+// parseTextPrompt decodes the JSON string raw, the prompt called name.
+func parseTextPrompt(raw json.RawMessage, name string) (string, *apiError) {
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return "", badRequest("prompt", "%s is not a valid string: %v.", name, err)
+	}
+	if s == "" {
+		return "", badRequest("prompt", "%s must not be empty.", name)
+	}
+	return s, nil
+}
+
+// parseTokenIDs decodes the token ids of the prompt called name.
+func parseTokenIDs(items []json.RawMessage, name string) ([]int32, *apiError) {
+	if len(items) == 0 {
+		return nil, badRequest("prompt", "%s must not be empty.", name)
+	}
+	ids := make([]int32, len(items))
+	for i, it := range items {
+		var f float64
+		if err := json.Unmarshal(it, &f); err != nil || f != math.Trunc(f) || f < 0 || f > math.MaxInt32 {
+			return nil, badRequest("prompt", "%s[%d] must be a token id (a non-negative integer), got %s.", name, i, it)
+		}
+		ids[i] = int32(f)
+	}
+	return ids, nil
 }
 
 // handleCompletions serves POST /v1/completions.
@@ -126,24 +200,63 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	info := s.backend.Model()
-	req, params, echo, e := body.toEngine(info)
+	reqs, params, prompts, e := body.toEngine(info)
 	if e != nil {
 		s.reject(w, s.log, e, e)
 		return
 	}
-	req.ID = s.newID("cmpl-")
+	id := s.newID("cmpl-")
+	log := s.log.With("request_id", id)
 	c := &call{
-		id:          req.ID,
+		id:          id,
 		created:     start.Unix(),
 		model:       info.ID,
 		fingerprint: fingerprint(info),
 		params:      params,
-		echo:        echo,
-		log:         s.log.With("request_id", req.ID),
+		log:         log,
 		start:       start,
 		kind:        "text",
 	}
-	s.generate(w, r, req, c, textFormat{})
+	if body.Echo {
+		if c.echoes, e = s.echoes(r.Context(), prompts); e != nil {
+			s.reject(w, log, fmt.Errorf("server: echo: %w", e), e)
+			return
+		}
+	}
+	reqs[0].ID = id
+	if len(reqs) > 1 {
+		for i := range reqs {
+			reqs[i].ID = subRequestID(id, i)
+		}
+		perPrompt := params.n / len(reqs)
+		c.startStream = func(ctx context.Context) (llm.TokenStream, error) {
+			return startBatch(ctx, s.backend, reqs, perPrompt)
+		}
+	}
+	s.generate(w, r, reqs[0], c, textFormat{})
+}
+
+// echoes are the prompts' texts for echo: token-id prompts are decoded by the backend's
+// tokenizer, and refused (400) when it has none.
+func (s *Server) echoes(ctx context.Context, prompts []completionPrompt) ([]string, *apiError) {
+	out := make([]string, len(prompts))
+	for i, pr := range prompts {
+		if pr.ids == nil {
+			out[i] = pr.text
+			continue
+		}
+		tok, ok := s.backend.(llm.Tokenizer)
+		if !ok {
+			return nil, badRequest("echo", "echo with a prompt of token ids needs a backend that detokenizes; "+
+				"this one does not: send the prompt as text.")
+		}
+		text, err := tok.Detokenize(ctx, pr.ids)
+		if err != nil {
+			return nil, toAPIError(fmt.Errorf("server: detokenize prompt %d: %w", i, err))
+		}
+		out[i] = text
+	}
+	return out, nil
 }
 
 // textCompletion is a non-streamed text completion, and each of its streamed chunks
@@ -164,8 +277,9 @@ type textChoice struct {
 	Text         string        `json:"text"`
 	Logprobs     *textLogprobs `json:"logprobs"` // null unless asked for
 	FinishReason *string       `json:"finish_reason"`
-	StopReason   *struct{}     `json:"stop_reason"`         // always null
-	TokenIDs     *[]int32      `json:"token_ids,omitempty"` // with return_token_ids
+	// StopReason is the matched stop string or stop token id on a choice's last chunk, else null.
+	StopReason any      `json:"stop_reason"`
+	TokenIDs   *[]int32 `json:"token_ids,omitempty"` // with return_token_ids
 	// PromptTokenIDs (return_token_ids): with a choice's first chunk, or on every choice.
 	PromptTokenIDs *[]int32 `json:"prompt_token_ids,omitempty"`
 }
@@ -210,7 +324,7 @@ type textFormat struct{}
 func (textFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	text := d.Text
 	if first {
-		text = c.echo + text
+		text = c.echoOf(d.Index) + text
 	}
 	chunk := textCompletion{ID: c.id, Object: "text_completion", Created: c.created, Model: c.model}
 	var one [1]textChoice
@@ -218,7 +332,7 @@ func (textFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	if c.params.tokenIDs {
 		one[0].TokenIDs = nonNilIDs(d.TokenIDs)
 		if first {
-			one[0].PromptTokenIDs = c.promptIDs()
+			one[0].PromptTokenIDs = c.choicePromptIDs(d.Index)
 		}
 	}
 	if c.params.logprobs {
@@ -227,10 +341,12 @@ func (textFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	}
 	if d.FinishReason != "" {
 		one[0].FinishReason = &d.FinishReason
+		one[0].StopReason = d.StopReason
 		if !c.params.includeUsage {
 			chunk.SystemFingerprint = c.fingerprint
 		}
 	}
+	chunk.Usage = c.usageSoFar(d.Index, true)
 	chunk.Choices = one[:]
 	sw.writeSSE(&chunk)
 }
@@ -261,13 +377,14 @@ func (textFormat) response(c *call, outs []choiceOut, u usage) any {
 		SystemFingerprint: c.fingerprint,
 	}
 	for i := range resp.Choices {
-		resp.Choices[i] = textChoice{Index: i, Text: outs[i].text, FinishReason: &outs[i].reason}
+		resp.Choices[i] = textChoice{Index: i, Text: outs[i].text, FinishReason: &outs[i].reason,
+			StopReason: outs[i].stopReason}
 		if c.params.logprobs {
 			resp.Choices[i].Logprobs = toTextLogprobs(outs[i].logprobs, 0)
 		}
 		if c.params.tokenIDs {
 			resp.Choices[i].TokenIDs = nonNilIDs(c.tokenIDs[i])
-			resp.Choices[i].PromptTokenIDs = c.promptIDs()
+			resp.Choices[i].PromptTokenIDs = c.choicePromptIDs(i)
 		}
 	}
 	return &resp

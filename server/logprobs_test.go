@@ -37,7 +37,7 @@ func TestChatLogprobsNonStream(t *testing.T) {
 	require.JSONEq(t, `{
 		"id":"chatcmpl-test","object":"chat.completion","created":1700000000,"model":"test-model",
 		"choices":[{"index":0,"message":{"role":"assistant","content":"Hi!","tool_calls":[]},
-			"logprobs":{"content":[`+hiContent+`,`+bangContent+`]},"finish_reason":"stop"}],
+			"logprobs":{"content":[`+hiContent+`,`+bangContent+`]},"finish_reason":"stop","stop_reason":null}],
 		"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},
 		"system_fingerprint":"govllm-fake"
 	}`, rec.Body.String())
@@ -54,7 +54,7 @@ func TestChatLogprobsStream(t *testing.T) {
 	want := head + `{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}` + "\n\n" +
 		head + `{"index":0,"delta":{"content":""},"logprobs":{"content":[` + hiContent + `]},"finish_reason":null}]}` + "\n\n" +
 		head + `{"index":0,"delta":{"content":"Hi!"},"logprobs":{"content":[` + bangContent + `]},"finish_reason":null}]}` + "\n\n" +
-		head + `{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"system_fingerprint":"govllm-fake"}` + "\n\n" +
+		head + `{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop","stop_reason":null}],"system_fingerprint":"govllm-fake"}` + "\n\n" +
 		"data: [DONE]\n\n"
 	require.Equal(t, want, rec.Body.String())
 }

@@ -143,6 +143,9 @@ func do(h http.Handler, method, path, body string) *httptest.ResponseRecorder {
 
 // chunk formats the SSE event of one chat.completion.chunk choice as the server must write it.
 func chunk(index int, delta, finish string) string {
+	if finish != "null" {
+		finish += `,"stop_reason":null` // a finish chunk's stop_reason (null: EOS or length)
+	}
 	return fmt.Sprintf(`data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":"%s",`+
 		`"choices":[{"index":%d,"delta":%s,"logprobs":null,"finish_reason":%s}]}`+"\n\n",
 		testID, testCreated, testModel, index, delta, finish)

@@ -84,6 +84,8 @@ type samplingRequest struct {
 
 type streamOptions struct {
 	IncludeUsage bool `json:"include_usage"`
+	// ContinuousUsageStats adds the usage so far to every chunk, with IncludeUsage only (as vLLM).
+	ContinuousUsageStats bool `json:"continuous_usage_stats"`
 }
 
 // chatMessage is one message; Content is a string, an array of content parts, or null.
@@ -166,6 +168,9 @@ type callParams struct {
 	includeUsage bool
 	logprobs     bool // the client asked for logprobs: render them (else "logprobs": null)
 	tokenIDs     bool // return_token_ids: each choice (and streamed chunk) carries its token ids
+	// continuousUsage (stream_options.continuous_usage_stats with include_usage): every chunk
+	// carries the usage of its choice so far.
+	continuousUsage bool
 	// Chat only.
 	forced        *forcedTools // tool_choice "required" or named: the server makes the calls
 	singleCall    bool         // auto tool choice with parallel_tool_calls false: keep call 0 only
@@ -354,6 +359,7 @@ func (c *samplingRequest) apply(sp *llm.SamplingParams, p *callParams, m llm.Mod
 			return badRequest("stream_options", "Stream options can only be defined when `stream=True`.")
 		}
 		p.includeUsage = c.StreamOptions.IncludeUsage
+		p.continuousUsage = c.StreamOptions.IncludeUsage && c.StreamOptions.ContinuousUsageStats
 	}
 	if c.UseBeamSearch {
 		return badRequest("use_beam_search", "beam search is not supported.")

@@ -112,7 +112,7 @@ func TestHostileRequests(t *testing.T) {
 		{name: "GET a POST route", method: http.MethodGet, status: 405, typ: "MethodNotAllowedError"},
 		{name: "unknown route", path: "/v1/engines", status: 404, typ: "NotFoundError"},
 		{name: "text: no prompt", path: textPath, body: `{"max_tokens":3}`, param: "prompt"},
-		{name: "text: several prompts", path: textPath, body: `{"prompt":["a","b"]}`, param: "prompt"},
+		{name: "text: prompts of mixed kinds", path: textPath, body: `{"prompt":["a",[1]]}`, param: "prompt"},
 		{name: "text: negative token id", path: textPath, body: `{"prompt":[1,-1]}`, param: "prompt"},
 		{name: "text: prompt an object", path: textPath, body: `{"prompt":{"text":"a"}}`, param: "prompt"},
 		{name: "text: echo with token ids", path: textPath, body: `{"prompt":[1,2],"echo":true}`, param: "echo"},

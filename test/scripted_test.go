@@ -72,7 +72,7 @@ func TestScriptedSSEBytes(t *testing.T) {
 			want: []string{
 				`data: ` + chatHead + `[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}`,
 				content(" 0"), content(" 1"), content(" 2"),
-				`data: ` + chatHead + `[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}`,
+				`data: ` + chatHead + `[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop","stop_reason":null}]}`,
 				`data: ` + chatHead + `[],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12},` + fp + `}`,
 				`data: [DONE]`,
 			},
@@ -84,7 +84,7 @@ func TestScriptedSSEBytes(t *testing.T) {
 			want: []string{
 				`data: ` + chatHead + `[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}`,
 				content(" 0"), content(" 1"),
-				`data: ` + chatHead + `[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}],` + fp + `}`,
+				`data: ` + chatHead + `[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length","stop_reason":null}],` + fp + `}`,
 				`data: [DONE]`,
 			},
 		},
