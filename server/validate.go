@@ -178,10 +178,10 @@ type callParams struct {
 	logprobs     bool // the client asked for logprobs: render them (else "logprobs": null)
 	tokenIDs     bool // return_token_ids: each choice (and streamed chunk) carries its token ids
 	// vLLM's extensions (chatfields.go).
-	promptLogprobs bool   // the answer carries prompt_logprobs (not streamed)
-	echoLogprobs   bool   // text completions with echo and logprobs: prompt logprobs lead each choice's
-	topLogprobs    int    // text completions: the logprobs asked for (top entries per token)
-	role           string // chat: the response's role; "" is "assistant"
+	promptLogprobs bool    // the answer carries prompt_logprobs (not streamed)
+	echoLogprobs   bool    // text completions with echo and logprobs: prompt logprobs lead each choice's
+	topLogprobs    int     // text completions: the logprobs asked for (top entries per token)
+	role           string  // chat: the response's role; "" is "assistant"
 	chatEcho       *string // chat with echo: the last message's content if its role is the response's ("" if not)
 	// Chat only.
 	forced        *forcedTools // tool_choice "required" or named: the server makes the calls
