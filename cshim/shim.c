@@ -672,14 +672,14 @@ done:
 }
 
 /* Attribute names relay() reads, interned once (shim_init). */
-static PyObject *s_request_id, *s_new_token_ids, *s_finish_reason, *s_new_logprobs;
+static PyObject *s_request_id, *s_new_token_ids, *s_finish_reason, *s_new_logprobs, *s_new_prompt_logprobs;
 
 /* relay_one frames the delta of one engine output (see py_relay). Returns 1 when the output
  * finished its choice, 0 when not (or it belongs to no route), -1 with an exception set. */
 static int relay_one(PyObject *out, PyObject *routes, PyObject *finish_codes, PyObject *logprobs_meta,
-                     PyObject *finished) {
+                     PyObject *prompt_hook, PyObject *finished) {
   int rc = -1;
-  PyObject *rid = NULL, *toks = NULL, *reason = NULL, *lp = NULL, *meta = NULL;
+  PyObject *rid = NULL, *toks = NULL, *reason = NULL, *lp = NULL, *meta = NULL, *plp = NULL, *pmeta = NULL;
   rid = PyObject_GetAttr(out, s_request_id);
   if (rid == NULL) goto done;
   PyObject *key_obj = PyDict_GetItemWithError(routes, rid); /* borrowed */
@@ -717,6 +717,27 @@ static int relay_one(PyObject *out, PyObject *routes, PyObject *finish_codes, Py
       if (meta != Py_None && PyBytes_AsStringAndSize(meta, &mbuf, &mlen) < 0) goto done;
     }
   }
+  if (prompt_hook != Py_None) {
+    /* Prompt logprobs (rare: only while a request that asked for them runs): an EV_PROMPT_LOGPROBS
+     * record with the hook's bytes, before this output's delta. */
+    plp = PyObject_GetAttr(out, s_new_prompt_logprobs);
+    if (plp == NULL) goto done;
+    if (plp != Py_None) {
+      PyObject *kobj = PyLong_FromLongLong(key); /* not the borrowed key_obj: the hook may change routes */
+      if (kobj == NULL) goto done;
+      pmeta = PyObject_CallFunctionObjArgs(prompt_hook, out, kobj, NULL);
+      Py_DECREF(kobj);
+      if (pmeta == NULL) goto done;
+      if (pmeta != Py_None) {
+        char *pbuf = NULL;
+        Py_ssize_t plen = 0;
+        if (PyBytes_AsStringAndSize(pmeta, &pbuf, &plen) < 0) goto done;
+        uint8_t hdr[HDR];
+        make_header(hdr, SHIM_EV_PROMPT_LOGPROBS, 0, 0, 0, key >> 16, 0, (size_t)plen);
+        if (stage_flush() < 0 || outbox_put(hdr, HDR, NULL, 0, NULL, 0, pbuf, (size_t)plen) < 0) goto done;
+      }
+    }
+  }
   if (emit_delta(key >> 16, (long)(key & 0xffff), toks, is_list, "", 0, finish, mbuf, mlen) < 0) goto done;
   rc = 0;
   if (reason != Py_None) {
@@ -729,10 +750,13 @@ done:
   Py_XDECREF(reason);
   Py_XDECREF(lp);
   Py_XDECREF(meta);
+  Py_XDECREF(plp);
+  Py_XDECREF(pmeta);
   return rc;
 }
 
-/* relay(outputs: list, routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta) -> list[str]
+/* relay(outputs: list, routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta[, prompt_hook])
+ *   -> list[str]
  * One engine step for every request at once: for each output in outputs (objects with the
  * attributes of vLLM's EngineCoreOutput: request_id, new_token_ids, finish_reason (None or an
  * int), new_logprobs), routes[request_id] is the key go_id << 16 | choice index (outputs of
@@ -740,14 +764,18 @@ done:
  * (SHIM_FINISH_ERROR for a reason outside it), and logprobs_meta (None: logprobs are never read)
  * is called with the output, when its new_logprobs is not None, for the record's meta bytes.
  * Frames one delta record per output with no text (Go detokenizes) and returns the request ids
- * that finished. No Python code runs per output except logprobs_meta. */
+ * that finished. prompt_hook (absent or None: never read) is called as prompt_hook(output, key)
+ * when an output's new_prompt_logprobs_tensors is not None; bytes it returns go to Go as an
+ * EV_PROMPT_LOGPROBS record of request key >> 16, before the output's delta (None: nothing).
+ * No Python code runs per output except logprobs_meta. */
 static PyObject *py_relay(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
-  if (nargs != 4) {
-    PyErr_SetString(PyExc_TypeError, "relay(outputs, routes, finish_codes, logprobs_meta) takes 4 arguments");
+  if (nargs != 4 && nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "relay(outputs, routes, finish_codes, logprobs_meta[, prompt_hook]) takes 4 or 5 arguments");
     return NULL;
   }
   PyObject *outputs = args[0], *routes = args[1], *finish_codes = args[2], *logprobs_meta = args[3];
+  PyObject *prompt_hook = nargs == 5 ? args[4] : Py_None;
   if (!PyList_Check(outputs) || !PyDict_Check(routes) || !PyTuple_Check(finish_codes)) {
     PyErr_SetString(PyExc_TypeError, "relay: outputs must be a list, routes a dict, finish_codes a tuple");
     return NULL;
@@ -759,7 +787,7 @@ static PyObject *py_relay(PyObject *self, PyObject *const *args, Py_ssize_t narg
     PyObject *out = PyList_GetItem(outputs, i); /* borrowed */
     if (out == NULL) break;
     Py_INCREF(out);
-    int rc = relay_one(out, routes, finish_codes, logprobs_meta, finished);
+    int rc = relay_one(out, routes, finish_codes, logprobs_meta, prompt_hook, finished);
     Py_DECREF(out);
     if (rc < 0) {
       Py_DECREF(finished);
@@ -901,7 +929,7 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
 static PyMethodDef shim_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
     {"encode", (PyCFunction)(void (*)(void))py_encode, METH_FASTCALL, "encode(text, add_special_tokens) -> list[int] | None"},
-    {"relay", (PyCFunction)(void (*)(void))py_relay, METH_FASTCALL, "relay(outputs, routes, finish_codes, logprobs_meta) -> finished request ids"},
+    {"relay", (PyCFunction)(void (*)(void))py_relay, METH_FASTCALL, "relay(outputs, routes, finish_codes, logprobs_meta[, prompt_hook]) -> finished request ids"},
     {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
     {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): does nothing; a benchmark baseline, not used by the bridge"},
     {"flush", py_flush, METH_NOARGS, "flush(): deliver the staged token records"},
@@ -979,7 +1007,8 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
   s_new_token_ids = PyUnicode_InternFromString("new_token_ids");
   s_finish_reason = PyUnicode_InternFromString("finish_reason");
   s_new_logprobs = PyUnicode_InternFromString("new_logprobs");
-  if (!int_zero || !s_request_id || !s_new_token_ids || !s_finish_reason || !s_new_logprobs) {
+  s_new_prompt_logprobs = PyUnicode_InternFromString("new_prompt_logprobs_tensors");
+  if (!int_zero || !s_request_id || !s_new_token_ids || !s_finish_reason || !s_new_logprobs || !s_new_prompt_logprobs) {
     set_error_from_python("shim_init: interning names");
     return init_failed_after_start();
   }

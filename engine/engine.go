@@ -295,7 +295,7 @@ func (e *Engine) poll() {
 // handle routes one event. It runs on the poller and must never block.
 func (e *Engine) handle(ev *event) {
 	switch ev.kind {
-	case evDelta, evEnd, evError, evPrompt, evParsed:
+	case evDelta, evEnd, evError, evPrompt, evParsed, evPromptLogprobs:
 		var s *Stream
 		if ev.kind == evDelta && ev.reqID == e.lastID && e.last != nil {
 			s = e.last // consecutive events of one request skip the table
@@ -322,6 +322,8 @@ func (e *Engine) handle(ev *event) {
 			if tok := e.tok.Load(); tok != nil {
 				s.text = newTextState(tok, &s.sampling, prompt)
 			}
+		case evPromptLogprobs:
+			s.addPromptLogprobs(ev.meta, e.tok.Load())
 		case evDelta:
 			if !s.pushEvent(ev) {
 				e.abort(s.id)

@@ -5,8 +5,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"sync"
 	"sync/atomic"
+
+	"github.com/govllm/govllm/detok"
+	"github.com/govllm/govllm/llm"
 )
 
 // nextRequestID numbers the requests (and stats queries) of every Engine in the process. The
@@ -40,6 +44,9 @@ type Stream struct {
 	usage   Usage
 	ctxErr  error
 	prompt  []int32 // the prompt event's ids
+	// promptLogprobs are the prompt logprobs events' positions (position 0 first), when the
+	// request asked for them.
+	promptLogprobs []PromptPosition
 }
 
 // pendingDelta is an unread delta; more holds text merged into it, appended in amortized O(1).
@@ -302,4 +309,95 @@ func (s *Stream) Close() {
 		s.e.abort(s.id)
 	}
 	s.wake()
+}
+
+// PromptPosition is llm.PromptPosition.
+type PromptPosition = llm.PromptPosition
+
+// promptLogprobsPiece is the meta of an evPromptLogprobs event: the rows of consecutive prompt
+// positions from position 1 on (a backend that prefills in chunks sends several pieces, in
+// order). Row r holds the position's prompt token first, then the most likely tokens;
+// Ranks[r] is the rank of that prompt token.
+type promptLogprobsPiece struct {
+	TokenIDs [][]int32   `json:"token_ids"`
+	Logprobs [][]float64 `json:"logprobs"`
+	Ranks    []int       `json:"ranks"`
+}
+
+// addPromptLogprobs appends the positions of an evPromptLogprobs event (poller only). tok, when
+// Go detokenizes, gives the tokens' texts as vLLM decodes them (detok.LogprobText with the
+// prompt before the position as context).
+func (s *Stream) addPromptLogprobs(meta []byte, tok *detok.Tokenizer) {
+	var piece promptLogprobsPiece
+	if err := json.Unmarshal(meta, &piece); err != nil || len(piece.Logprobs) != len(piece.TokenIDs) ||
+		len(piece.Ranks) != len(piece.TokenIDs) {
+		s.e.log.Warn("engine: malformed prompt logprobs", "request", s.id, "err", err)
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	prompt := s.prompt
+	if len(s.promptLogprobs) == 0 {
+		first := PromptPosition{}
+		if tok != nil && len(prompt) > 0 {
+			first.Token = tok.Decode(prompt[:1], detok.Options{})
+		}
+		s.promptLogprobs = append(s.promptLogprobs, first)
+	}
+	for r, ids := range piece.TokenIDs {
+		pos := len(s.promptLogprobs)
+		var ctx []int32
+		if pos <= len(prompt) {
+			ctx = prompt[:pos]
+		}
+		entries := make([]llm.PromptLogprob, 0, len(ids))
+		for c, id := range ids {
+			if c >= len(piece.Logprobs[r]) {
+				break
+			}
+			rank := c // the most likely tokens rank 1, 2, ...
+			if c == 0 {
+				rank = piece.Ranks[r]
+			}
+			e := llm.PromptLogprob{TokenID: id, Logprob: floorLogprob(piece.Logprobs[r][c]), Rank: rank}
+			if tok != nil {
+				e.Token = tok.LogprobText(id, ctx)
+			}
+			// A token id appears once, where it first appears, with its later value (a dict
+			// keyed by token id, as vLLM builds it).
+			dup := false
+			for i := range entries {
+				if entries[i].TokenID == id {
+					entries[i].Logprob, entries[i].Rank, dup = e.Logprob, e.Rank, true
+					break
+				}
+			}
+			if !dup {
+				entries = append(entries, e)
+			}
+		}
+		p := PromptPosition{Entries: entries}
+		if len(entries) > 0 {
+			p.Token = entries[0].Token
+		}
+		s.promptLogprobs = append(s.promptLogprobs, p)
+	}
+}
+
+// floorLogprob floors -inf and NaN, which JSON cannot carry.
+func floorLogprob(lp float64) float64 {
+	if math.IsNaN(lp) || lp < logprobFloor {
+		return logprobFloor
+	}
+	return lp
+}
+
+// PromptLogprobs returns the prompt's logprobs when the request set
+// SamplingParams.PromptLogprobs: one position per prompt token, the first without logprobs.
+// They are complete by the time Recv returns the first delta; nil before, and for backends
+// that do not compute them. The slice must not be modified.
+func (s *Stream) PromptLogprobs() []PromptPosition {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.promptLogprobs
 }

@@ -36,6 +36,25 @@ type TokenLogprob struct {
 	Top []TokenLogprob `json:"top,omitempty"`
 }
 
+// PromptLogprob is one entry of a prompt position's logprobs: vLLM's Logprob.
+type PromptLogprob struct {
+	TokenID int32
+	Logprob float64 // natural log; -9999 stands for -inf
+	// Rank is the token's rank at its position, 1 the most likely.
+	Rank int
+	// Token is the decoded token, as vLLM's decoded_token.
+	Token string
+}
+
+// PromptPosition holds the logprobs of one prompt token, given the tokens before it.
+type PromptPosition struct {
+	// Token is the prompt token's text: decoded alone at position 0, else Entries[0].Token.
+	Token string
+	// Entries are the prompt token itself first, then the most likely tokens, most likely
+	// first, without repeating a token id; nil at position 0, which has no logprob.
+	Entries []PromptLogprob
+}
+
 // Usage counts the tokens of a finished request.
 type Usage struct {
 	PromptTokens     int `json:"prompt_tokens"`

@@ -36,6 +36,26 @@ type Request struct {
 	Tools json.RawMessage `json:"tools,omitempty"`
 	// Parsing, when set, splits the output into content, reasoning and tool calls.
 	Parsing *Parsing `json:"parsing,omitempty"`
+	// Chat, when set, holds vLLM's chat-rendering options; nil renders Messages as vLLM does
+	// by default (a generation prompt added).
+	Chat *ChatOptions `json:"chat,omitempty"`
+}
+
+// ChatOptions are vLLM's chat-template options of a chat request.
+type ChatOptions struct {
+	// AddGenerationPrompt ends the rendered messages with the assistant's turn header (vLLM's
+	// default, true).
+	AddGenerationPrompt bool `json:"add_generation_prompt"`
+	// ContinueFinalMessage renders the last message open (no end-of-turn), so the model
+	// continues it; it excludes AddGenerationPrompt.
+	ContinueFinalMessage bool `json:"continue_final_message"`
+	// AddSpecialTokens adds the tokenizer's special tokens (BOS, ...) on top of the template's
+	// (vLLM's add_special_tokens, false for chat by default).
+	AddSpecialTokens bool `json:"add_special_tokens,omitempty"`
+	// TemplateKwargs are extra variables for the chat template (vLLM's chat_template_kwargs).
+	TemplateKwargs map[string]json.RawMessage `json:"chat_template_kwargs,omitempty"`
+	// Documents are handed to the template for retrieval-augmented generation.
+	Documents []map[string]string `json:"documents,omitempty"`
 }
 
 // Validate reports whether the request is well formed before it reaches the engine. It checks
@@ -54,6 +74,9 @@ func (r *Request) Validate() error {
 	}
 	if n != 1 {
 		return &RequestError{Status: 400, Type: "BadRequestError", Message: "exactly one of messages, prompt and prompt_token_ids must be set"}
+	}
+	if r.Chat != nil && r.Chat.AddGenerationPrompt && r.Chat.ContinueFinalMessage {
+		return invalid("continue_final_message", "Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
 	}
 	return r.Sampling.Validate()
 }

@@ -44,6 +44,10 @@ type SamplingParams struct {
 	// Logprobs, when set, asks for the log probability of every generated token and of the
 	// *Logprobs most likely tokens at each position (0 to 20; Delta.Logprobs). Unset means none.
 	Logprobs *int `json:"logprobs,omitempty"`
+	// PromptLogprobs, when set, asks for the log probability of every prompt token after the
+	// first and of the *PromptLogprobs most likely tokens at each position (0 to 20; vLLM's
+	// prompt_logprobs). Unset means none.
+	PromptLogprobs *int `json:"prompt_logprobs,omitempty"`
 	// IncludeStopStrInOutput keeps a matched stop string (or stop token's text) in the output.
 	IncludeStopStrInOutput bool `json:"include_stop_str_in_output,omitempty"`
 	// SkipSpecialTokens drops special tokens from the text; nil means true (vLLM's default).
@@ -88,6 +92,8 @@ func (sp *SamplingParams) Validate() error {
 		return invalid("min_tokens", "min_tokens must be less than or equal to max_tokens=%d, got %d", sp.MaxTokens, sp.MinTokens)
 	case sp.Logprobs != nil && (*sp.Logprobs < 0 || *sp.Logprobs > MaxLogprobs):
 		return invalid("logprobs", "logprobs must be in [0, %d], got %d", MaxLogprobs, *sp.Logprobs)
+	case sp.PromptLogprobs != nil && (*sp.PromptLogprobs < 0 || *sp.PromptLogprobs > MaxLogprobs):
+		return invalid("prompt_logprobs", "prompt_logprobs must be in [0, %d], got %d", MaxLogprobs, *sp.PromptLogprobs)
 	case sp.StructuredOutputs != nil && sp.StructuredOutputs.Set() != 1:
 		return invalid("structured_outputs", "structured_outputs must set exactly one of json, json_object, regex, choice and grammar")
 	}

@@ -89,6 +89,8 @@ type chatCompletion struct {
 	Usage             usage              `json:"usage"`
 	SystemFingerprint string             `json:"system_fingerprint"`
 	PromptTokenIDs    *[]int32           `json:"prompt_token_ids,omitempty"` // with return_token_ids
+	// PromptLogprobs are vLLM's prompt_logprobs, when asked for (or with echo).
+	PromptLogprobs *promptLogprobsJSON `json:"prompt_logprobs,omitempty"`
 }
 
 type completionChoice struct {
@@ -241,7 +243,10 @@ func (chatFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 	if first {
 		empty := ""
 		chunk.Usage = c.usageSoFar(d.Index, false) // vLLM's role chunk counts no output yet
-		emit(chunkDelta{Role: assistantRole, Content: &empty}, nil, nil, nil)
+		emit(chunkDelta{Role: c.params.respRole(), Content: &empty}, nil, nil, nil)
+		if e := c.params.chatEcho; e != nil && *e != "" {
+			emit(chunkDelta{Content: e}, nil, nil, nil) // vLLM's echo: the last message, once per choice
+		}
 	}
 	chunk.Usage = c.usageSoFar(d.Index, true)
 	var ids *[]int32
@@ -291,6 +296,7 @@ func (chatFormat) response(c *call, outs []choiceOut, u usage) any {
 		Usage:             u,
 		SystemFingerprint: c.fingerprint,
 		PromptTokenIDs:    c.promptIDs(),
+		PromptLogprobs:    c.promptLogprobsOut(),
 	}
 	for i := range resp.Choices {
 		o := &outs[i]
@@ -303,11 +309,15 @@ func (chatFormat) response(c *call, outs []choiceOut, u usage) any {
 				}
 			}
 		}
-		msg := assistantMessage{Role: assistantRole, Content: &o.text, ToolCalls: o.toolCalls}
+		msg := assistantMessage{Role: c.params.respRole(), Content: &o.text, ToolCalls: o.toolCalls}
 		if msg.ToolCalls == nil {
 			msg.ToolCalls = []llm.ToolCall{}
 		} else if o.text == "" {
 			msg.Content = nil
+		}
+		if e := c.params.chatEcho; e != nil {
+			full := *e + o.text // vLLM: echo + (content or "")
+			msg.Content = &full
 		}
 		if o.reasoning != "" {
 			msg.Reasoning = &o.reasoning

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"unicode/utf8"
 
 	"github.com/govllm/govllm/llm"
 )
@@ -25,6 +26,8 @@ type completionRequest struct {
 	Logprobs  *int            `json:"logprobs"`
 	Suffix    *string         `json:"suffix"`
 	BestOf    *int            `json:"best_of"`
+	// AddSpecialTokens false (vLLM: tokenize the prompt without BOS etc.) is refused.
+	AddSpecialTokens *bool `json:"add_special_tokens"`
 	samplingRequest
 }
 
@@ -61,8 +64,8 @@ func (c *completionRequest) toEngine(m llm.ModelInfo) (reqs []llm.Request, p cal
 	switch {
 	case c.Logprobs != nil && (*c.Logprobs < 0 || *c.Logprobs > maxLogprobs):
 		e = badRequest("logprobs", "logprobs must be in [0, %d], got %d.", maxLogprobs, *c.Logprobs)
-	case c.Logprobs != nil && c.Echo:
-		e = badRequest("logprobs", "logprobs with echo (prompt logprobs) are not supported.")
+	case c.AddSpecialTokens != nil && !*c.AddSpecialTokens:
+		e = badRequest("add_special_tokens", "add_special_tokens false is not supported on completions.")
 	case c.Suffix != nil && *c.Suffix != "":
 		e = badRequest("suffix", "suffix is not supported.")
 	case c.BestOf != nil && *c.BestOf != p.n && *c.BestOf != 1:
@@ -78,6 +81,16 @@ func (c *completionRequest) toEngine(m llm.ModelInfo) (reqs []llm.Request, p cal
 		n := *c.Logprobs
 		sp.Logprobs = &n
 		p.logprobs = true
+		p.topLogprobs = n
+		if c.Echo {
+			// vLLM: the echoed prompt's logprobs lead the choice's (prompt_logprobs defaults to
+			// logprobs), and the unstreamed choice carries them as prompt_logprobs too.
+			p.echoLogprobs = true
+			if sp.PromptLogprobs == nil {
+				sp.PromptLogprobs = &n
+				p.promptLogprobs = !c.Stream
+			}
+		}
 	}
 	if len(prompts) > 1 && m.MaxModelLen > 0 {
 		// What can be checked before anything starts is: one prompt too long fails them all.
@@ -282,28 +295,33 @@ type textChoice struct {
 	TokenIDs   *[]int32 `json:"token_ids,omitempty"` // with return_token_ids
 	// PromptTokenIDs (return_token_ids): with a choice's first chunk, or on every choice.
 	PromptTokenIDs *[]int32 `json:"prompt_token_ids,omitempty"`
+	// PromptLogprobs are vLLM's prompt_logprobs (unstreamed), when asked for.
+	PromptLogprobs *promptLogprobsJSON `json:"prompt_logprobs,omitempty"`
 }
 
 // textLogprobs are the legacy completions logprobs of a choice (or of a streamed increment).
 type textLogprobs struct {
 	Tokens        []string             `json:"tokens"`
-	TokenLogprobs []float64            `json:"token_logprobs"`
+	TokenLogprobs []*float64           `json:"token_logprobs"` // null for an echoed prompt's first token
 	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
 	TextOffset    []int                `json:"text_offset"`
 }
 
-// toTextLogprobs converts lps; offset is where the first token starts in the choice's text.
+// toTextLogprobs converts lps; offset is where the first token starts in the choice's text (in
+// characters, as vLLM counts). As in vLLM, top_logprobs holds the sampled token too, so
+// logprobs 0 gives it alone.
 func toTextLogprobs(lps []llm.TokenLogprob, offset int) *textLogprobs {
 	t := &textLogprobs{
 		Tokens:        make([]string, len(lps)),
-		TokenLogprobs: make([]float64, len(lps)),
+		TokenLogprobs: make([]*float64, len(lps)),
 		TopLogprobs:   make([]map[string]float64, len(lps)),
 		TextOffset:    make([]int, len(lps)),
 	}
 	for i, lp := range lps {
 		t.Tokens[i] = lp.Token
-		t.TokenLogprobs[i] = lp.Logprob
-		top := make(map[string]float64, len(lp.Top))
+		t.TokenLogprobs[i] = &lps[i].Logprob
+		top := make(map[string]float64, len(lp.Top)+1)
+		top[lp.Token] = lp.Logprob
 		for _, e := range lp.Top {
 			if _, dup := top[e.Token]; !dup { // the most likely of tokens that decode alike
 				top[e.Token] = e.Logprob
@@ -311,7 +329,7 @@ func toTextLogprobs(lps []llm.TokenLogprob, offset int) *textLogprobs {
 		}
 		t.TopLogprobs[i] = top
 		t.TextOffset[i] = offset
-		offset += len(lp.Token)
+		offset += utf8.RuneCountInString(lp.Token)
 	}
 	return t
 }
@@ -336,7 +354,13 @@ func (textFormat) writeDelta(sw *sseWriter, c *call, d llm.Delta, first bool) {
 		}
 	}
 	if c.params.logprobs {
-		one[0].Logprobs = toTextLogprobs(d.Logprobs, c.textOffset[d.Index])
+		if first && c.params.echoLogprobs {
+			echo, off := echoTextLogprobs(c.promptPositions(), c.params.topLogprobs)
+			c.textOffset[d.Index] = off
+			one[0].Logprobs = joinTextLogprobs(echo, toTextLogprobs(d.Logprobs, off))
+		} else {
+			one[0].Logprobs = toTextLogprobs(d.Logprobs, c.textOffset[d.Index])
+		}
 		c.textOffset[d.Index] = advanceOffset(c.textOffset[d.Index], d.Logprobs)
 	}
 	if d.FinishReason != "" {
@@ -361,7 +385,7 @@ func (textFormat) usageChunk(c *call, u usage) any {
 // advanceOffset is offset past the tokens of lps.
 func advanceOffset(offset int, lps []llm.TokenLogprob) int {
 	for _, lp := range lps {
-		offset += len(lp.Token)
+		offset += utf8.RuneCountInString(lp.Token)
 	}
 	return offset
 }
@@ -380,8 +404,14 @@ func (textFormat) response(c *call, outs []choiceOut, u usage) any {
 		resp.Choices[i] = textChoice{Index: i, Text: outs[i].text, FinishReason: &outs[i].reason,
 			StopReason: outs[i].stopReason}
 		if c.params.logprobs {
-			resp.Choices[i].Logprobs = toTextLogprobs(outs[i].logprobs, 0)
+			if c.params.echoLogprobs {
+				echo, off := echoTextLogprobs(c.promptPositions(), c.params.topLogprobs)
+				resp.Choices[i].Logprobs = joinTextLogprobs(echo, toTextLogprobs(outs[i].logprobs, off))
+			} else {
+				resp.Choices[i].Logprobs = toTextLogprobs(outs[i].logprobs, 0)
+			}
 		}
+		resp.Choices[i].PromptLogprobs = c.promptLogprobsOut()
 		if c.params.tokenIDs {
 			resp.Choices[i].TokenIDs = nonNilIDs(c.tokenIDs[i])
 			resp.Choices[i].PromptTokenIDs = c.choicePromptIDs(i)

@@ -103,7 +103,6 @@ func TestCompletionBadRequests(t *testing.T) {
 		{name: "max_tokens over context", body: `{"prompt":"a","max_tokens":100000}`, param: "max_tokens"},
 		{name: "logprobs above 20", body: `{"prompt":"a","logprobs":21}`, param: "logprobs"},
 		{name: "logprobs negative", body: `{"prompt":"a","logprobs":-1}`, param: "logprobs"},
-		{name: "logprobs with echo", body: `{"prompt":"a","logprobs":1,"echo":true}`, param: "logprobs"},
 		{name: "suffix", body: `{"prompt":"a","suffix":"end"}`, param: "suffix"},
 		{name: "best_of", body: `{"prompt":"a","best_of":3}`, param: "best_of"},
 		{name: "temperature", body: `{"prompt":"a","temperature":9}`, param: "temperature"},

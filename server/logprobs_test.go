@@ -81,10 +81,11 @@ func TestCompletionLogprobs(t *testing.T) {
 	s := newTestServer(t, backendWith(scripted(llm.Usage{PromptTokens: 1, CompletionTokens: 2}, nil, logprobDeltas()...), &got))
 	rec := do(s, http.MethodPost, "/v1/completions", `{"prompt":"a","logprobs":1}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+	// As vLLM, top_logprobs holds the sampled token as well as the most likely ones.
 	require.JSONEq(t, `{
 		"id":"cmpl-test","object":"text_completion","created":1700000000,"model":"test-model",
 		"choices":[{"index":0,"text":"Hi!","finish_reason":"stop","stop_reason":null,
-			"logprobs":{"tokens":["Hi","!"],"token_logprobs":[-0.5,-1.25],"top_logprobs":[{"Hi":-0.5},{".":-1}],"text_offset":[0,2]}}],
+			"logprobs":{"tokens":["Hi","!"],"token_logprobs":[-0.5,-1.25],"top_logprobs":[{"Hi":-0.5},{"!":-1.25,".":-1}],"text_offset":[0,2]}}],
 		"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},
 		"system_fingerprint":"govllm-fake"
 	}`, rec.Body.String())
@@ -95,5 +96,5 @@ func TestCompletionLogprobs(t *testing.T) {
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	body := rec.Body.String()
 	require.Equal(t, 1, strings.Count(body, `"logprobs":{"tokens":["Hi"],"token_logprobs":[-0.5],"top_logprobs":[{"Hi":-0.5}],"text_offset":[0]}`), body)
-	require.Equal(t, 1, strings.Count(body, `"logprobs":{"tokens":["!"],"token_logprobs":[-1.25],"top_logprobs":[{".":-1}],"text_offset":[2]}`), body)
+	require.Equal(t, 1, strings.Count(body, `"logprobs":{"tokens":["!"],"token_logprobs":[-1.25],"top_logprobs":[{"!":-1.25,".":-1}],"text_offset":[2]}`), body)
 }

@@ -45,6 +45,14 @@ type chatRequest struct {
 	// reasoning_effort is refused (the engine takes no chat-template arguments).
 	IncludeReasoning *bool           `json:"include_reasoning"`
 	ReasoningEffort  json.RawMessage `json:"reasoning_effort"`
+	// vLLM's chat extensions (chatfields.go).
+	Echo                 bool                       `json:"echo"`
+	AddGenerationPrompt  *bool                      `json:"add_generation_prompt"`
+	ContinueFinalMessage bool                       `json:"continue_final_message"`
+	AddSpecialTokens     bool                       `json:"add_special_tokens"`
+	ChatTemplateKwargs   map[string]json.RawMessage `json:"chat_template_kwargs"`
+	Documents            []map[string]string        `json:"documents"`
+	ChatTemplate         *string                    `json:"chat_template"`
 	samplingRequest
 }
 
@@ -80,6 +88,9 @@ type samplingRequest struct {
 	StructuredOutputs *structuredOutputs `json:"structured_outputs"`
 	AllowedTokenIDs   []int32            `json:"allowed_token_ids"`
 	BadWords          []string           `json:"bad_words"`
+	// PromptLogprobs is vLLM's prompt_logprobs (chatfields.go).
+	PromptLogprobs *int `json:"prompt_logprobs"`
+	vllmRefused
 }
 
 type streamOptions struct {
@@ -171,6 +182,12 @@ type callParams struct {
 	// continuousUsage (stream_options.continuous_usage_stats with include_usage): every chunk
 	// carries the usage of its choice so far.
 	continuousUsage bool
+	// vLLM's extensions (chatfields.go).
+	promptLogprobs bool    // the answer carries prompt_logprobs (not streamed)
+	echoLogprobs   bool    // text completions with echo and logprobs: prompt logprobs lead each choice's
+	topLogprobs    int     // text completions: the logprobs asked for (top entries per token)
+	role           string  // chat: the response's role; "" is "assistant"
+	chatEcho       *string // chat with echo: the last message's content if its role is the response's ("" if not)
 	// Chat only.
 	forced        *forcedTools // tool_choice "required" or named: the server makes the calls
 	singleCall    bool         // auto tool choice with parallel_tool_calls false: keep call 0 only
@@ -268,6 +285,9 @@ func (c *chatRequest) toEngine(m llm.ModelInfo) (llm.Request, callParams, *apiEr
 	if err := c.applyTools(&req, &p, m); err != nil {
 		return req, p, err
 	}
+	if err := c.applyChatFields(&req, &p); err != nil {
+		return req, p, err
+	}
 	return req, p, nil
 }
 
@@ -363,6 +383,12 @@ func (c *samplingRequest) apply(sp *llm.SamplingParams, p *callParams, m llm.Mod
 	}
 	if c.UseBeamSearch {
 		return badRequest("use_beam_search", "beam search is not supported.")
+	}
+	if err := c.vllmRefused.check(); err != nil {
+		return err
+	}
+	if err := c.applyPromptLogprobs(sp, p); err != nil {
+		return err
 	}
 	return c.constraints(sp, m)
 }

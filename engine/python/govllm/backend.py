@@ -57,6 +57,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0; 1 = off
     min_tokens: int = 0
     logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
+    # None = off; N = each prompt token's logprob (after the first) and the N most likely there
+    # (vLLM's prompt_logprobs; emitted as EV_PROMPT_LOGPROBS before the first delta).
+    prompt_logprobs: int | None = None
     # Text options. Go applies them for token-id backends (it detokenizes and matches stop
     # strings); a text backend (generate) gets them to apply itself.
     include_stop_str_in_output: bool = False
@@ -119,6 +122,9 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):
             raise RequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}", param="logprobs")
+        plp = self.prompt_logprobs
+        if plp is not None and (isinstance(plp, bool) or not isinstance(plp, int) or not 0 <= plp <= 20):
+            raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {plp!r}", param="prompt_logprobs")
         so = self.structured_outputs
         if so is not None:
             kinds = [k for k in STRUCTURED_KINDS if so.get(k) not in (None, False, "")]
@@ -236,16 +242,64 @@ def _chat_message(m: Any) -> Any:
     return msg
 
 
+@dataclasses.dataclass
+class ChatOptions:
+    """vLLM's chat-template options of a request (Go's llm.ChatOptions)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # encode the rendered text with the tokenizer's special tokens
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables
+    documents: list[dict[str, str]] | None = None  # for RAG templates
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ChatOptions":
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise RequestError("chat must be an object", param="chat")
+        opts = cls(add_generation_prompt=bool(d.get("add_generation_prompt", True)),
+                   continue_final_message=bool(d.get("continue_final_message", False)),
+                   add_special_tokens=bool(d.get("add_special_tokens", False)),
+                   chat_template_kwargs=d.get("chat_template_kwargs") or None,
+                   documents=d.get("documents"))
+        if opts.chat_template_kwargs is not None and not isinstance(opts.chat_template_kwargs, dict):
+            raise RequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+        if opts.documents is not None and not isinstance(opts.documents, list):
+            raise RequestError("documents must be an array of objects", param="documents")
+        if opts.add_generation_prompt and opts.continue_final_message:
+            raise RequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                               param="continue_final_message")
+        return opts
+
+
+# apply_chat_template arguments a chat_template_kwargs key may not override.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"add_generation_prompt", "continue_final_message", "documents", "tools",
+                                       "chat_template", "tokenize", "return_dict", "conversation", "messages"})
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                chat_template: str | None = None) -> Any:
-    """The chat template (``chat_template``, else the tokenizer's) applied to OpenAI messages, with a
-    generation prompt and untokenized. Text parts are joined; assistant tool calls' ``arguments``
-    become dicts and ``tool`` messages keep ``tool_call_id``/``name`` (as vLLM renders for HF
-    templates); ``tools`` (OpenAI tool objects) go to the template. Template errors (jinja
-    raise_exception, bad roles) become the client's 400. Most tokenizers return a string, some
-    (mistral) token ids."""
+                chat_template: str | None = None, options: ChatOptions | None = None) -> Any:
+    """The chat template (``chat_template``, else the tokenizer's) applied to OpenAI messages,
+    untokenized, with a generation prompt unless ``options`` say otherwise (vLLM's
+    add_generation_prompt; continue_final_message leaves the last message open; documents and
+    chat_template_kwargs go to the template). Text parts are joined; assistant tool calls'
+    ``arguments`` become dicts and ``tool`` messages keep ``tool_call_id``/``name`` (as vLLM
+    renders for HF templates); ``tools`` (OpenAI tool objects) go to the template. Template
+    errors (jinja raise_exception, bad roles) become the client's 400. Most tokenizers return a
+    string, some (mistral) token ids."""
+    opts = options or ChatOptions()
     msgs = [_chat_message(m) for m in messages]
-    kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
+    kwargs: dict[str, Any] = {}
+    for key, value in (opts.chat_template_kwargs or {}).items():
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise RequestError(f"chat_template_kwargs.{key}: set it as a request field", param="chat_template_kwargs")
+        kwargs[key] = value
+    kwargs.update(add_generation_prompt=opts.add_generation_prompt, tokenize=False)
+    if opts.continue_final_message:
+        kwargs["continue_final_message"] = True
+    if opts.documents is not None:
+        kwargs["documents"] = opts.documents
     if tools:
         kwargs["tools"] = tools
     if chat_template is not None:
@@ -256,6 +310,23 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict
         raise
     except Exception as exc:
         raise RequestError(f"chat template error: {exc}", param="messages") from exc
+
+
+def prompt_logprobs_meta(token_ids: Any, logprobs: Any, ranks: Any) -> bytes:
+    """The meta of an EV_PROMPT_LOGPROBS record (engine/stream.go addPromptLogprobs): for prompt
+    positions 1, 2, ... (row r: the logprob of prompt token r + 1 given those before it) the token
+    ids (column 0 the prompt token, then the most likely by rank), their logprobs (-inf and NaN
+    as -9999, which JSON can carry) and the prompt token's rank. Array-likes of shape [rows, k+1],
+    [rows, k+1] and [rows] (numpy, or CPU torch tensors)."""
+    import numpy as np
+
+    if len(ranks) == 0:
+        return json.dumps({"token_ids": [], "logprobs": [], "ranks": []}).encode()
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(len(ranks), -1)
+    values = np.nan_to_num(np.asarray(logprobs, dtype=np.float64), nan=-9999.0, neginf=-9999.0)
+    values = np.maximum(values.reshape(ids.shape), -9999.0)
+    return json.dumps({"token_ids": ids.tolist(), "logprobs": values.tolist(),
+                       "ranks": np.asarray(ranks, dtype=np.int64).reshape(-1).tolist()}).encode()
 
 
 def load_chat_template(value: str | None) -> str | None:

@@ -254,6 +254,8 @@ class Bridge:
     def _prompt_ids(self, req: Request) -> list[int]:
         assert self.backend is not None
         if req.messages:
+            if req.chat is not None:
+                return self.backend.apply_chat_template(req.messages, tools=req.tools, options=req.chat)
             if req.tools:
                 return self.backend.apply_chat_template(req.messages, tools=req.tools)
             return self.backend.apply_chat_template(req.messages)
@@ -313,7 +315,14 @@ class Bridge:
         """A token-id backend: Go gets the prompt, the engine's steps reach Go through relay."""
         backend = self.backend
         assert backend is not None
+        plp = req.sampling.prompt_logprobs
+        compute = getattr(backend, "prompt_logprobs", None) if plp is not None else None
+        if plp is not None and compute is None and not getattr(backend, "relays_prompt_logprobs", False):
+            raise RequestError("prompt_logprobs are not supported by this backend", param="prompt_logprobs")
         shim.emit_event(req_id, EV_PROMPT, array.array("i", ids).tobytes())
+        if compute is not None:
+            # Before the request's deltas, which Go's answer puts after them.
+            shim.emit_event(req_id, EV_PROMPT_LOGPROBS, await compute(ids, int(plp)))
         done = await backend.submit(ids, req.sampling, rid, req_id)
         try:
             await done
@@ -325,6 +334,8 @@ class Bridge:
         """A backend that detokenizes itself (custom backends, the scripted test backend)."""
         backend = self.backend
         assert backend is not None
+        if req.sampling.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs are not supported by this backend", param="prompt_logprobs")
         emit = shim.emit
         async for d in backend.generate(ids, req.sampling, rid):
             usage["completion_tokens"] += len(d.token_ids)

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-from .backend import RequestError, SamplingParams
+from .backend import ChatOptions, RequestError, SamplingParams
 
 log = logging.getLogger("govllm")
 
@@ -59,6 +59,7 @@ class Request:
     tools: list[Any] | None = None  # OpenAI tools: rendered by the chat template, given to the parsers
     parsing: dict[str, Any] | None = None  # {"tool_calls", "reasoning", "streamed"}: run the parsers
     raw: dict[str, Any] | None = None  # the request as Go sent it (what the parsers read)
+    chat: ChatOptions | None = None  # chat-template options; None: vLLM's defaults
 
 
 def parse_request(data: bytes, fallback_id: str, defaults: dict[str, Any]) -> Request:
@@ -96,10 +97,11 @@ def parse_request(data: bytes, fallback_id: str, defaults: dict[str, Any]) -> Re
     parsing = req.get("parsing")
     if parsing is not None and not isinstance(parsing, dict):
         raise RequestError("parsing must be an object", param="parsing")
+    chat = ChatOptions.from_dict(req["chat"]) if req.get("chat") is not None else None
     return Request(request_id=request_id, messages=req.get("messages"), prompt=req.get("prompt"),
                    prompt_token_ids=ids, sampling=sampling,
                    default_max_tokens=int(default_max) if default_max is not None else None,
-                   tools=tools or None, parsing=parsing or None, raw=req)
+                   tools=tools or None, parsing=parsing or None, raw=req, chat=chat)
 
 
 def apply_default_max_tokens(req: Request, prompt_len: int, max_model_len: int) -> None:

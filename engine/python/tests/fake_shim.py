@@ -18,6 +18,7 @@ from helpers import relay_outputs
 
 EV_DELTA = 1  # shim.c frames emit's records with kind 1
 EV_PROMPT = 8  # its payload is int32s, not JSON
+EV_PROMPT_LOGPROBS = 12  # relay frames it from the prompt hook's bytes
 
 
 class FakeShim:
@@ -56,13 +57,17 @@ class FakeShim:
         self._record({"kind": int(kind), "req_id": int(req_id), "meta": meta})
 
     def relay(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
-              logprobs_meta: Any) -> list[str]:
-        """shim.c's relay: one delta record per routed output, the finished request ids returned."""
+              logprobs_meta: Any, prompt_hook: Any = None) -> list[str]:
+        """shim.c's relay: one delta record per routed output (an EV_PROMPT_LOGPROBS record first for
+        what prompt_hook returns), the finished request ids returned."""
         def record(r: dict[str, Any]) -> None:
+            if "prompt_logprobs" in r:
+                self._record({"kind": EV_PROMPT_LOGPROBS, "req_id": r["go_id"], "meta": r["prompt_logprobs"]})
+                return
             self._record({"kind": EV_DELTA, "req_id": r["go_id"], "index": r["index"], "tokens": r["ids"], "text": "",
                           "finish": r["finish"], "meta": r["meta"]})
 
-        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, record)
+        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, record, prompt_hook)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int] | None:
         """Go's prompt encoder: none here (the backend's tokenizer is used)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import itertools
+import json
 import operator
 import struct
 from collections.abc import Callable, Coroutine
@@ -17,14 +18,19 @@ FINISH_NAMES = {1: "stop", 2: "length", 3: "abort", 4: "error", 5: "stop"}
 
 
 def relay_outputs(outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta: Any,
-                  record: Callable[[dict[str, Any]], None]) -> list[str]:
+                  record: Callable[[dict[str, Any]], None], prompt_hook: Any = None) -> list[str]:
     """What shim.c's relay does, in Python: record(...) for each routed output as Go would receive
-    it ({"go_id", "index", "ids", "finish", "meta"}); the finished request ids returned."""
+    it ({"go_id", "index", "ids", "finish", "meta"}, or {"go_id", "prompt_logprobs"} for what
+    prompt_hook returns); the finished request ids returned."""
     finished = []
     for out in outputs:
         key = routes.get(out.request_id)
         if key is None:
             continue
+        if prompt_hook is not None and getattr(out, "new_prompt_logprobs_tensors", None) is not None:
+            pmeta = prompt_hook(out, key)
+            if pmeta is not None:
+                record({"go_id": key >> 16, "prompt_logprobs": json.loads(pmeta)})
         reason = out.finish_reason
         finish = 0 if reason is None else (finish_codes[int(reason)] if int(reason) < len(finish_codes) else 4)
         meta = logprobs_meta(out) if logprobs_meta is not None and out.new_logprobs is not None else None
@@ -43,9 +49,9 @@ class FakeRelay:
         self.calls = 0
 
     def __call__(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
-                 logprobs_meta: Any) -> list[str]:
+                 logprobs_meta: Any, prompt_hook: Any = None) -> list[str]:
         self.calls += 1
-        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, self.records.append)
+        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, self.records.append, prompt_hook)
 
 
 def decode_logprobs_meta(meta: bytes) -> list[dict[str, Any]]:

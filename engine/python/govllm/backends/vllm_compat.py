@@ -21,6 +21,10 @@ pinned vLLM by ``tests/test_vllm_compat.py`` (which fails the day an upgrade cha
   ``new_token_ids``, ``finish_reason`` (``FinishReason``, an IntEnum) and ``new_logprobs``
   (``LogprobsLists``: ``logprob_token_ids``, ``logprobs``, ``sampled_token_ranks``, one row per
   new token, column 0 the sampled token);
+- ``EngineCoreOutput.new_prompt_logprobs_tensors`` (``LogprobsTensors``: ``logprob_token_ids``,
+  ``logprobs``, ``selected_token_ranks``; one row per prompt position from the second, column 0
+  the prompt token), set on the outputs of the step(s) that prefilled a request with
+  ``SamplingParams.prompt_logprobs``;
 - child requests for ``n > 1`` named ``f"{index}_{parent_id}"`` with ``n=1`` and ``seed + index``
   (``vllm.v1.engine.parallel_sampling.ParentRequest``'s scheme, so seeded results match
   ``vllm serve``).
@@ -62,6 +66,13 @@ def logprobs_meta(output: Any) -> bytes:
     values = np.ascontiguousarray(lp.logprobs, dtype=np.float32).reshape(rows, cols)
     ranks = np.ascontiguousarray(lp.sampled_token_ranks, dtype=np.int32).reshape(rows)
     return struct.pack("<II", rows, cols) + ids.tobytes() + values.tobytes() + ranks.tobytes()
+
+
+def prompt_logprobs_arrays(output: Any) -> tuple[Any, Any, Any]:
+    """An output's new_prompt_logprobs_tensors as (token ids [rows, k+1], logprobs [rows, k+1],
+    ranks [rows]), CPU tensors."""
+    t = output.new_prompt_logprobs_tensors
+    return t.logprob_token_ids.cpu(), t.logprobs.cpu(), t.selected_token_ranks.cpu()
 
 
 async def supported_tasks(engine: Any) -> Any:

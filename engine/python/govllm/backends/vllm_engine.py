@@ -39,8 +39,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..backend import (
-    STRUCTURED_KINDS, EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams,
-    context_length_error, load_chat_template, render_chat,
+    STRUCTURED_KINDS, ChatOptions, EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams,
+    context_length_error, load_chat_template, prompt_logprobs_meta, render_chat,
 )
 from ..routes import RouteTable
 from .. import structured
@@ -57,6 +57,14 @@ GOVLLM_EXTRA_KEYS = frozenset({"kv_cache_gib", "pdeathsig", "debug", "tool_call_
                                "structured_output_timeout"})
 
 _ERROR_TYPES = {409: "ConflictError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+
+
+def _prompt_hook(output: Any, key: int) -> bytes | None:
+    """relay's prompt hook: the EV_PROMPT_LOGPROBS meta of an output that carries prompt logprobs,
+    for choice 0 only (every choice of an n > 1 request prefills the same prompt)."""
+    if key & 0xFFFF:
+        return None
+    return prompt_logprobs_meta(*vllm_compat.prompt_logprobs_arrays(output))
 
 
 def create(config: EngineConfig) -> "VLLMBackend":
@@ -233,6 +241,7 @@ def _current_platform() -> str:
 class VLLMBackend:
     name = ENGINE_NAME
     structured_outputs = True  # vLLM's own structured-output backends (xgrammar, guidance, outlines)
+    relays_prompt_logprobs = True  # SamplingParams.prompt_logprobs: relay's prompt hook sends them
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -246,6 +255,7 @@ class VLLMBackend:
         self.relay: Any = None  # _govllm_shim.relay, set by the bridge before start
         self.prompt_encoder = PromptEncoder(self._encode_with_tokenizer)
         self._table = RouteTable()  # vLLM request ids of each Go request's choices
+        self._prompt_logprobs: set[int] = set()  # Go ids of running requests that asked for prompt logprobs
         self._to_abort: list[str] = []
         self._pump: asyncio.Task | None = None
         self._tasks: Any = None
@@ -406,8 +416,8 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ tokenizer surface
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-                            ) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                            options: ChatOptions | None = None) -> list[int]:
         tok = self.tokenizer
         if tok is None:
             raise EngineDeadError("the vllm engine is not started")
@@ -415,9 +425,9 @@ class VLLMBackend:
         if not template and hasattr(tok, "chat_template") and not getattr(tok, "chat_template", None):
             raise RequestError("this model has no chat template: use the completions endpoint or --chat-template",
                                param="messages")
-        rendered = render_chat(tok, messages, tools, template)
+        rendered = render_chat(tok, messages, tools, template, options)
         if isinstance(rendered, str):
-            return self.prompt_encoder(rendered, False)
+            return self.prompt_encoder(rendered, bool(options and options.add_special_tokens))
         return [int(t) for t in rendered]  # tokenizers whose template returns ids (mistral)
 
     def encode(self, prompt: str) -> list[int]:
@@ -478,6 +488,8 @@ class VLLMBackend:
         )
         if sampling.logprobs is not None:
             kwargs["logprobs"] = int(sampling.logprobs)
+        if sampling.prompt_logprobs is not None:
+            kwargs["prompt_logprobs"] = int(sampling.prompt_logprobs)
         if sampling.logit_bias:
             kwargs["logit_bias"] = dict(sampling.logit_bias)
         if sampling.allowed_token_ids:
@@ -563,6 +575,10 @@ class VLLMBackend:
                 raise err from exc
             raise
         req = self._table.add(go_id, [c.request_id for c in children])
+        if sampling.prompt_logprobs is not None:
+            # The pump hands relay its prompt hook while such a request runs (prefill only).
+            self._prompt_logprobs.add(go_id)
+            req.done.add_done_callback(lambda _f, g=go_id: self._prompt_logprobs.discard(g))
         if getattr(self.engine, "output_handler", None) is not None:
             log.warning("AsyncLLM started its output handler: stopping it (it would take the engine's outputs)")
             await vllm_compat.detach_output_handler(self.engine)
@@ -617,7 +633,10 @@ class VLLMBackend:
             while True:
                 outputs = await engine_core.get_output_async()
                 if outputs.outputs:
-                    table.finished(relay(outputs.outputs, routes, codes, meta))
+                    if self._prompt_logprobs:
+                        table.finished(relay(outputs.outputs, routes, codes, meta, _prompt_hook))
+                    else:
+                        table.finished(relay(outputs.outputs, routes, codes, meta))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -44,12 +44,12 @@ import threading
 from typing import Any
 
 from ...backend import (
-    EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams, context_length_error,
-    load_chat_template, render_chat,
+    ChatOptions, EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams,
+    context_length_error, load_chat_template, prompt_logprobs_meta, render_chat,
 )
 from ...routes import RouteTable
 from ... import structured
-from . import compat, loading
+from . import compat, loading, prompt_logprobs
 from .sampler import SAMPLING_EPS, LogprobRecord, RequestSampling, build_sampler_class, seed_key
 
 log = logging.getLogger("govllm.transformers")
@@ -343,17 +343,17 @@ class TransformersBackend:
 
     # ------------------------------------------------------------------ tokenizer surface
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-                            ) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                            options: ChatOptions | None = None) -> list[int]:
         tok = self.tokenizer
         template = getattr(self, "_chat_template", None)  # --chat-template, resolved at start
         if not template and not getattr(tok, "chat_template", None):
             raise RequestError("this model has no chat template: use the completions endpoint or --chat-template",
                                param="messages")
-        rendered = render_chat(tok, messages, tools, template)
+        rendered = render_chat(tok, messages, tools, template, options)
         if not isinstance(rendered, str):
             return [int(t) for t in rendered]
-        return self.prompt_encoder(rendered, False)
+        return self.prompt_encoder(rendered, bool(options and options.add_special_tokens))
 
     def encode(self, prompt: str) -> list[int]:
         return self.prompt_encoder(prompt, True)
@@ -558,6 +558,17 @@ class TransformersBackend:
             self.cancel(go_id)
             raise
         return req.done
+
+    async def prompt_logprobs(self, prompt_token_ids: list[int], k: int) -> bytes:
+        """The EV_PROMPT_LOGPROBS meta of a prompt (a forward pass of its own, in a thread)."""
+        self.health()
+        prompt = [int(t) for t in prompt_token_ids]
+        if self.vocab_size and any(not 0 <= t < self.vocab_size for t in prompt):
+            raise RequestError("the prompt has a token id out of the vocabulary", param="prompt")
+        if len(prompt) < 2:
+            return prompt_logprobs_meta([], [], [])
+        arrays = await asyncio.to_thread(prompt_logprobs.compute, self.model, prompt, k, self.device)
+        return prompt_logprobs_meta(*arrays)
 
     def stop_choice(self, go_id: int, index: int) -> None:
         """Go matched a stop string in choice index: stop it in the manager."""
