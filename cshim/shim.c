@@ -672,14 +672,28 @@ done:
 }
 
 /* Attribute names relay() reads, interned once (shim_init). */
-static PyObject *s_request_id, *s_new_token_ids, *s_finish_reason, *s_new_logprobs;
+static PyObject *s_request_id, *s_new_token_ids, *s_finish_reason, *s_new_logprobs, *s_events;
 
 /* relay_one frames the delta of one engine output (see py_relay). Returns 1 when the output
  * finished its choice, 0 when not (or it belongs to no route), -1 with an exception set. */
 static int relay_one(PyObject *out, PyObject *routes, PyObject *finish_codes, PyObject *logprobs_meta,
-                     PyObject *finished) {
+                     PyObject *finished, PyObject *noted) {
   int rc = -1;
-  PyObject *rid = NULL, *toks = NULL, *reason = NULL, *lp = NULL, *meta = NULL;
+  PyObject *rid = NULL, *toks = NULL, *reason = NULL, *lp = NULL, *meta = NULL, *events = NULL;
+  if (noted != NULL) {
+    /* The engine's stats: an output with state-change events (queued, scheduled, preempted) or a
+     * finish reason goes to noted, routed or not; the others (one per token) cost one getattr. */
+    events = PyObject_GetAttr(out, s_events);
+    if (events == NULL) goto done;
+    int note = events != Py_None;
+    if (!note) {
+      PyObject *fr = PyObject_GetAttr(out, s_finish_reason);
+      if (fr == NULL) goto done;
+      note = fr != Py_None;
+      Py_DECREF(fr);
+    }
+    if (note && PyList_Append(noted, out) < 0) goto done;
+  }
   rid = PyObject_GetAttr(out, s_request_id);
   if (rid == NULL) goto done;
   PyObject *key_obj = PyDict_GetItemWithError(routes, rid); /* borrowed */
@@ -729,10 +743,12 @@ done:
   Py_XDECREF(reason);
   Py_XDECREF(lp);
   Py_XDECREF(meta);
+  Py_XDECREF(events);
   return rc;
 }
 
-/* relay(outputs: list, routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta) -> list[str]
+/* relay(outputs: list, routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta[, noted: list])
+ *   -> list[str]
  * One engine step for every request at once: for each output in outputs (objects with the
  * attributes of vLLM's EngineCoreOutput: request_id, new_token_ids, finish_reason (None or an
  * int), new_logprobs), routes[request_id] is the key go_id << 16 | choice index (outputs of
@@ -740,16 +756,20 @@ done:
  * (SHIM_FINISH_ERROR for a reason outside it), and logprobs_meta (None: logprobs are never read)
  * is called with the output, when its new_logprobs is not None, for the record's meta bytes.
  * Frames one delta record per output with no text (Go detokenizes) and returns the request ids
- * that finished. No Python code runs per output except logprobs_meta. */
+ * that finished. With noted (a list), the outputs whose events attribute is not None or that
+ * carry a finish reason are appended to it, routed or not (the engine's per-request timings).
+ * No Python code runs per output except logprobs_meta. */
 static PyObject *py_relay(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
-  if (nargs != 4) {
-    PyErr_SetString(PyExc_TypeError, "relay(outputs, routes, finish_codes, logprobs_meta) takes 4 arguments");
+  if (nargs != 4 && nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "relay(outputs, routes, finish_codes, logprobs_meta[, noted]) takes 4 or 5 arguments");
     return NULL;
   }
   PyObject *outputs = args[0], *routes = args[1], *finish_codes = args[2], *logprobs_meta = args[3];
-  if (!PyList_Check(outputs) || !PyDict_Check(routes) || !PyTuple_Check(finish_codes)) {
-    PyErr_SetString(PyExc_TypeError, "relay: outputs must be a list, routes a dict, finish_codes a tuple");
+  PyObject *noted = nargs == 5 && args[4] != Py_None ? args[4] : NULL;
+  if (!PyList_Check(outputs) || !PyDict_Check(routes) || !PyTuple_Check(finish_codes) ||
+      (noted != NULL && !PyList_Check(noted))) {
+    PyErr_SetString(PyExc_TypeError, "relay: outputs must be a list, routes a dict, finish_codes a tuple, noted a list");
     return NULL;
   }
   PyObject *finished = PyList_New(0);
@@ -759,7 +779,7 @@ static PyObject *py_relay(PyObject *self, PyObject *const *args, Py_ssize_t narg
     PyObject *out = PyList_GetItem(outputs, i); /* borrowed */
     if (out == NULL) break;
     Py_INCREF(out);
-    int rc = relay_one(out, routes, finish_codes, logprobs_meta, finished);
+    int rc = relay_one(out, routes, finish_codes, logprobs_meta, finished, noted);
     Py_DECREF(out);
     if (rc < 0) {
       Py_DECREF(finished);
@@ -901,7 +921,7 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
 static PyMethodDef shim_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
     {"encode", (PyCFunction)(void (*)(void))py_encode, METH_FASTCALL, "encode(text, add_special_tokens) -> list[int] | None"},
-    {"relay", (PyCFunction)(void (*)(void))py_relay, METH_FASTCALL, "relay(outputs, routes, finish_codes, logprobs_meta) -> finished request ids"},
+    {"relay", (PyCFunction)(void (*)(void))py_relay, METH_FASTCALL, "relay(outputs, routes, finish_codes, logprobs_meta[, noted]) -> finished request ids"},
     {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
     {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): does nothing; a benchmark baseline, not used by the bridge"},
     {"flush", py_flush, METH_NOARGS, "flush(): deliver the staged token records"},
@@ -979,7 +999,8 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
   s_new_token_ids = PyUnicode_InternFromString("new_token_ids");
   s_finish_reason = PyUnicode_InternFromString("finish_reason");
   s_new_logprobs = PyUnicode_InternFromString("new_logprobs");
-  if (!int_zero || !s_request_id || !s_new_token_ids || !s_finish_reason || !s_new_logprobs) {
+  s_events = PyUnicode_InternFromString("events");
+  if (!int_zero || !s_request_id || !s_new_token_ids || !s_finish_reason || !s_new_logprobs || !s_events) {
     set_error_from_python("shim_init: interning names");
     return init_failed_after_start();
   }
