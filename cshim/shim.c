@@ -672,14 +672,28 @@ done:
 }
 
 /* Attribute names relay() reads, interned once (shim_init). */
-static PyObject *s_request_id, *s_new_token_ids, *s_finish_reason, *s_new_logprobs, *s_new_prompt_logprobs;
+static PyObject *s_request_id, *s_new_token_ids, *s_finish_reason, *s_new_logprobs, *s_new_prompt_logprobs, *s_events;
 
 /* relay_one frames the delta of one engine output (see py_relay). Returns 1 when the output
  * finished its choice, 0 when not (or it belongs to no route), -1 with an exception set. */
 static int relay_one(PyObject *out, PyObject *routes, PyObject *finish_codes, PyObject *logprobs_meta,
-                     PyObject *prompt_hook, PyObject *finished) {
+                     PyObject *prompt_hook, PyObject *finished, PyObject *noted) {
   int rc = -1;
-  PyObject *rid = NULL, *toks = NULL, *reason = NULL, *lp = NULL, *meta = NULL, *plp = NULL, *pmeta = NULL;
+  PyObject *rid = NULL, *toks = NULL, *reason = NULL, *lp = NULL, *meta = NULL, *plp = NULL, *pmeta = NULL, *events = NULL;
+  if (noted != NULL) {
+    /* The engine's stats: an output with state-change events (queued, scheduled, preempted) or a
+     * finish reason goes to noted, routed or not; the others (one per token) cost one getattr. */
+    events = PyObject_GetAttr(out, s_events);
+    if (events == NULL) goto done;
+    int note = events != Py_None;
+    if (!note) {
+      PyObject *fr = PyObject_GetAttr(out, s_finish_reason);
+      if (fr == NULL) goto done;
+      note = fr != Py_None;
+      Py_DECREF(fr);
+    }
+    if (note && PyList_Append(noted, out) < 0) goto done;
+  }
   rid = PyObject_GetAttr(out, s_request_id);
   if (rid == NULL) goto done;
   PyObject *key_obj = PyDict_GetItemWithError(routes, rid); /* borrowed */
@@ -752,10 +766,11 @@ done:
   Py_XDECREF(meta);
   Py_XDECREF(plp);
   Py_XDECREF(pmeta);
+  Py_XDECREF(events);
   return rc;
 }
 
-/* relay(outputs: list, routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta[, prompt_hook])
+/* relay(outputs: list, routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta[, prompt_hook[, noted: list]])
  *   -> list[str]
  * One engine step for every request at once: for each output in outputs (objects with the
  * attributes of vLLM's EngineCoreOutput: request_id, new_token_ids, finish_reason (None or an
@@ -767,17 +782,21 @@ done:
  * that finished. prompt_hook (absent or None: never read) is called as prompt_hook(output, key)
  * when an output's new_prompt_logprobs_tensors is not None; bytes it returns go to Go as an
  * EV_PROMPT_LOGPROBS record of request key >> 16, before the output's delta (None: nothing).
+ * With noted (a list), the outputs whose events attribute is not None or that carry a finish
+ * reason are appended to it, routed or not (the engine's per-request timings).
  * No Python code runs per output except logprobs_meta. */
 static PyObject *py_relay(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
-  if (nargs != 4 && nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "relay(outputs, routes, finish_codes, logprobs_meta[, prompt_hook]) takes 4 or 5 arguments");
+  if (nargs < 4 || nargs > 6) {
+    PyErr_SetString(PyExc_TypeError, "relay(outputs, routes, finish_codes, logprobs_meta[, prompt_hook[, noted]]) takes 4 to 6 arguments");
     return NULL;
   }
   PyObject *outputs = args[0], *routes = args[1], *finish_codes = args[2], *logprobs_meta = args[3];
-  PyObject *prompt_hook = nargs == 5 ? args[4] : Py_None;
-  if (!PyList_Check(outputs) || !PyDict_Check(routes) || !PyTuple_Check(finish_codes)) {
-    PyErr_SetString(PyExc_TypeError, "relay: outputs must be a list, routes a dict, finish_codes a tuple");
+  PyObject *prompt_hook = nargs >= 5 ? args[4] : Py_None;
+  PyObject *noted = nargs == 6 && args[5] != Py_None ? args[5] : NULL;
+  if (!PyList_Check(outputs) || !PyDict_Check(routes) || !PyTuple_Check(finish_codes) ||
+      (noted != NULL && !PyList_Check(noted))) {
+    PyErr_SetString(PyExc_TypeError, "relay: outputs must be a list, routes a dict, finish_codes a tuple, noted a list");
     return NULL;
   }
   PyObject *finished = PyList_New(0);
@@ -787,7 +806,7 @@ static PyObject *py_relay(PyObject *self, PyObject *const *args, Py_ssize_t narg
     PyObject *out = PyList_GetItem(outputs, i); /* borrowed */
     if (out == NULL) break;
     Py_INCREF(out);
-    int rc = relay_one(out, routes, finish_codes, logprobs_meta, prompt_hook, finished);
+    int rc = relay_one(out, routes, finish_codes, logprobs_meta, prompt_hook, finished, noted);
     Py_DECREF(out);
     if (rc < 0) {
       Py_DECREF(finished);
@@ -929,7 +948,7 @@ static PyObject *py_take(PyObject *self, PyObject *unused) {
 static PyMethodDef shim_methods[] = {
     {"emit", (PyCFunction)(void (*)(void))py_emit, METH_FASTCALL, "emit(req_id, index, tokens, text, finish)"},
     {"encode", (PyCFunction)(void (*)(void))py_encode, METH_FASTCALL, "encode(text, add_special_tokens) -> list[int] | None"},
-    {"relay", (PyCFunction)(void (*)(void))py_relay, METH_FASTCALL, "relay(outputs, routes, finish_codes, logprobs_meta[, prompt_hook]) -> finished request ids"},
+    {"relay", (PyCFunction)(void (*)(void))py_relay, METH_FASTCALL, "relay(outputs, routes, finish_codes, logprobs_meta[, prompt_hook[, noted]]) -> finished request ids"},
     {"emit_event", (PyCFunction)(void (*)(void))py_emit_event, METH_FASTCALL, "emit_event(req_id, kind, payload)"},
     {"emit_null", (PyCFunction)(void (*)(void))py_emit_null, METH_FASTCALL, "emit_null(...): does nothing; a benchmark baseline, not used by the bridge"},
     {"flush", py_flush, METH_NOARGS, "flush(): deliver the staged token records"},
@@ -1008,7 +1027,8 @@ int32_t shim_init(const char *program_name, const char *python_home, int64_t que
   s_finish_reason = PyUnicode_InternFromString("finish_reason");
   s_new_logprobs = PyUnicode_InternFromString("new_logprobs");
   s_new_prompt_logprobs = PyUnicode_InternFromString("new_prompt_logprobs_tensors");
-  if (!int_zero || !s_request_id || !s_new_token_ids || !s_finish_reason || !s_new_logprobs || !s_new_prompt_logprobs) {
+  s_events = PyUnicode_InternFromString("events");
+  if (!int_zero || !s_request_id || !s_new_token_ids || !s_finish_reason || !s_new_logprobs || !s_new_prompt_logprobs || !s_events) {
     set_error_from_python("shim_init: interning names");
     return init_failed_after_start();
   }

@@ -30,4 +30,33 @@ type Stats struct {
 	BridgeRequests int `json:"bridge_requests"`
 	// HealthError is the backend's health error, empty when healthy.
 	HealthError string `json:"health_error"`
+	// Engine is the backend engine's own figures for /metrics, nil when it reports none.
+	Engine *EngineStats `json:"engine,omitempty"`
+}
+
+// EngineStats is a backend engine's own figures, keyed by vLLM's metric names less the "vllm:"
+// prefix (and a counter's "_total"): what its scheduler reports, aggregated since the start. A
+// name the engine cannot measure is absent, not zero.
+type EngineStats struct {
+	// Gauges are the latest values (num_requests_running, num_requests_waiting, kv_cache_usage_perc).
+	Gauges map[string]float64 `json:"gauges,omitempty"`
+	// Counters are cumulative (prefix_cache_queries, prefix_cache_hits, num_preemptions).
+	Counters map[string]float64 `json:"counters,omitempty"`
+	// Histograms are cumulative (request_queue_time_seconds, iteration_tokens_total, …).
+	Histograms map[string]Histogram `json:"histograms,omitempty"`
+	// Info holds label sets of info metrics (cache_config: the engine's cache configuration).
+	Info map[string]map[string]string `json:"info,omitempty"`
+}
+
+// Histogram is a cumulative histogram as an engine reports it.
+type Histogram struct {
+	// Buckets are the upper bounds, ascending (+Inf implied).
+	Buckets []float64 `json:"buckets"`
+	// Counts are the observations per bucket (not cumulative), one per bound; the rest of Count
+	// fell above the last bound.
+	Counts []uint64 `json:"counts"`
+	// Sum is the sum of the observations.
+	Sum float64 `json:"sum"`
+	// Count is the number of observations.
+	Count uint64 `json:"count"`
 }

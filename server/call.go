@@ -130,8 +130,10 @@ type call struct {
 	tokens    int  // tokens received
 	firstTok  bool
 	lastTok   []time.Time // per choice, when its previous output arrived
-	// choiceTokens counts, per choice, the tokens received (continuous_usage_stats).
+	// choiceTokens counts, per choice, the tokens received (continuous_usage_stats,
+	// vllm:request_generation_tokens).
 	choiceTokens []int
+	maxTokens    int // the request's max_tokens, 0 when unset (vllm:request_params_max_tokens)
 	// textOffset is, per choice, the length of the logprob tokens streamed so far (text
 	// completions' text_offset).
 	textOffset []int
@@ -297,6 +299,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Reques
 	c.track = newChoiceTracker(c.params.n)
 	c.lastTok = make([]time.Time, c.params.n)
 	c.choiceTokens = make([]int, c.params.n)
+	c.maxTokens = req.Sampling.MaxTokens
 	c.textOffset = make([]int, c.params.n)
 	if c.params.tokenIDs {
 		c.tokenIDs = make([][]int32, c.params.n)
@@ -440,6 +443,7 @@ func (s *Server) logFailure(log *slog.Logger, err error, e *apiError) {
 
 func (s *Server) logDone(c *call, u usage) {
 	s.metrics.promptTokens.Add(float64(u.PromptTokens))
+	s.metrics.requestDone(c.params.n, c.maxTokens, u.PromptTokens, c.choiceTokens)
 	c.log.Debug(c.kind+" completion done",
 		"stream", c.params.stream,
 		"n", c.params.n,

@@ -200,7 +200,7 @@ func TestRequestTimeoutAborts(t *testing.T) {
 				if abortable {
 					require.Equal(t, 3, u.PromptTokens, "the stream's own usage")
 				}
-				require.Equal(t, "1", metricValue(t, s, `govllm:request_success_total{engine="0",finished_reason="abort",model_name="test-model"}`))
+				require.Equal(t, "1", metricValue(t, s, `vllm:request_success_total{engine="0",finished_reason="abort",model_name="test-model"}`))
 			})
 		}
 	}
@@ -307,16 +307,16 @@ func TestMetricsCountRequests(t *testing.T) {
 	rec := do(s, http.MethodPost, "/v1/chat/completions", hello+`,"n":2,"stream":true}`)
 	require.Equal(t, http.StatusOK, rec.Code)
 	for series, want := range map[string]string{
-		"govllm:time_to_first_token_seconds_count" + lbl:                                            "1",
-		"govllm:inter_token_latency_seconds_count" + lbl:                                            "1", // choice 0's second token
-		"govllm:e2e_request_latency_seconds_count" + lbl:                                            "1",
-		"govllm:generation_tokens_total" + lbl:                                                      "3",
-		"govllm:prompt_tokens_total" + lbl:                                                          "5",
-		`govllm:request_success_total{engine="0",finished_reason="stop",model_name="test-model"}`:   "1",
-		`govllm:request_success_total{engine="0",finished_reason="length",model_name="test-model"}`: "1",
-		`govllm:request_success_total{engine="0",finished_reason="abort",model_name="test-model"}`:  "0",
-		"govllm:num_requests_running" + lbl:                                                         "0",
-		"govllm:num_requests_waiting" + lbl:                                                         "0",
+		"vllm:time_to_first_token_seconds_count" + lbl:                                            "1",
+		"vllm:inter_token_latency_seconds_count" + lbl:                                            "1", // choice 0's second token
+		"vllm:e2e_request_latency_seconds_count" + lbl:                                            "1",
+		"vllm:generation_tokens_total" + lbl:                                                      "3",
+		"vllm:prompt_tokens_total" + lbl:                                                          "5",
+		`vllm:request_success_total{engine="0",finished_reason="stop",model_name="test-model"}`:   "1",
+		`vllm:request_success_total{engine="0",finished_reason="length",model_name="test-model"}`: "1",
+		`vllm:request_success_total{engine="0",finished_reason="abort",model_name="test-model"}`:  "0",
+		"govllm:num_requests_running" + lbl:                                                       "0",
+		"govllm:num_requests_waiting" + lbl:                                                       "0",
 	} {
 		require.Equal(t, want, metricValue(t, s, series), series)
 	}

@@ -203,6 +203,7 @@ class Bridge:
                     "backend_running": self._backend_running(),
                     "bridge_requests": len(self.tasks),
                     "health_error": self._healthy(),
+                    "engine": self._engine_stats(),
                 }))
             elif kind == CMD_STOP_CHOICE:
                 stop_choice = getattr(self.backend, "stop_choice", None)
@@ -393,6 +394,17 @@ class Bridge:
             return ""
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
+
+    def _engine_stats(self) -> dict[str, Any] | None:
+        """The backend's own figures for /metrics (engine_stats.EngineStats.snapshot), or None."""
+        engine_stats = getattr(self.backend, "engine_stats", None)
+        if engine_stats is None:
+            return None
+        try:
+            return engine_stats()
+        except Exception:
+            log.exception("engine stats failed")
+            return None
 
     def _backend_running(self) -> int:
         num_running = getattr(self.backend, "num_running", None)

@@ -57,6 +57,13 @@ class FakeBackend:
     def num_running(self) -> int:
         return 0
 
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine's own figures (EngineStats.snapshot's shape); extra stats="fail" raises."""
+        if self.config.extra.get("stats") == "fail":
+            raise RuntimeError("stats unavailable")
+        return {"gauges": {"num_requests_running": 0.0, "kv_cache_usage_perc": 0.5}, "counters": {},
+                "histograms": {}, "info": {}}
+
     async def abort(self, request_id: str) -> None:
         pass
 

@@ -57,7 +57,7 @@ class FakeShim:
         self._record({"kind": int(kind), "req_id": int(req_id), "meta": meta})
 
     def relay(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
-              logprobs_meta: Any, prompt_hook: Any = None) -> list[str]:
+              logprobs_meta: Any, prompt_hook: Any = None, noted: list[Any] | None = None) -> list[str]:
         """shim.c's relay: one delta record per routed output (an EV_PROMPT_LOGPROBS record first for
         what prompt_hook returns), the finished request ids returned."""
         def record(r: dict[str, Any]) -> None:
@@ -67,7 +67,7 @@ class FakeShim:
             self._record({"kind": EV_DELTA, "req_id": r["go_id"], "index": r["index"], "tokens": r["ids"], "text": "",
                           "finish": r["finish"], "meta": r["meta"]})
 
-        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, record, prompt_hook)
+        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, record, prompt_hook, noted)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int] | None:
         """Go's prompt encoder: none here (the backend's tokenizer is used)."""

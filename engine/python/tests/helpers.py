@@ -18,12 +18,16 @@ FINISH_NAMES = {1: "stop", 2: "length", 3: "abort", 4: "error", 5: "stop"}
 
 
 def relay_outputs(outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...], logprobs_meta: Any,
-                  record: Callable[[dict[str, Any]], None], prompt_hook: Any = None) -> list[str]:
+                  record: Callable[[dict[str, Any]], None], prompt_hook: Any = None,
+                  noted: list[Any] | None = None) -> list[str]:
     """What shim.c's relay does, in Python: record(...) for each routed output as Go would receive
     it ({"go_id", "index", "ids", "finish", "meta"}, or {"go_id", "prompt_logprobs"} for what
-    prompt_hook returns); the finished request ids returned."""
+    prompt_hook returns); the finished request ids returned. With noted, the outputs with events
+    or a finish reason are appended to it, routed or not."""
     finished = []
     for out in outputs:
+        if noted is not None and (out.events is not None or out.finish_reason is not None):
+            noted.append(out)
         key = routes.get(out.request_id)
         if key is None:
             continue
@@ -49,9 +53,9 @@ class FakeRelay:
         self.calls = 0
 
     def __call__(self, outputs: list[Any], routes: dict[str, int], finish_codes: tuple[int, ...],
-                 logprobs_meta: Any, prompt_hook: Any = None) -> list[str]:
+                 logprobs_meta: Any, prompt_hook: Any = None, noted: list[Any] | None = None) -> list[str]:
         self.calls += 1
-        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, self.records.append, prompt_hook)
+        return relay_outputs(outputs, routes, finish_codes, logprobs_meta, self.records.append, prompt_hook, noted)
 
 
 def decode_logprobs_meta(meta: bytes) -> list[dict[str, Any]]:

@@ -223,6 +223,20 @@ def test_commands_before_ready(run, tmp_path):
     assert not r.thread.is_alive()
 
 
+@pytest.mark.parametrize("stats, want", [
+    ("ok", {"gauges": {"num_requests_running": 0.0, "kv_cache_usage_perc": 0.5}, "counters": {}, "histograms": {},
+            "info": {}}),
+    ("fail", None),  # logged; the rest of the answer still comes
+])
+def test_stats_carry_the_engine_figures(run, tmp_path, stats, want):
+    r = run(tmp_path, stats=stats)
+    _ready(r)
+    r.shim.send(r.bridge.CMD_STATS, 3)
+    answer = r.shim.wait_for(r.bridge.EV_STATS, 3)["meta"]
+    assert answer["engine"] == want and answer["health_error"] == "" and answer["backend_running"] == 0
+    r.stop()
+
+
 def test_start_failure_is_fatal(run, tmp_path):
     r = run(tmp_path, start="fail")
     fatal = r.shim.wait_for(r.bridge.EV_FATAL)

@@ -207,3 +207,19 @@ def test_xgrammar_bitmask_and_matcher(tokenizer):
     assert matcher.accept_token(tokenizer.eos_token_id) and matcher.is_terminated()
     matcher.reset()
     assert not matcher.is_terminated() and not matcher.accept_token(tokenizer.eos_token_id)
+
+
+def test_engine_stats_of_a_live_manager(backend):
+    """/metrics' figures from transformers: the scheduler's running and waiting requests and the
+    paged cache's usage (PagedAttentionCache.compute_free_capacity); nothing else is reported."""
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    assert "relative" in _params(PagedAttentionCache.compute_free_capacity)
+    manager = backend.manager
+    assert compat.scheduler_load(manager) == (0, 0)
+    usage = compat.kv_cache_usage(manager)
+    assert usage is not None and 0.0 <= usage <= 1.0
+    assert compat.scheduler_load(None) is None and compat.kv_cache_usage(None) is None
+    snap = backend.engine_stats()
+    assert snap["gauges"] == {"num_requests_running": 0.0, "num_requests_waiting": 0.0, "kv_cache_usage_perc": usage}
+    assert snap["counters"] == {} and snap["histograms"] == {} and snap["info"] == {}

@@ -106,3 +106,49 @@ def test_child_request_naming_matches_parent_request():
     assert [c.request_id for c in got] == [w[0] for w in want]
     assert [c.sampling_params.seed for c in got] == [w[1].seed for w in want]
     assert all(c.sampling_params.n == 1 for c in got)
+
+
+def test_engine_stats_fields():
+    """The engine's own stats govllm reads for /metrics (vllm/v1/metrics/stats.py)."""
+    from vllm.v1.engine import EngineCoreEvent, EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.metrics.stats import PrefillStats, PrefixCacheStats, SchedulerStats
+
+    assert {"scheduler_stats", "timestamp"} <= set(_fields(EngineCoreOutputs))
+    assert {"events", "prefill_stats"} <= set(_fields(EngineCoreOutput))  # relay reads events by name
+    assert {"num_running_reqs", "num_waiting_reqs", "num_skipped_waiting_reqs", "kv_cache_usage",
+            "prefix_cache_stats"} <= set(_fields(SchedulerStats))
+    assert {"queries", "hits"} <= set(_fields(PrefixCacheStats))
+    assert "num_computed_tokens" in _fields(PrefillStats)
+    assert {e.name for e in EngineCoreEventType} == {"QUEUED", "SCHEDULED", "PREEMPTED"}
+    assert set(_fields(EngineCoreEvent)) == {"type", "timestamp"}
+
+
+def test_read_scheduler_stats_and_events():
+    from vllm.v1.engine import EngineCoreEvent, EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.metrics.stats import PrefillStats, PrefixCacheStats, SchedulerStats
+
+    st = SchedulerStats(num_running_reqs=3, num_waiting_reqs=2, num_skipped_waiting_reqs=1, kv_cache_usage=0.25,
+                        prefix_cache_stats=PrefixCacheStats(requests=2, queries=40, hits=16))
+    assert vllm_compat.read_scheduler_stats(EngineCoreOutputs(scheduler_stats=st)) == (3, 3, 0.25, 40, 16)
+    assert vllm_compat.read_scheduler_stats(EngineCoreOutputs()) is None
+    assert vllm_compat.step_timestamp(EngineCoreOutputs(timestamp=12.5)) == 12.5
+    prefill = PrefillStats()
+    prefill.set(num_prompt_tokens=10, num_local_cached_tokens=4, num_external_cached_tokens=0)
+    out = EngineCoreOutput(request_id="r", new_token_ids=[1], prefill_stats=prefill, events=[
+        EngineCoreEvent(EngineCoreEventType.QUEUED, 1.0), EngineCoreEvent(EngineCoreEventType.SCHEDULED, 1.5),
+        EngineCoreEvent(EngineCoreEventType.PREEMPTED, 2.0)])
+    assert vllm_compat.request_events(out) == [("queued", 1.0), ("scheduled", 1.5), ("preempted", 2.0)]
+    assert vllm_compat.prefill_computed_tokens(out) == 6
+    bare = EngineCoreOutput(request_id="r", new_token_ids=[2])
+    assert vllm_compat.request_events(bare) == [] and vllm_compat.prefill_computed_tokens(bare) == 0
+
+
+def test_cache_config_metrics_info():
+    from vllm.config import CacheConfig
+
+    engine = type("E", (), {})()
+    engine.vllm_config = type("V", (), {})()
+    engine.vllm_config.cache_config = CacheConfig(block_size=16)
+    info = vllm_compat.cache_config_info(engine)
+    assert info["block_size"] == "16" and all(isinstance(v, str) for v in info.values())
+    assert {"cache_dtype", "enable_prefix_caching", "num_gpu_blocks"} <= set(info), sorted(info)

@@ -114,7 +114,7 @@ def test_engine_kwargs_from_config(monkeypatch):
                                       "trust_remote_code": True, "debug": True, "pdeathsig": False})
     kw = vllm_engine.build_engine_kwargs(cfg, "gpu", FIELDS)
     assert kw == {"model": "/m", "served_model_name": "smol", "max_model_len": 1024, "max_num_seqs": 8,
-                  "dtype": "bfloat16", "seed": 7, "disable_log_stats": True, "tokenizer": "/t",
+                  "dtype": "bfloat16", "seed": 7, "disable_log_stats": False, "tokenizer": "/t",
                   "tensor_parallel_size": 2, "quantization": "fp8", "distributed_executor_backend": "ray",
                   "load_format": "dummy", "trust_remote_code": True}
     assert isinstance(kw["tensor_parallel_size"], int)

@@ -25,6 +25,13 @@ pinned vLLM by ``tests/test_vllm_compat.py`` (which fails the day an upgrade cha
   ``logprobs``, ``selected_token_ranks``; one row per prompt position from the second, column 0
   the prompt token), set on the outputs of the step(s) that prefilled a request with
   ``SamplingParams.prompt_logprobs``;
+- the engine's own stats (with ``log_stats``, i.e. ``disable_log_stats=False``):
+  ``EngineCoreOutputs.scheduler_stats`` (``SchedulerStats``: ``num_running_reqs``,
+  ``num_waiting_reqs``, ``num_skipped_waiting_reqs``, ``kv_cache_usage``, ``prefix_cache_stats``
+  with ``queries``/``hits``) and ``timestamp``, once per step; ``EngineCoreOutput.events``
+  (``EngineCoreEvent``: ``type`` an ``EngineCoreEventType`` QUEUED/SCHEDULED/PREEMPTED,
+  ``timestamp`` on the monotonic clock) and ``prefill_stats.num_computed_tokens``, only on a
+  request's state changes; ``vllm_config.cache_config.metrics_info()`` for ``cache_config_info``;
 - child requests for ``n > 1`` named ``f"{index}_{parent_id}"`` with ``n=1`` and ``seed + index``
   (``vllm.v1.engine.parallel_sampling.ParentRequest``'s scheme, so seeded results match
   ``vllm serve``).
@@ -118,3 +125,57 @@ async def detach_output_handler(engine: Any) -> None:
 def core(engine: Any) -> Any:
     """The engine-core client (add_request_async, get_output_async, abort_requests_async)."""
     return engine.engine_core
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's own stats (vllm/v1/metrics/stats.py), read once per step or per state change
+# ---------------------------------------------------------------------------------------------
+
+
+def step_timestamp(outputs: Any) -> float:
+    """The engine core's monotonic timestamp of the step."""
+    return float(getattr(outputs, "timestamp", 0.0) or 0.0)
+
+
+def read_scheduler_stats(outputs: Any) -> tuple[int, int, float, int, int] | None:
+    """(running, waiting, kv_cache_usage, prefix-cache queries, prefix-cache hits) of a step, as
+    vLLM's PrometheusStatLogger.record reads them (waiting counts the deferred ones too); None when
+    the step carries none (log_stats off)."""
+    st = getattr(outputs, "scheduler_stats", None)
+    if st is None:
+        return None
+    waiting = int(st.num_waiting_reqs) + int(getattr(st, "num_skipped_waiting_reqs", 0) or 0)
+    prefix = st.prefix_cache_stats
+    return int(st.num_running_reqs), waiting, float(st.kv_cache_usage), int(prefix.queries), int(prefix.hits)
+
+
+def _event_names() -> dict[int, str]:
+    from vllm.v1.engine import EngineCoreEventType
+
+    return {int(EngineCoreEventType.QUEUED): "queued", int(EngineCoreEventType.SCHEDULED): "scheduled",
+            int(EngineCoreEventType.PREEMPTED): "preempted"}
+
+
+_EVENT_NAMES: dict[int, str] | None = None
+
+
+def request_events(output: Any) -> list[tuple[str, float]]:
+    """An output's state changes as ("queued" | "scheduled" | "preempted", monotonic timestamp)."""
+    global _EVENT_NAMES
+    events = getattr(output, "events", None)
+    if not events:
+        return []
+    if _EVENT_NAMES is None:
+        _EVENT_NAMES = _event_names()
+    return [(_EVENT_NAMES.get(int(e.type), "other"), float(e.timestamp)) for e in events]
+
+
+def prefill_computed_tokens(output: Any) -> int:
+    """Prompt tokens the step computed for this request (its prefill less cached tokens), 0 if none."""
+    stats = getattr(output, "prefill_stats", None)
+    return int(stats.num_computed_tokens) if stats is not None else 0
+
+
+def cache_config_info(engine: Any) -> dict[str, str]:
+    """vllm:cache_config_info's labels: CacheConfig.metrics_info(), as vLLM logs it."""
+    return {str(k): str(v) for k, v in engine.vllm_config.cache_config.metrics_info().items()}

@@ -13,7 +13,8 @@ vLLM's internals below ``AsyncLLM.generate`` is in ``vllm_compat``.
 Configuration: model, served_model_name, max_model_len and max_num_seqs (0: vLLM's defaults),
 dtype, seed; ``extra`` keys that are ``AsyncEngineArgs`` fields pass through (whole floats become
 ints for int fields); govllm's own keys are ``kv_cache_gib``, ``pdeathsig`` and ``debug``; anything
-else fails the start. Defaults that differ from vLLM's: ``disable_log_stats=True``; on CPU
+else fails the start. ``disable_log_stats=False`` (vLLM's default, set explicitly): the engine core's
+scheduler stats and request events feed ``/metrics`` (``engine_stats``); on CPU
 ``enforce_eager=True`` and, unless a KV size is given (kv_cache_memory_bytes, kv_cache_gib,
 gpu_memory_utilization, VLLM_CPU_KVCACHE_SPACE), a KV cache of min(4 GiB, RAM/4).
 
@@ -44,6 +45,7 @@ from ..backend import (
 )
 from ..routes import RouteTable
 from .. import structured
+from ..engine_stats import PHASES, EngineStats
 from . import vllm_compat, vllm_env
 from .vllm_env import GiB
 
@@ -116,7 +118,9 @@ def build_engine_kwargs(config: EngineConfig, platform: str, fields: dict[str, A
     if config.seed is not None:
         kw["seed"] = int(config.seed)
     if "disable_log_stats" in fields:
-        kw["disable_log_stats"] = True
+        # The engine core's own stats (scheduler stats per step, request events) feed /metrics;
+        # AsyncLLM's stat loggers never run (its output handler does not), so they cost nothing.
+        kw["disable_log_stats"] = False
     for key, value in extra.items():
         if key in GOVLLM_EXTRA_KEYS:
             continue
@@ -262,6 +266,7 @@ class VLLMBackend:
         self._closed = False
         self._dead: str | None = None
         self._compiler: structured.StructuredCompiler | None = None  # the time bound of constraints
+        self.stats = EngineStats()  # the engine core's own figures, for /metrics
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -311,6 +316,7 @@ class VLLMBackend:
             self.tokenizer = tok
             self._max_model_len = await self._read_max_model_len()
             await vllm_compat.detach_output_handler(self.engine)
+            self._init_stats()
         except BaseException:
             engine, self.engine = self.engine, None
             with contextlib.suppress(Exception):
@@ -325,6 +331,25 @@ class VLLMBackend:
             self.engine_kwargs.get("kv_cache_memory_bytes", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "vLLM default")),
             self.env["env"] or "{}", self.env["executable"], "on" if self.env["pdeathsig"] else "off",
         )
+
+    def _init_stats(self) -> None:
+        """The series vLLM always exports start at zero; cache_config_info from the engine's config."""
+        if self.engine_kwargs.get("disable_log_stats"):
+            return  # no scheduler stats nor events will come: the series stay absent
+        stats = self.stats
+        for name in ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions"):
+            stats.add(name, 0)
+        for name in PHASES:
+            stats.declare(name)
+        stats.declare("iteration_tokens_total")
+        try:
+            stats.info["cache_config"] = vllm_compat.cache_config_info(self.engine)
+        except Exception as exc:  # pragma: no cover - a vLLM without metrics_info
+            log.warning("no cache_config_info: %s", exc)
+
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine's own figures for /metrics (the bridge's stats answer)."""
+        return self.stats.snapshot()
 
     def _fix_registry_subprocess(self) -> None:
         """vLLM's model registry probes architectures with [sys.executable, -m, ...] captured at import."""
@@ -598,11 +623,13 @@ class VLLMBackend:
         """Go matched a stop string in choice index: stop it in the engine."""
         child = self._table.stop(go_id, index)
         if child is not None:
+            self.stats.forget(child)
             self._abort_later(child)
 
     def cancel(self, go_id: int) -> None:
         """Abort every choice still running (the client went away, or shutdown)."""
         for child in self._table.cancel(go_id):
+            self.stats.forget(child)
             self._abort_later(child)
 
     def _abort_later(self, child: str) -> None:
@@ -629,17 +656,51 @@ class VLLMBackend:
         engine_core = vllm_compat.core(self.engine)
         relay, table, codes, meta = self.relay, self._table, vllm_compat.finish_codes(), vllm_compat.logprobs_meta
         routes = table.routes
+        noted: list[Any] = []  # the step's outputs with state changes (relay fills it)
         try:
             while True:
                 outputs = await engine_core.get_output_async()
                 if outputs.outputs:
-                    if self._prompt_logprobs:
-                        table.finished(relay(outputs.outputs, routes, codes, meta, _prompt_hook))
-                    else:
-                        table.finished(relay(outputs.outputs, routes, codes, meta))
+                    hook = _prompt_hook if self._prompt_logprobs else None
+                    table.finished(relay(outputs.outputs, routes, codes, meta, hook, noted))
+                self._step_stats(outputs, noted, routes)
+                noted.clear()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._dead = f"the vLLM engine died: {type(exc).__name__}: {exc}"
             log.error("%s", self._dead)
             table.fail_all(EngineDeadError(self._dead))
+
+    def _step_stats(self, outputs: Any, noted: list[Any], routes: dict[str, int]) -> None:
+        """One step's figures: the scheduler's (once per step) and the state changes relay noted
+        (a few per request, never per token). Events of a request govllm already dropped (stopped
+        or cancelled, its times taken then) are ignored, so that nothing is kept for it."""
+        stats = self.stats
+        sched = vllm_compat.read_scheduler_stats(outputs)
+        if sched is None:
+            return  # log_stats off
+        running, waiting, kv_usage, queries, hits = sched
+        stats.scheduler(running, waiting, kv_usage, queries, hits)
+        timestamp = vllm_compat.step_timestamp(outputs)
+        computed = 0
+        for out in noted:
+            rid = out.request_id
+            finished = out.finish_reason is not None
+            if not finished and rid not in routes:
+                continue
+            for kind, ts in vllm_compat.request_events(out):
+                if kind == "queued":
+                    stats.queued(rid, ts)
+                elif kind == "scheduled":
+                    stats.scheduled(rid, ts)
+                elif kind == "preempted":
+                    stats.preempted(rid)
+            computed += vllm_compat.prefill_computed_tokens(out)
+            if out.new_token_ids:
+                stats.first_output(rid, timestamp)
+            if finished:
+                stats.finished(rid, timestamp)
+        if outputs.outputs or computed:
+            # One generated token per output (speculative decoding's extra tokens are not counted).
+            stats.iteration(timestamp, len(outputs.outputs) + computed)

@@ -49,6 +49,7 @@ from ...backend import (
 )
 from ...routes import RouteTable
 from ... import structured
+from ...engine_stats import EngineStats
 from . import compat, loading, prompt_logprobs
 from .sampler import SAMPLING_EPS, LogprobRecord, RequestSampling, build_sampler_class, seed_key
 
@@ -682,6 +683,16 @@ class TransformersBackend:
                 log.warning("no logprobs recorded for output token %d (%d)", index, token)
             entries.append(record)
         return entries
+
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine's own figures for /metrics: its scheduler's running and waiting requests and
+        its KV cache usage, read now. Transformers reports no prefix-cache, preemption or
+        per-request phase figures, so those series stay absent."""
+        stats = EngineStats()
+        load = compat.scheduler_load(self.manager)
+        if load is not None:
+            stats.scheduler(load[0], load[1], compat.kv_cache_usage(self.manager))
+        return stats.snapshot()
 
     def num_running(self) -> int:
         """Requests the manager still holds: result handlers plus the scheduler's running and

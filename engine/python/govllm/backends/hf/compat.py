@@ -159,6 +159,26 @@ def held_request_ids(manager: Any) -> set[str]:
     return held
 
 
+def scheduler_load(manager: Any) -> tuple[int, int] | None:
+    """(running, waiting) requests of the manager's scheduler (its active and waiting requests),
+    or None before the batch processor exists. Read from the loop thread: len() of a dict the
+    generation thread mutates is atomic under the GIL."""
+    processor = getattr(manager, "batch_processor", None) if manager is not None else None
+    if processor is None:
+        return None
+    scheduler = processor.scheduler
+    return len(scheduler.active_requests), len(scheduler.waiting_requests)
+
+
+def kv_cache_usage(manager: Any) -> float | None:
+    """The used fraction of the paged KV cache (1 - PagedAttentionCache.compute_free_capacity()),
+    or None before the batch processor exists."""
+    processor = getattr(manager, "batch_processor", None) if manager is not None else None
+    if processor is None:
+        return None
+    return min(1.0, max(0.0, 1.0 - float(processor.cache.compute_free_capacity(relative=True))))
+
+
 def death_reason(manager: Any, closing: bool) -> str | None:
     """Why the manager's generation loop can serve no more, or None while it can."""
     from transformers.generation.continuous_batching.continuous_api import BackgroundThreadStatus
