@@ -541,3 +541,35 @@ func TestHeldStop(t *testing.T) {
 		})
 	}
 }
+
+// FuzzDecodeMessages feeds arbitrary bodies through POST /v1/messages: none may panic, get a
+// 5xx or reach the backend invalid; errors have Anthropic's shape, streams end with message_stop.
+func FuzzDecodeMessages(f *testing.F) {
+	fuzzSeeds(f,
+		anthropicHello+`}`,
+		anthropicHello+`,"stream":true,"stop_sequences":["x"],"temperature":0.2,"top_p":0.5,"top_k":3}`,
+		`{"model":"m","max_tokens":3,"system":[{"type":"text","text":"s"}],"messages":[{"role":"user","content":[{"type":"text","text":"q"}]}]}`,
+		`{"model":"test-model","max_tokens":3,"messages":[{"role":"user","content":"w"},{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"f","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"r","is_error":true}]}],"tools":[{"name":"f","input_schema":{"type":"object"}}],"tool_choice":{"type":"any"},"stream":true}`,
+		`{"model":"test-model","max_tokens":3,"messages":[{"role":"user","content":"w"}],"tools":[{"name":"f","input_schema":{"type":"object"}}],"tool_choice":{"type":"tool","name":"f","disable_parallel_tool_use":true}}`,
+		`{"model":"test-model","max_tokens":3,"messages":[{"role":"user","content":"w"}],"thinking":{"type":"adaptive"},"metadata":{"user_id":null},"service_tier":"auto"}`,
+		`{"model":`, `[]`, `null`, `{"messages":[{"role":"user","content":[{"type":"image"}]}]}`,
+	)
+	f.Fuzz(func(t *testing.T, body []byte) {
+		s := fuzzServer(t)
+		rec := httptest.NewRecorder()
+		s.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/v1/messages", strings.NewReader(string(body))))
+		switch {
+		case rec.Code == http.StatusOK && rec.Header().Get("Content-Type") == "text/event-stream":
+			require.True(t, strings.HasSuffix(rec.Body.String(), anthropicEvent("message_stop", `{"type":"message_stop"}`)), rec.Body.String())
+		case rec.Code == http.StatusOK:
+			require.True(t, json.Valid(rec.Body.Bytes()), rec.Body.String())
+		default:
+			require.True(t, rec.Code >= 400 && rec.Code < 500, "status %d: %s", rec.Code, rec.Body)
+			var e anthropicErrorBody
+			require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &e))
+			require.Equal(t, "error", e.Type)
+			require.NotEmpty(t, e.Error.Type)
+			require.NotEmpty(t, e.Error.Message)
+		}
+	})
+}
