@@ -28,7 +28,8 @@ type Config struct {
 	Logger *slog.Logger
 	// MaxBodyBytes limits request bodies; larger ones get 413. Zero means DefaultMaxBodyBytes.
 	MaxBodyBytes int64
-	// APIKey, when set, is required as "Authorization: Bearer <key>" on the /v1/ routes.
+	// APIKey, when set, is required as "Authorization: Bearer <key>" (or "x-api-key: <key>")
+	// on the /v1/ routes.
 	APIKey string
 	// Stats, when set, adds the backend's own load to /metrics.
 	Stats StatsFunc
@@ -150,6 +151,8 @@ func (s *Server) routes() {
 		// embeddings
 		// responses
 		// anthropic messages
+		{http.MethodPost, "/v1/messages", true, s.handleMessages},
+		{http.MethodPost, "/v1/messages/count_tokens", true, s.handleCountTokens},
 		{http.MethodGet, "/health", false, s.handleHealth},
 		{http.MethodGet, "/metrics", false, s.metrics.ServeHTTP},
 	}
@@ -172,6 +175,7 @@ func (s *Server) routes() {
 	for _, p := range paths {
 		s.mux.Handle(p, methodNotAllowed(allow[p]))
 	}
+	s.mux.HandleFunc("/v1/messages/", anthropicNotFound)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusNotFound, "", "Not found: %s %s", r.Method, r.URL.Path))
 	})
@@ -182,8 +186,12 @@ func methodNotAllowed(methods []string) http.HandlerFunc {
 	allowed := strings.Join(methods, ", ")
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", allowed)
-		writeError(w, errorf(http.StatusMethodNotAllowed, "",
-			"Method %s is not allowed for %s; use %s.", r.Method, r.URL.Path, allowed))
+		e := errorf(http.StatusMethodNotAllowed, "", "Method %s is not allowed for %s; use %s.", r.Method, r.URL.Path, allowed)
+		if isAnthropicPath(r.URL.Path) {
+			writeAnthropicError(w, e)
+			return
+		}
+		writeError(w, e)
 	}
 }
 
@@ -197,9 +205,18 @@ func (s *Server) authorize(h http.HandlerFunc) http.HandlerFunc {
 		const prefix = "bearer "
 		ok := len(auth) > len(prefix) && strings.EqualFold(auth[:len(prefix)], prefix) &&
 			subtle.ConstantTimeCompare([]byte(strings.TrimSpace(auth[len(prefix):])), s.apiKey) == 1
+		if key := r.Header.Get("X-Api-Key"); !ok && key != "" {
+			// Anthropic's clients send the key as x-api-key.
+			ok = subtle.ConstantTimeCompare([]byte(strings.TrimSpace(key)), s.apiKey) == 1
+		}
 		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="govllm"`)
-			writeError(w, errorf(http.StatusUnauthorized, "", "Invalid or missing API key."))
+			e := errorf(http.StatusUnauthorized, "", "Invalid or missing API key.")
+			if isAnthropicPath(r.URL.Path) {
+				writeAnthropicError(w, e)
+				return
+			}
+			writeError(w, e)
 			return
 		}
 		h(w, r)
