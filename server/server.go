@@ -149,6 +149,7 @@ func (s *Server) routes() {
 		// tokenize, detokenize, version
 		// embeddings
 		// responses
+		{http.MethodPost, "/v1/responses", true, s.handleResponses},
 		// anthropic messages
 		{http.MethodGet, "/health", false, s.handleHealth},
 		{http.MethodGet, "/metrics", false, s.metrics.ServeHTTP},
