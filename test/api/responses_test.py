@@ -164,7 +164,8 @@ def test_bad_request(kw, param) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=MODEL, **kw)
     assert info.value.status_code == 400
-    err = info.value.body["error"]
+    body = info.value.body
+    err = body.get("error", body)
     assert err["param"] == param, err
     assert err["message"] and err["type"] == "BadRequestError"
 
