@@ -503,3 +503,29 @@ func TestResponsesServerAbort(t *testing.T) {
 	got, _ := json.Marshal(resp["output"])
 	require.JSONEq(t, `[{"type":"message","id":"msg_test","status":"incomplete","role":"assistant","content":[{"type":"output_text","text":"partial","annotations":[],"logprobs":[]}]}]`, string(got))
 }
+
+// FuzzDecodeResponses feeds arbitrary bodies through POST /v1/responses: none may panic, get a
+// 5xx or reach the backend invalid; a stream ends with its terminal event.
+func FuzzDecodeResponses(f *testing.F) {
+	fuzzSeeds(f,
+		`{"input":"hi"}`,
+		`{"input":"hi","stream":true,"instructions":"x","max_output_tokens":4,"temperature":0.5,"top_p":0.9}`,
+		`{"input":[{"role":"user","content":[{"type":"input_text","text":"a"}]},{"type":"function_call","call_id":"c","name":"f","arguments":"{}"},{"type":"function_call_output","call_id":"c","output":"r"}],"tools":[{"type":"function","name":"f"}],"tool_choice":"required","stream":true}`,
+		`{"input":"w","tools":[{"type":"function","name":"f","parameters":{"type":"object"}}],"tool_choice":{"type":"function","name":"f"},"parallel_tool_calls":false}`,
+		`{"input":"w","text":{"format":{"type":"json_schema","name":"n","schema":{"type":"object"}}},"stream":true}`,
+		`{"input":"w","store":true}`, `{"input":[]}`, `{"input":[{"type":"reasoning"}]}`, `{"input":`, `[]`, `null`,
+		"{\"input\":\"\xff\"}",
+	)
+	f.Fuzz(func(t *testing.T, body []byte) {
+		s := fuzzServer(t)
+		rec := httptest.NewRecorder()
+		s.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/v1/responses", strings.NewReader(string(body))))
+		if rec.Code == http.StatusOK && rec.Header().Get("Content-Type") == "text/event-stream" {
+			events := parseEvents(t, rec.Body.String())
+			last := events[len(events)-1].name
+			require.Contains(t, []string{"response.completed", "response.incomplete"}, last)
+			return
+		}
+		checkAnswer(t, rec)
+	})
+}
