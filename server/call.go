@@ -370,6 +370,9 @@ func (s *Server) completeOut(w http.ResponseWriter, c *call, f format) bool {
 // streamOut sends the output as server-sent events, flushed per delta, then the usage chunk if
 // asked for, and [DONE]. It reports whether the request completed.
 func (s *Server) streamOut(w http.ResponseWriter, c *call, f format) bool {
+	if es, ok := f.(eventStreamer); ok {
+		return es.streamEvents(s, w, c)
+	}
 	sw := newSSEWriter(w)
 	sent := make([]bool, c.params.n) // whether the choice's first output went out
 	for {

@@ -150,6 +150,7 @@ func (s *Server) routes() {
 		// tokenize, detokenize, version
 		// embeddings
 		// responses
+		{http.MethodPost, "/v1/responses", true, s.handleResponses},
 		// anthropic messages
 		{http.MethodPost, "/v1/messages", true, s.handleMessages},
 		{http.MethodPost, "/v1/messages/count_tokens", true, s.handleCountTokens},
