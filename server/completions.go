@@ -131,7 +131,7 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, s.log, e, e)
 		return
 	}
-	req.ID = s.newID("cmpl-")
+	req.ID = requestID(r, "cmpl-")
 	c := &call{
 		id:          req.ID,
 		created:     start.Unix(),
