@@ -237,15 +237,20 @@ def _chat_message(m: Any) -> Any:
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                chat_template: str | None = None) -> Any:
+                chat_template: str | None = None, *, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> Any:
     """The chat template (``chat_template``, else the tokenizer's) applied to OpenAI messages, with a
     generation prompt and untokenized. Text parts are joined; assistant tool calls' ``arguments``
     become dicts and ``tool`` messages keep ``tool_call_id``/``name`` (as vLLM renders for HF
     templates); ``tools`` (OpenAI tool objects) go to the template. Template errors (jinja
     raise_exception, bad roles) become the client's 400. Most tokenizers return a string, some
-    (mistral) token ids."""
+    (mistral) token ids. /tokenize passes its own ``add_generation_prompt``,
+    ``continue_final_message`` and extra template variables (``template_kwargs``)."""
     msgs = [_chat_message(m) for m in messages]
-    kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
+    kwargs: dict[str, Any] = {**(template_kwargs or {}), "add_generation_prompt": add_generation_prompt,
+                              "tokenize": False}
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
     if tools:
         kwargs["tools"] = tools
     if chat_template is not None:
