@@ -87,6 +87,9 @@ type Engine struct {
 	closed    bool
 	dead      error // set once when the engine dies
 
+	// tokenizing holds the cmdTokenize round trips waiting for the bridge (tokenize.go).
+	tokenizing tokenizeWaits
+
 	// Poller-only state for the batch being handled.
 	lastID  int64
 	last    *Stream
@@ -313,6 +316,9 @@ func (e *Engine) handle(ev *event) {
 			}
 		}
 		if s == nil {
+			if ev.kind == evError {
+				e.onTokenizeEvent(ev) // a tokenize round trip's error, if one waits
+			}
 			return // already closed by its reader
 		}
 		switch ev.kind {
@@ -369,6 +375,8 @@ func (e *Engine) handle(ev *event) {
 			Root        string `json:"root"`
 			MaxModelLen int    `json:"max_model_len"`
 			Backend     string `json:"backend"`
+			// BackendVersion is the backend library's version (GET /version).
+			BackendVersion string `json:"backend_version"`
 			// Tokenizer is the directory of the tokenizer.json Go detokenizes with; empty
 			// when the backend sends text.
 			Tokenizer string `json:"tokenizer"`
@@ -396,7 +404,7 @@ func (e *Engine) handle(ev *event) {
 			}
 			e.installEncoder(enc)
 		}
-		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend,
+		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend, BackendVersion: m.BackendVersion,
 			ToolCallParser: m.ToolCallParser, ReasoningParser: m.ReasoningParser, StructuredOutputs: m.StructuredOutputs})
 		select {
 		case e.ready <- nil:
@@ -413,6 +421,8 @@ func (e *Engine) handle(ev *event) {
 		default:
 		}
 		e.die(err)
+	case evTokenized:
+		e.onTokenizeEvent(ev)
 	case evStats:
 		e.mu.Lock()
 		ch := e.statsWait[ev.reqID]

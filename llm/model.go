@@ -10,6 +10,8 @@ type ModelInfo struct {
 	MaxModelLen int
 	// Backend is the engine that runs the model: "transformers", "vllm" or a custom module.
 	Backend string
+	// BackendVersion is the backend library's version (vllm or transformers), when known.
+	BackendVersion string
 	// ToolCallParser is the tool-call parser the engine was started with for "auto" tool
 	// choice (vLLM's --tool-call-parser name); empty when auto tool choice is off.
 	ToolCallParser string

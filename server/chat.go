@@ -175,7 +175,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, s.log, e, e)
 		return
 	}
-	req.ID = s.newID("chatcmpl-")
+	req.ID = requestID(r, "chatcmpl-")
 	c := &call{
 		id:          req.ID,
 		created:     start.Unix(),

@@ -218,7 +218,7 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, s.log, e, e)
 		return
 	}
-	id := s.newID("cmpl-")
+	id := requestID(r, "cmpl-")
 	log := s.log.With("request_id", id)
 	c := &call{
 		id:          id,

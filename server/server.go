@@ -54,6 +54,8 @@ type Config struct {
 	// its connection and its request is aborted, so it never holds up others. Zero means
 	// DefaultWriteTimeout; negative, none.
 	WriteTimeout time.Duration
+	// Version is govllm's version for GET /version; empty (or "dev") means the build's own.
+	Version string
 }
 
 // DefaultWriteTimeout is the per-write limit when [Config.WriteTimeout] is zero.
@@ -72,6 +74,7 @@ type Server struct {
 	metrics      *metrics
 	admission    *admission
 	healthChecks []HealthChecker
+	version      string // GET /version's "version"
 
 	requestTimeout time.Duration
 	writeTimeout   time.Duration
@@ -117,6 +120,7 @@ func New(cfg Config) *Server {
 	s.metrics = s.newMetrics(cfg.Stats)
 	s.metrics.registry.MustRegister(cfg.Collectors...)
 	s.healthChecks = cfg.HealthChecks
+	s.version = govllmVersion(cfg.Version)
 	s.routes()
 	return s
 }
@@ -126,7 +130,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if s.writeTimeout > 0 {
 		w = newDeadlineWriter(w, s.writeTimeout)
 	}
-	s.mux.ServeHTTP(w, r)
+	s.serveWithID(w, r)
 }
 
 // AbortRequests ends every completion in flight, for a shutdown whose drain time is over: each
@@ -148,6 +152,9 @@ func (s *Server) routes() {
 		{http.MethodPost, "/v1/completions", true, s.handleCompletions},
 		{http.MethodGet, "/v1/models", true, s.handleModels},
 		// tokenize, detokenize, version
+		{http.MethodPost, "/tokenize", false, s.handleTokenize}, // unguarded, as in vLLM (only /v1 is)
+		{http.MethodPost, "/detokenize", false, s.handleDetokenize},
+		{http.MethodGet, "/version", false, s.handleVersion},
 		// embeddings
 		// responses
 		{http.MethodPost, "/v1/responses", true, s.handleResponses},

@@ -202,6 +202,7 @@ func serve(args []string, stderr io.Writer) int {
 		Backend: e, Logger: log, MaxBodyBytes: *f.maxBody, APIKey: *f.apiKey, Stats: e.Stats,
 		Collectors: gpuSet.collectors(), HealthChecks: gpuSet.healthChecks(),
 		MaxConcurrent: *f.maxRunning, MaxQueue: *f.maxQueued, RequestTimeout: *f.reqTimeout, WriteTimeout: *f.writeTO,
+		Version: version,
 	})
 	srv := &http.Server{
 		Handler:           handler,

@@ -25,16 +25,41 @@ The prompt (a completion prompt, or the last chat message) is one command:
   tokens:KIND:N      one delta of N token ids 0..N-1 held as KIND: list, tuple, intlike (an int
                      subclass and objects with __index__, which the shim converts apart) or str
                      (not ints: the request fails with a TypeError)
+
+Its ``tokenizer`` (for /tokenize) is ScriptedTokenizer: ids are UTF-8 bytes; a text that starts
+with "slowtok:MS" takes MS milliseconds to tokenize (the bridge's loop blocks meanwhile, as a
+real tokenizer's does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from govllm.backend import Delta, EngineConfig, EngineDeadError, RequestError, SamplingParams
+
+
+class ScriptedTokenizer:
+    """A byte tokenizer (ids 0..255 are UTF-8 bytes, no special tokens) for the tokenize command."""
+
+    chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if text.startswith("slowtok:"):
+            time.sleep(int(text.split(":")[1]) / 1000)
+        return list(text.encode())
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [chr(i) for i in ids]
+
+    def __len__(self) -> int:
+        return 256
 
 
 class ScriptedBackend:
@@ -46,6 +71,7 @@ class ScriptedBackend:
         self.started = 0
         self.running: set[str] = set()
         self.dead: str | None = None
+        self.tokenizer = ScriptedTokenizer()
 
     async def start(self) -> None:
         if self.config.extra.get("start_delay"):

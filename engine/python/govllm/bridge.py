@@ -15,12 +15,14 @@ import functools
 import importlib
 import json
 import logging
+import sys
 import traceback
 from typing import Any
 
 import _govllm_shim as shim  # created by the C shim before this module is imported
 
 from .backend import Backend, EngineConfig, EngineDeadError, RequestError
+from . import tokenizing
 from .request import Request, apply_default_max_tokens, generation_defaults, parse_request
 
 # Commands from Go (cshim/shim.h, engine/shim.go).
@@ -75,6 +77,13 @@ def _meta(obj: dict[str, Any]) -> bytes:
 
 def _fatal(message: str, **extra: Any) -> None:
     shim.emit_event(0, EV_FATAL, _meta({"message": message, **extra}))
+
+
+def _backend_version(backend: Any) -> str:
+    """The version of the library behind a built-in backend (GET /version), "" when unknown: the
+    module is already imported by then, so this costs a lookup."""
+    module = sys.modules.get(getattr(backend, "name", "")) if getattr(backend, "name", "") in BACKENDS else None
+    return str(getattr(module, "__version__", "") or "")
 
 
 def load_backend(cfg: EngineConfig) -> Backend:
@@ -156,6 +165,8 @@ class Bridge:
             "tool_call_parser": getattr(self.parsers, "tool_call_parser", None) or "",
             "reasoning_parser": getattr(self.parsers, "reasoning_parser", None) or "",
         }
+        if version := _backend_version(self.backend):
+            ready["backend_version"] = version
         if hasattr(self.backend, "submit"):
             try:
                 ready["tokenizer"] = self.backend.tokenizer_dir()  # Go detokenizes with it
@@ -193,6 +204,8 @@ class Bridge:
                 self.tasks[req_id] = task
             elif kind == CMD_PARSE:
                 self._on_parse(req_id, data)
+            elif kind == CMD_TOKENIZE:
+                self._on_tokenize(req_id, data)
             elif kind == CMD_ABORT:
                 self.request_parsers.pop(req_id, None)
                 task = self.tasks.get(req_id)
@@ -384,6 +397,29 @@ class Bridge:
                     self.request_parsers.pop(req_id, None)
         result["index"] = index
         shim.emit_event(req_id, EV_PARSED, _meta(result))
+
+    def _on_tokenize(self, req_id: int, data: bytes) -> None:
+        """CMD_TOKENIZE (govllm/tokenizing.py): always answered, EV_TOKENIZED or EV_ERROR."""
+        name = str(req_id)
+        try:
+            if not self.ready or self.shutting_down or self.backend is None:
+                state = "shutting down" if self.shutting_down else "starting"
+                raise EngineDeadError(f"the engine is {state}")
+            cmd = tokenizing.parse(data)
+            name = str(cmd.get("request_id") or name)
+            result = tokenizing.handle(self.backend, cmd)
+        except RequestError as exc:
+            log.debug("tokenize %s refused: %s", name, exc)
+            self._fail(req_id, exc.status, exc.type, str(exc), exc.param)
+            return
+        except EngineDeadError as exc:
+            self._fail(req_id, 503, "ServiceUnavailableError", str(exc), None)
+            return
+        except Exception as exc:
+            log.error("tokenize %s failed:\n%s", name, traceback.format_exc())
+            self._fail(req_id, 500, "InternalServerError", f"{type(exc).__name__}: {exc}", None)
+            return
+        shim.emit_event(req_id, EV_TOKENIZED, _meta(result))
 
     def _healthy(self) -> str:
         if not self.ready:
