@@ -31,7 +31,6 @@ func goCodes() map[string]int {
 		"EV_PROMPT_LOGPROBS": evPromptLogprobs,
 		"EV_DELTA":           evDelta, "EV_END": evEnd, "EV_ERROR": evError, "EV_READY": evReady, "EV_FATAL": evFatal,
 		"EV_LOG": evLog, "EV_STATS": evStats,
-		"CMD_TOKENIZE": cmdTokenize, "EV_TOKENIZED": evTokenized,
 	}
 	for code, reason := range finishReasons {
 		m["FINISH_"+finishName(reason)] = code

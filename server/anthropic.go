@@ -2,7 +2,6 @@ package server
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,7 +9,6 @@ import (
 	"net/http"
 	"slices"
 	"strings"
-	"time"
 	"unicode/utf8"
 
 	"github.com/govllm/govllm/llm"
@@ -645,7 +643,7 @@ func (s *Server) rejectAnthropic(w http.ResponseWriter, c *call, err error, e *a
 // handleMessages serves POST /v1/messages.
 func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 	start := s.now()
-	id := s.newID("msg_")
+	id := requestID(r, "msg_")
 	c := &call{id: id, created: start.Unix(), log: s.log.With("request_id", id), start: start,
 		kind: "messages", newID: s.newID}
 	var body anthropicRequest
@@ -671,46 +669,14 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 // runMessages admits req, runs it and answers as Anthropic does, streamed or not (generate's
 // steps, with Anthropic's output and error shapes).
 func (s *Server) runMessages(w http.ResponseWriter, r *http.Request, req llm.Request, c *call, p *anthropicParams) {
-	ctx := r.Context()
-	release, e := s.admit(ctx, c.start)
-	if release == nil {
-		if e != nil {
-			w.Header().Set("Retry-After", retryAfter)
+	c.params.n = 1
+	reject := func(err error, e *apiError) { s.rejectAnthropic(w, c, err, e) }
+	s.run(w, r, req, c, reject, func() bool {
+		if p.stream {
+			return s.streamMessages(w, c, p)
 		}
-		s.rejectAnthropic(w, c, fmt.Errorf("server: admission: %w", errNotAdmitted), e)
-		return
-	}
-	defer release()
-
-	genCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stream, err := s.backend.Generate(genCtx, req)
-	if err != nil {
-		s.rejectAnthropic(w, c, fmt.Errorf("server: generate: %w", err), toAPIError(err))
-		return
-	}
-	defer stream.Close()
-	c.stream, c.cancelGen = stream, cancel
-	c.track = newChoiceTracker(1)
-	c.lastTok = make([]time.Time, 1)
-	c.textOffset = make([]int, 1)
-	defer c.stopTimers()
-
-	stopAbort := context.AfterFunc(s.abortCtx, c.abort)
-	defer stopAbort()
-	if s.requestTimeout > 0 {
-		t := time.AfterFunc(s.requestTimeout-s.now().Sub(c.start), c.abort)
-		defer t.Stop()
-	}
-	var ok bool
-	if p.stream {
-		ok = s.streamMessages(w, c, p)
-	} else {
-		ok = s.completeMessages(w, c, p)
-	}
-	if ok {
-		s.metrics.e2e.Observe(s.now().Sub(c.start).Seconds())
-	}
+		return s.completeMessages(w, c, p)
+	})
 }
 
 // anthropicMessageBody is the body of a non-streamed answer (and, empty, of message_start).
@@ -868,7 +834,7 @@ func heldStop(text string, stops []string) int {
 // handleCountTokens serves POST /v1/messages/count_tokens.
 func (s *Server) handleCountTokens(w http.ResponseWriter, r *http.Request) {
 	start := s.now()
-	c := &call{id: s.newID("count-"), start: start, kind: "count_tokens"}
+	c := &call{id: requestID(r, "count-"), start: start, kind: "count_tokens"}
 	c.log = s.log.With("request_id", c.id)
 	var body anthropicRequest
 	if e := decodeAnthropic(w, r, s.maxBodyBytes, anthropicCountFields, &body); e != nil {

@@ -168,16 +168,8 @@ func TestAnthropicStreamBytes(t *testing.T) {
 	require.Equal(t, want, rec.Body.String())
 }
 
-// promptStream is a stream that knows its prompt's token ids, as engine.Stream does.
-type promptStream struct {
-	*fakeStream
-	prompt []int32
-}
-
-func (p promptStream) PromptTokenIDs() []int32 { return p.prompt }
-
 func TestAnthropicStreamInputTokensAtStart(t *testing.T) {
-	st := promptStream{scripted(llm.Usage{PromptTokens: 4, CompletionTokens: 1}, nil, llm.Delta{Text: "a", FinishReason: "stop"}), []int32{5, 6, 7, 8}}
+	st := &promptStream{scripted(llm.Usage{PromptTokens: 4, CompletionTokens: 1}, nil, llm.Delta{Text: "a", FinishReason: "stop"}), []int32{5, 6, 7, 8}}
 	s := newTestServer(t, backendWith(st, nil))
 	rec := do(s, http.MethodPost, "/v1/messages", anthropicHello+`,"stream":true}`)
 	require.Contains(t, rec.Body.String(), `"usage":{"input_tokens":4,"output_tokens":0}},"type":"message_start"}`)
@@ -310,7 +302,7 @@ func TestAnthropicStreamHoldsBackStopPrefix(t *testing.T) {
 	require.NotContains(t, rec.Body.String(), `END"}}`)
 }
 
-const weatherTool = `"tools":[{"name":"get_weather","description":"Weather","input_schema":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}]`
+const anthropicWeatherTool = `"tools":[{"name":"get_weather","description":"Weather","input_schema":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}]`
 
 func TestAnthropicForcedToolUse(t *testing.T) {
 	info := testInfo
@@ -335,7 +327,7 @@ func TestAnthropicForcedToolUse(t *testing.T) {
 				b.info = info
 				return b
 			}
-			msg := both(t, newBackend, anthropicHello+`,`+weatherTool+`,"tool_choice":`+tc.choice)
+			msg := both(t, newBackend, anthropicHello+`,`+anthropicWeatherTool+`,"tool_choice":`+tc.choice)
 			require.Equal(t, "tool_use", msg["stop_reason"])
 			require.Equal(t, []any{map[string]any{"type": "tool_use", "id": "toolu_test", "name": tc.wantName,
 				"input": map[string]any{"city": "Paris"}}}, msg["content"])
@@ -361,7 +353,7 @@ func TestAnthropicAutoToolUse(t *testing.T) {
 		b.info = info
 		return b
 	}
-	msg := both(t, newBackend, anthropicHello+`,`+weatherTool)
+	msg := both(t, newBackend, anthropicHello+`,`+anthropicWeatherTool)
 	require.Equal(t, "tool_use", msg["stop_reason"])
 	require.Equal(t, []any{
 		map[string]any{"type": "text", "text": "Checking."},
@@ -374,7 +366,7 @@ func TestAnthropicAutoToolUse(t *testing.T) {
 
 	// disable_parallel_tool_use keeps the first call only.
 	rec := do(newTestServer(t, newBackend()), http.MethodPost, "/v1/messages",
-		anthropicHello+`,`+weatherTool+`,"tool_choice":{"type":"auto","disable_parallel_tool_use":true}}`)
+		anthropicHello+`,`+anthropicWeatherTool+`,"tool_choice":{"type":"auto","disable_parallel_tool_use":true}}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	require.Equal(t, 1, strings.Count(rec.Body.String(), `"type":"tool_use"`), rec.Body.String())
 }
@@ -464,7 +456,7 @@ func TestAnthropicCountTokens(t *testing.T) {
 	fb := backendWith(nil, nil)
 	fb.info = info
 	s := newTestServer(t, tokenizingBackend{fb, &got})
-	rec := do(s, http.MethodPost, "/v1/messages/count_tokens", `{"model":"test-model","system":"be brief","messages":[{"role":"user","content":"one two three"}],`+weatherTool+`,"tool_choice":{"type":"any"}}`)
+	rec := do(s, http.MethodPost, "/v1/messages/count_tokens", `{"model":"test-model","system":"be brief","messages":[{"role":"user","content":"one two three"}],`+anthropicWeatherTool+`,"tool_choice":{"type":"any"}}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	require.JSONEq(t, `{"input_tokens":5}`, rec.Body.String())
 	require.True(t, got.AddGenerationPrompt)

@@ -270,13 +270,28 @@ func (c *call) usage() usage {
 
 // generate admits req, runs it and answers with f, streamed or not.
 func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Request, c *call, f format) {
+	reject := func(err error, e *apiError) { s.reject(w, c.log, err, e) }
+	s.run(w, r, req, c, reject, func() bool {
+		if c.params.stream {
+			return s.streamOut(w, c, f)
+		}
+		return s.completeOut(w, c, f)
+	})
+}
+
+// run admits req, starts it and hands the stream to out, which answers and reports whether the
+// request completed; reject answers a request refused before it started, in the route's own
+// error shape. Every route that generates goes through here, so admission, the abort and timeout
+// paths and the per-request metrics are the same for all.
+func (s *Server) run(w http.ResponseWriter, r *http.Request, req llm.Request, c *call,
+	reject func(err error, e *apiError), out func() bool) {
 	ctx := r.Context()
 	release, e := s.admit(ctx, c.start)
 	if release == nil {
 		if e != nil {
 			w.Header().Set("Retry-After", retryAfter)
 		}
-		s.reject(w, c.log, fmt.Errorf("server: admission: %w", errNotAdmitted), e)
+		reject(fmt.Errorf("server: admission: %w", errNotAdmitted), e)
 		return
 	}
 	defer release()
@@ -291,7 +306,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Reques
 		stream, err = s.backend.Generate(genCtx, req)
 	}
 	if err != nil {
-		s.reject(w, c.log, fmt.Errorf("server: generate: %w", err), toAPIError(err))
+		reject(fmt.Errorf("server: generate: %w", err), toAPIError(err))
 		return
 	}
 	defer stream.Close()
@@ -313,13 +328,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Reques
 		defer t.Stop()
 	}
 
-	var ok bool
-	if c.params.stream {
-		ok = s.streamOut(w, c, f)
-	} else {
-		ok = s.completeOut(w, c, f)
-	}
-	if ok {
+	if out() {
 		s.metrics.e2e.Observe(s.now().Sub(c.start).Seconds())
 	}
 }

@@ -123,7 +123,7 @@ func TestChatEchoStream(t *testing.T) {
 	want := head + `{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}` + "\n\n" +
 		head + `{"index":0,"delta":{"content":"Once"},"logprobs":null,"finish_reason":null}]}` + "\n\n" +
 		head + `{"index":0,"delta":{"content":" upon"},"logprobs":null,"finish_reason":null}]}` + "\n\n" +
-		head + `{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"system_fingerprint":"govllm-fake"}` + "\n\n" +
+		head + `{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop","stop_reason":null}],"system_fingerprint":"govllm-fake"}` + "\n\n" +
 		"data: [DONE]\n\n"
 	require.Equal(t, want, rec.Body.String())
 }

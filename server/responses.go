@@ -535,7 +535,7 @@ func (s *Server) handleResponses(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, s.log, e, e)
 		return
 	}
-	req.ID = s.newID("resp_")
+	req.ID = requestID(r, "resp_")
 	c := &call{
 		id:          req.ID,
 		created:     start.Unix(),

@@ -22,7 +22,7 @@ var toolInfo = func() llm.ModelInfo {
 	return m
 }()
 
-const weatherTool = `{"type":"function","name":"get_weather","description":"Weather of a city",` +
+const responsesWeatherTool = `{"type":"function","name":"get_weather","description":"Weather of a city",` +
 	`"parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}`
 
 func TestResponsesBadRequest(t *testing.T) {
@@ -78,11 +78,11 @@ func TestResponsesBadRequest(t *testing.T) {
 		{"hosted tool", nil, `{"input":"hi","tools":[{"type":"web_search"}]}`, "tools[0].type", "web_search"},
 		{"tool name", nil, `{"input":"hi","tools":[{"type":"function","name":"a b"}]}`, "tools[0].name", "letters"},
 		{"tool params", nil, `{"input":"hi","tools":[{"type":"function","name":"f","parameters":[]}]}`, "tools[0].parameters", "JSON object"},
-		{"tool choice type", nil, `{"input":"hi","tools":[` + weatherTool + `],"tool_choice":{"type":"file_search"}}`, "tool_choice.type", "file_search"},
-		{"tool choice unknown", nil, `{"input":"hi","tools":[` + weatherTool + `],"tool_choice":{"type":"function","name":"nope"}}`, "tool_choice", "nope"},
+		{"tool choice type", nil, `{"input":"hi","tools":[` + responsesWeatherTool + `],"tool_choice":{"type":"file_search"}}`, "tool_choice.type", "file_search"},
+		{"tool choice unknown", nil, `{"input":"hi","tools":[` + responsesWeatherTool + `],"tool_choice":{"type":"function","name":"nope"}}`, "tool_choice", "nope"},
 		{"tool choice without tools", nil, `{"input":"hi","tool_choice":"required"}`, "tool_choice", "tools"},
-		{"auto without parser", &plain, `{"input":"hi","tools":[` + weatherTool + `]}`, "tool_choice", "parser"},
-		{"forced and format", nil, `{"input":"hi","tools":[` + weatherTool + `],"tool_choice":"required","text":{"format":{"type":"json_object"}}}`, "text.format", "both constrain"},
+		{"auto without parser", &plain, `{"input":"hi","tools":[` + responsesWeatherTool + `]}`, "tool_choice", "parser"},
+		{"forced and format", nil, `{"input":"hi","tools":[` + responsesWeatherTool + `],"tool_choice":"required","text":{"format":{"type":"json_object"}}}`, "text.format", "both constrain"},
 		{"model", nil, `{"model":"other","input":"hi"}`, "model", "does not exist"},
 	}
 	for _, tt := range tests {
@@ -147,7 +147,7 @@ func TestResponsesRequest(t *testing.T) {
 			`{"type":"function_call","call_id":"c2","name":"get_weather","arguments":"{\"city\":\"Rome\"}"},` +
 			`{"type":"function_call_output","call_id":"c1","output":"sunny"},` +
 			`{"type":"function_call_output","call_id":"c2","output":[{"type":"input_text","text":"rain"}]}],` +
-			`"tools":[` + weatherTool + `],"tool_choice":"none"}`,
+			`"tools":[` + responsesWeatherTool + `],"tool_choice":"none"}`,
 			func(t *testing.T, req llm.Request) {
 				call := func(id, city string) llm.ToolCall {
 					return llm.ToolCall{ID: id, Type: "function", Function: llm.FunctionCall{Name: "get_weather", Arguments: `{"city":"` + city + `"}`}}
@@ -171,11 +171,11 @@ func TestResponsesRequest(t *testing.T) {
 			func(t *testing.T, req llm.Request) {
 				require.Equal(t, &llm.StructuredOutputs{JSONObject: true, Param: "text.format"}, req.Sampling.StructuredOutputs)
 			}},
-		{"auto tools parse", `{"input":"hi","tools":[` + weatherTool + `],"stream":true}`,
+		{"auto tools parse", `{"input":"hi","tools":[` + responsesWeatherTool + `],"stream":true}`,
 			func(t *testing.T, req llm.Request) {
 				require.Equal(t, &llm.Parsing{ToolCalls: true, Streamed: true}, req.Parsing)
 			}},
-		{"named tool forced", `{"input":"hi","tools":[` + weatherTool + `],"tool_choice":{"type":"function","name":"get_weather"}}`,
+		{"named tool forced", `{"input":"hi","tools":[` + responsesWeatherTool + `],"tool_choice":{"type":"function","name":"get_weather"}}`,
 			func(t *testing.T, req llm.Request) {
 				so := req.Sampling.StructuredOutputs
 				require.NotNil(t, so)
@@ -218,12 +218,12 @@ func TestResponsesObject(t *testing.T) {
 			[]llm.Delta{{Text: "Hel", TokenIDs: []int32{1}}, {Text: "lo", TokenIDs: []int32{2}, FinishReason: "length"}},
 			`{"status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"output":[{"type":"message","id":"msg_test","status":"incomplete","role":"assistant",` +
 				`"content":[{"type":"output_text","text":"Hello","annotations":[],"logprobs":[]}]}]}`},
-		{"auto tool call", `{"input":"hi","tools":[` + weatherTool + `]}`,
+		{"auto tool call", `{"input":"hi","tools":[` + responsesWeatherTool + `]}`,
 			[]llm.Delta{{ToolCalls: []llm.ToolCallDelta{{Index: 0, ID: "call_1", Type: "function", Name: "get_weather", Arguments: `{"city":`}}},
 				{ToolCalls: []llm.ToolCallDelta{{Index: 0, Arguments: `"Paris"}`}}, FinishReason: "tool_calls"}},
 			`{"status":"completed","incomplete_details":null,"output":[{"type":"function_call","id":"fc_test","status":"completed",` +
 				`"call_id":"call_1","name":"get_weather","arguments":"{\"city\":\"Paris\"}"}]}`},
-		{"forced tool call", `{"input":"hi","tools":[` + weatherTool + `],"tool_choice":"required"}`,
+		{"forced tool call", `{"input":"hi","tools":[` + responsesWeatherTool + `],"tool_choice":"required"}`,
 			[]llm.Delta{{Text: `[{"name":"get_weather","parameters":{"city":"Rome"}}]`, FinishReason: "stop"}},
 			`{"status":"completed","incomplete_details":null,"output":[{"type":"function_call","id":"fc_test","status":"completed",` +
 				`"call_id":"chatcmpl-tool-test","name":"get_weather","arguments":"{\"city\":\"Rome\"}"}]}`},
@@ -261,7 +261,7 @@ func TestResponsesEcho(t *testing.T) {
 	b.info = toolInfo
 	s := newTestServer(t, b)
 	out := decodeResponse(t, do(s, http.MethodPost, "/v1/responses", `{"input":"hi","instructions":"be brief","temperature":0.5,"top_p":0.9,`+
-		`"max_output_tokens":9,"tools":[`+weatherTool+`],"tool_choice":"none","parallel_tool_calls":false,"metadata":{"k":"v"},`+
+		`"max_output_tokens":9,"tools":[`+responsesWeatherTool+`],"tool_choice":"none","parallel_tool_calls":false,"metadata":{"k":"v"},`+
 		`"text":{"format":{"type":"json_object"}},"user":"me"}`))
 	for k, v := range map[string]any{
 		"instructions": "be brief", "temperature": 0.5, "top_p": 0.9, "max_output_tokens": 9.0, "tool_choice": "none",
@@ -271,7 +271,7 @@ func TestResponsesEcho(t *testing.T) {
 		require.Equal(t, v, out[k], k)
 	}
 	tools, _ := json.Marshal(out["tools"])
-	require.JSONEq(t, `[`+weatherTool+`]`, string(tools))
+	require.JSONEq(t, `[`+responsesWeatherTool+`]`, string(tools))
 }
 
 // sseEvent is one parsed event of a stream.
@@ -330,7 +330,7 @@ func TestResponsesStream(t *testing.T) {
 				"response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"},
 			`[{"type":"message","id":"msg_test","status":"completed","role":"assistant","content":[{"type":"output_text","text":"","annotations":[],"logprobs":[]}]}]`,
 			"response.completed"},
-		{"reasoning, text and an auto tool call", `{"input":"hi","stream":true,"tools":[` + weatherTool + `]}`,
+		{"reasoning, text and an auto tool call", `{"input":"hi","stream":true,"tools":[` + responsesWeatherTool + `]}`,
 			[]llm.Delta{{Reasoning: "hmm"}, {Text: "ok"},
 				{ToolCalls: []llm.ToolCallDelta{{Index: 0, ID: "call_1", Type: "function", Name: "get_weather"}}},
 				{ToolCalls: []llm.ToolCallDelta{{Index: 0, Arguments: `{"city":"Oslo"}`}}, FinishReason: "tool_calls"}},
@@ -345,7 +345,7 @@ func TestResponsesStream(t *testing.T) {
 				`{"type":"message","id":"msg_test","status":"completed","role":"assistant","content":[{"type":"output_text","text":"ok","annotations":[],"logprobs":[]}]},` +
 				`{"type":"function_call","id":"fc_test","status":"completed","call_id":"call_1","name":"get_weather","arguments":"{\"city\":\"Oslo\"}"}]`,
 			"response.completed"},
-		{"forced named call split anywhere", `{"input":"hi","stream":true,"tools":[` + weatherTool + `],"tool_choice":{"type":"function","name":"get_weather"}}`,
+		{"forced named call split anywhere", `{"input":"hi","stream":true,"tools":[` + responsesWeatherTool + `],"tool_choice":{"type":"function","name":"get_weather"}}`,
 			[]llm.Delta{{Text: `{"ci`}, {Text: `ty": "Li`}, {Text: `ma"}`, FinishReason: "stop"}},
 			nil,
 			`[{"type":"function_call","id":"fc_test","status":"completed","call_id":"chatcmpl-tool-test","name":"get_weather","arguments":"{\"city\": \"Lima\"}"}]`,
