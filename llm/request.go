@@ -36,6 +36,9 @@ type Request struct {
 	Tools json.RawMessage `json:"tools,omitempty"`
 	// Parsing, when set, splits the output into content, reasoning and tool calls.
 	Parsing *Parsing `json:"parsing,omitempty"`
+	// Adapter is the LoRA adapter (ModelInfo.Adapters' Name) to generate with; empty means the
+	// base model.
+	Adapter string `json:"lora,omitempty"`
 }
 
 // Validate reports whether the request is well formed before it reaches the engine. It checks

@@ -33,6 +33,7 @@ func (c *completionRequest) toEngine(m llm.ModelInfo) (req llm.Request, p callPa
 	if e = checkModel(c.Model, m); e != nil {
 		return
 	}
+	req.Adapter = adapterFor(c.Model, m)
 	if req.Prompt, req.PromptTokenIDs, e = parsePrompt(c.Prompt, true); e != nil {
 		return
 	}
@@ -135,7 +136,7 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 	c := &call{
 		id:          req.ID,
 		created:     start.Unix(),
-		model:       info.ID,
+		model:       responseModel(req, info),
 		fingerprint: fingerprint(info),
 		params:      params,
 		echo:        echo,
