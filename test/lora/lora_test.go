@@ -63,7 +63,7 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "test/lora: the venv cannot import peft (scripts/requirements.lock pins it)")
 		return 1
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	dir, err := os.MkdirTemp("", "govllm-lora-")
 	if err != nil {
