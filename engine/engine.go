@@ -384,6 +384,8 @@ func (e *Engine) handle(ev *event) {
 			ToolCallParser    string `json:"tool_call_parser"`
 			ReasoningParser   string `json:"reasoning_parser"`
 			StructuredOutputs bool   `json:"structured_outputs"`
+			// Adapters are the LoRA adapters the backend loaded.
+			Adapters []llm.Adapter `json:"adapters"`
 		}
 		if err := json.Unmarshal(ev.meta, &m); err != nil {
 			e.die(fmt.Errorf("engine: bad ready event: %w", err))
@@ -405,7 +407,8 @@ func (e *Engine) handle(ev *event) {
 			e.installEncoder(enc)
 		}
 		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend, BackendVersion: m.BackendVersion,
-			ToolCallParser: m.ToolCallParser, ReasoningParser: m.ReasoningParser, StructuredOutputs: m.StructuredOutputs})
+			ToolCallParser: m.ToolCallParser, ReasoningParser: m.ReasoningParser, StructuredOutputs: m.StructuredOutputs,
+			Adapters: m.Adapters})
 		select {
 		case e.ready <- nil:
 		default:

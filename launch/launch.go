@@ -59,6 +59,15 @@ type Options struct {
 	// StructuredOutputTimeout bounds a constraint's compile, in seconds; 0 means
 	// DefaultStructuredOutputTimeout.
 	StructuredOutputTimeout float64 `json:"structured_output_timeout,omitempty"`
+	// LoRAModules are the LoRA adapters to serve beside the model (--lora-modules); MaxLoRAs
+	// is how many one batch may mix (0: the backend's default), MaxLoRARank the largest rank
+	// (0: DefaultMaxLoRARank).
+	LoRAModules []LoRAModule `json:"lora_modules,omitempty"`
+	MaxLoRAs    int          `json:"max_loras,omitempty"`
+	MaxLoRARank int          `json:"max_lora_rank,omitempty"`
+	// ServedModelName is the name clients use for the model (empty: the model directory's
+	// name); Check keeps adapter names off it.
+	ServedModelName string `json:"served_model_name,omitempty"`
 }
 
 // Host is what Resolve asks of the machine. Nil fields use the real thing.
@@ -144,6 +153,9 @@ func Check(opts Options) error {
 			return fmt.Errorf("%w: --engine-arg %s: %v", ErrBadOptions, k, err)
 		}
 	}
+	if err := checkLoRA(opts); err != nil {
+		return err
+	}
 	return checkParsing(opts)
 }
 
@@ -192,6 +204,7 @@ func Resolve(ctx context.Context, opts Options, h Host) (Plan, error) {
 	p.chooseDtype(opts)
 	p.engineArgs(opts)
 	p.parsingArgs(opts)
+	p.loraArgs(opts)
 	return p, nil
 }
 

@@ -21,6 +21,30 @@ type ModelInfo struct {
 	// StructuredOutputs (and so tool_choice "required" and named choices), LogitBias,
 	// AllowedTokenIDs and BadWords.
 	StructuredOutputs bool
+	// Adapters are the LoRA adapters the engine loaded (--lora-modules): a request picks one by
+	// naming it in "model" (Request.Adapter); empty when none.
+	Adapters []Adapter
+}
+
+// Adapter is a LoRA adapter served beside the base model.
+type Adapter struct {
+	// Name is what clients put in "model" to use the adapter.
+	Name string `json:"name"`
+	// Path is the adapter's directory (adapter_config.json and its weights).
+	Path string `json:"path"`
+	// Base is the model the adapter was made for, listed as its parent in /v1/models; empty
+	// means the served model.
+	Base string `json:"base_model_name,omitempty"`
+}
+
+// Adapter returns the adapter named name, and whether there is one.
+func (m ModelInfo) Adapter(name string) (Adapter, bool) {
+	for _, a := range m.Adapters {
+		if a.Name == name {
+			return a, true
+		}
+	}
+	return Adapter{}, false
 }
 
 // Stats is an engine's own view of its load.

@@ -39,6 +39,9 @@ type Request struct {
 	// Chat, when set, holds vLLM's chat-rendering options; nil renders Messages as vLLM does
 	// by default (a generation prompt added).
 	Chat *ChatOptions `json:"chat,omitempty"`
+	// Adapter is the LoRA adapter (ModelInfo.Adapters' Name) to generate with; empty means the
+	// base model.
+	Adapter string `json:"lora,omitempty"`
 }
 
 // ChatOptions are vLLM's chat-template options of a chat request.

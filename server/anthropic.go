@@ -167,6 +167,7 @@ func (a *anthropicRequest) toEngine(m llm.ModelInfo, counting bool) (llm.Request
 	if e := checkModel(a.Model, m); e != nil {
 		return req, p, e
 	}
+	req.Adapter = adapterFor(a.Model, m)
 	if !counting {
 		if a.MaxTokens == nil {
 			return req, p, badRequest("max_tokens", "max_tokens: field required.")
@@ -658,7 +659,7 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	req.ID = id
-	c.model = info.ID
+	c.model = responseModel(req, info)
 	c.params = params.callParams
 	if params.forced != nil && params.stream {
 		c.forced = make([]*forcedCalls, 1)

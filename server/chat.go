@@ -179,7 +179,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	c := &call{
 		id:          req.ID,
 		created:     start.Unix(),
-		model:       info.ID,
+		model:       responseModel(req, info),
 		fingerprint: fingerprint(info),
 		params:      params,
 		log:         s.log.With("request_id", req.ID),

@@ -50,6 +50,7 @@ func (c *completionRequest) toEngine(m llm.ModelInfo) (reqs []llm.Request, p cal
 		return
 	}
 	var req llm.Request
+	req.Adapter = adapterFor(c.Model, m)
 	sp := &req.Sampling
 	sp.MaxTokens = defaultCompletionMaxTokens
 	if c.MaxTokens != nil {
@@ -223,7 +224,7 @@ func (s *Server) handleCompletions(w http.ResponseWriter, r *http.Request) {
 	c := &call{
 		id:          id,
 		created:     start.Unix(),
-		model:       info.ID,
+		model:       responseModel(reqs[0], info),
 		fingerprint: fingerprint(info),
 		params:      params,
 		log:         log,

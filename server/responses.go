@@ -197,6 +197,7 @@ func (b *responsesRequest) toEngine(m llm.ModelInfo) (llm.Request, callParams, *
 	if e := checkModel(b.Model, m); e != nil {
 		return req, p, e
 	}
+	req.Adapter = adapterFor(b.Model, m)
 	if e := b.unsupported(); e != nil {
 		return req, p, e
 	}
@@ -539,7 +540,7 @@ func (s *Server) handleResponses(w http.ResponseWriter, r *http.Request) {
 	c := &call{
 		id:          req.ID,
 		created:     start.Unix(),
-		model:       info.ID,
+		model:       responseModel(req, info),
 		fingerprint: fingerprint(info),
 		params:      params,
 		log:         s.log.With("request_id", req.ID),

@@ -194,12 +194,33 @@ type callParams struct {
 	dropReasoning bool         // include_reasoning false
 }
 
-// checkModel answers 404 unless name is empty or the served model.
+// checkModel answers 404 unless name is empty, the served model or one of its LoRA adapters.
 func checkModel(name string, m llm.ModelInfo) *apiError {
-	if name != "" && name != m.ID {
+	if name != "" && name != m.ID && adapterFor(name, m) == "" {
 		return errorf(http.StatusNotFound, "model", "The model `%s` does not exist.", name)
 	}
 	return nil
+}
+
+// adapterFor is the LoRA adapter a request's model names: name itself when it is one of the
+// engine's adapters, else "" (the base model).
+func adapterFor(name string, m llm.ModelInfo) string {
+	if name == "" || name == m.ID {
+		return ""
+	}
+	if _, ok := m.Adapter(name); ok {
+		return name
+	}
+	return ""
+}
+
+// responseModel is the model a response names: the adapter when the request chose one (as
+// vLLM answers), else the served model.
+func responseModel(req llm.Request, m llm.ModelInfo) string {
+	if req.Adapter != "" {
+		return req.Adapter
+	}
+	return m.ID
 }
 
 // toEngine validates c against the served model and converts it into an engine request.
@@ -209,6 +230,7 @@ func (c *chatRequest) toEngine(m llm.ModelInfo) (llm.Request, callParams, *apiEr
 	if err := checkModel(c.Model, m); err != nil {
 		return req, p, err
 	}
+	req.Adapter = adapterFor(c.Model, m)
 
 	if len(c.Messages) == 0 {
 		return req, p, badRequest("messages", "`messages` must be a non-empty array.")

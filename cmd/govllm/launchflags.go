@@ -28,6 +28,8 @@ type launchFlags struct {
 	autoToolChoice                                         *bool
 	toolCallParser, reasoningParser, chatTemplate          *string
 	structuredOutputTimeout                                *float64
+	loraModules                                            loraModulesFlag
+	maxLoRAs, maxLoRARank                                  *int
 }
 
 func addLaunchFlags(fs *flag.FlagSet) *launchFlags {
@@ -51,6 +53,9 @@ func addLaunchFlags(fs *flag.FlagSet) *launchFlags {
 	f.reasoningParser = fs.String("reasoning-parser", "", "vLLM's reasoning parser (deepseek_r1, qwen3, ...): the thinking goes to message.reasoning")
 	f.chatTemplate = fs.String("chat-template", "", "Jinja chat template (a file, or the template itself) in place of the model's; templates/chatml_tools.jinja renders tools for ChatML models")
 	f.structuredOutputTimeout = fs.Float64("structured-output-timeout", launch.DefaultStructuredOutputTimeout, "seconds a request's JSON schema or grammar may take to compile; past it the request gets a 400")
+	fs.Var(&f.loraModules, "lora-modules", "LoRA adapter NAME=PATH (a PEFT adapter directory; or vLLM's JSON {\"name\":...,\"path\":...,\"base_model_name\":...}), used by requests whose model is NAME; repeatable")
+	f.maxLoRAs = fs.Int("max-loras", 0, "adapters one batch may mix (default: vllm 1, transformers all)")
+	f.maxLoRARank = fs.Int("max-lora-rank", 0, "largest adapter rank: 1, 8, 16, 32, 64, 128, 256, 320 or 512 (default 16)")
 	fs.IntVar(f.tp, "tensor-parallel", 0, "alias of --tensor-parallel-size")
 	fs.Var(&f.engineArgs, "engine-arg", "extra engine argument KEY=VALUE (VALUE parsed as JSON when it can be, e.g. enforce_eager=false); repeatable")
 	return f
@@ -66,6 +71,7 @@ func (f *launchFlags) options(withDefaultModel bool) launch.Options {
 		EnableAutoToolChoice: *f.autoToolChoice, ToolCallParser: *f.toolCallParser,
 		ReasoningParser: *f.reasoningParser, ChatTemplate: *f.chatTemplate,
 		StructuredOutputTimeout: *f.structuredOutputTimeout,
+		LoRAModules:             f.loraModules, MaxLoRAs: *f.maxLoRAs, MaxLoRARank: *f.maxLoRARank,
 	}
 	if o.Model == "" && withDefaultModel {
 		o.Model = defaultModel()
@@ -99,5 +105,19 @@ func (f *engineArgFlag) Set(s string) error {
 		parsed = v // a plain string
 	}
 	(*f)[k] = parsed
+	return nil
+}
+
+// loraModulesFlag collects --lora-modules values.
+type loraModulesFlag []launch.LoRAModule
+
+func (f *loraModulesFlag) String() string { return fmt.Sprint([]launch.LoRAModule(*f)) }
+
+func (f *loraModulesFlag) Set(s string) error {
+	m, err := launch.ParseLoRAModule(s)
+	if err != nil {
+		return err
+	}
+	*f = append(*f, m)
 	return nil
 }

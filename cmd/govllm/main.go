@@ -127,7 +127,9 @@ func checkServeArgs(args []string) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("serve flags: unexpected argument %q", fs.Arg(0))
 	}
-	return launch.Check(f.launch.options(false))
+	opts := f.launch.options(false)
+	opts.ServedModelName = *f.served
+	return launch.Check(opts)
 }
 
 func serve(args []string, stderr io.Writer) int {
@@ -154,6 +156,7 @@ func serve(args []string, stderr io.Writer) int {
 		defer stopProfile()
 	}
 	opts := f.launch.options(true)
+	opts.ServedModelName = *f.served
 	if err := launch.Check(opts); err != nil {
 		fmt.Fprintf(stderr, "govllm serve: %v\n", err)
 		return 2

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -188,6 +189,51 @@ class RequestError(Exception):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class UnknownModelError(RequestError):
+    """A request names a model (an adapter) this engine does not serve: a 404, as the server answers."""
+
+    status = 404
+    type = "NotFoundError"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The model `{name}` does not exist.", param="model")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAModule:
+    """One --lora-modules adapter (``extra["lora_modules"]``, written by Go's launch plan)."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+    def ready(self) -> dict[str, Any]:
+        """The adapter as READY reports it (llm.Adapter)."""
+        d = {"name": self.name, "path": self.path}
+        if self.base_model_name:
+            d["base_model_name"] = self.base_model_name
+        return d
+
+
+def lora_modules(extra: dict[str, Any] | None) -> list[LoRAModule]:
+    """The adapters of ``extra["lora_modules"]`` (a list of {name, path, base_model_name?}). Raises
+    ValueError for a malformed list, a repeated name or a directory without adapter_config.json."""
+    raw = (extra or {}).get("lora_modules") or []
+    if not isinstance(raw, list):
+        raise ValueError("lora_modules must be a list of {name, path}")
+    out: list[LoRAModule] = []
+    for item in raw:
+        if not isinstance(item, dict) or not item.get("name") or not item.get("path"):
+            raise ValueError(f"lora_modules: want {{name, path}}, got {item!r}")
+        m = LoRAModule(str(item["name"]), str(item["path"]), item.get("base_model_name") or None)
+        if any(o.name == m.name for o in out):
+            raise ValueError(f"lora_modules: {m.name!r} given twice")
+        if not os.path.isfile(os.path.join(m.path, "adapter_config.json")):
+            raise ValueError(f"lora_modules: {m.name}={m.path} has no adapter_config.json")
+        out.append(m)
+    return out
 
 
 def _text_content(content: Any) -> Any:

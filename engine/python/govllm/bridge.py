@@ -21,7 +21,7 @@ from typing import Any
 
 import _govllm_shim as shim  # created by the C shim before this module is imported
 
-from .backend import Backend, EngineConfig, EngineDeadError, RequestError
+from .backend import Backend, EngineConfig, EngineDeadError, RequestError, UnknownModelError
 from . import tokenizing
 from .request import Request, apply_default_max_tokens, generation_defaults, parse_request
 
@@ -167,6 +167,8 @@ class Bridge:
         }
         if version := _backend_version(self.backend):
             ready["backend_version"] = version
+        if self._adapters():
+            ready["adapters"] = [m.ready() for m in self._adapters()]
         if hasattr(self.backend, "submit"):
             try:
                 ready["tokenizer"] = self.backend.tokenizer_dir()  # Go detokenizes with it
@@ -292,6 +294,7 @@ class Bridge:
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         try:
             req = parse_request(data, rid, self.sampling_defaults)
+            self._check_adapter(req)
             rid, claimed = self._claim(req.request_id, req_id), True
             ids = self._prompt_ids(req)
             usage["prompt_tokens"] = len(ids)
@@ -325,6 +328,16 @@ class Bridge:
             "usage": usage,
         }))
 
+    def _adapters(self) -> list[Any]:
+        """The LoRA adapters the backend loaded (backend.LoRAModule), none for a backend without."""
+        adapters = getattr(self.backend, "lora_adapters", None)
+        return list(adapters()) if adapters is not None else []
+
+    def _check_adapter(self, req: Request) -> None:
+        """A request for an adapter the backend did not load is a 404, as for an unknown model."""
+        if req.adapter is not None and all(m.name != req.adapter for m in self._adapters()):
+            raise UnknownModelError(req.adapter)
+
     async def _serve_tokens(self, req_id: int, ids: list[int], req: Request, rid: str) -> None:
         """A token-id backend: Go gets the prompt, the engine's steps reach Go through relay."""
         backend = self.backend
@@ -337,7 +350,10 @@ class Bridge:
         if compute is not None:
             # Before the request's deltas, which Go's answer puts after them.
             shim.emit_event(req_id, EV_PROMPT_LOGPROBS, await compute(ids, int(plp)))
-        done = await backend.submit(ids, req.sampling, rid, req_id)
+        if req.adapter is not None:
+            done = await backend.submit(ids, req.sampling, rid, req_id, adapter=req.adapter)
+        else:
+            done = await backend.submit(ids, req.sampling, rid, req_id)
         try:
             await done
         except asyncio.CancelledError:

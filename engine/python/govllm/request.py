@@ -60,6 +60,7 @@ class Request:
     parsing: dict[str, Any] | None = None  # {"tool_calls", "reasoning", "streamed"}: run the parsers
     raw: dict[str, Any] | None = None  # the request as Go sent it (what the parsers read)
     chat: ChatOptions | None = None  # chat-template options; None: vLLM's defaults
+    adapter: str | None = None  # the LoRA adapter ("lora"), None for the base model
 
 
 def parse_request(data: bytes, fallback_id: str, defaults: dict[str, Any]) -> Request:
@@ -98,10 +99,13 @@ def parse_request(data: bytes, fallback_id: str, defaults: dict[str, Any]) -> Re
     if parsing is not None and not isinstance(parsing, dict):
         raise RequestError("parsing must be an object", param="parsing")
     chat = ChatOptions.from_dict(req["chat"]) if req.get("chat") is not None else None
+    adapter = req.get("lora")
+    if adapter is not None and not isinstance(adapter, str):
+        raise RequestError("lora must be an adapter name", param="model")
     return Request(request_id=request_id, messages=req.get("messages"), prompt=req.get("prompt"),
                    prompt_token_ids=ids, sampling=sampling,
                    default_max_tokens=int(default_max) if default_max is not None else None,
-                   tools=tools or None, parsing=parsing or None, raw=req, chat=chat)
+                   tools=tools or None, parsing=parsing or None, raw=req, chat=chat, adapter=adapter or None)
 
 
 def apply_default_max_tokens(req: Request, prompt_len: int, max_model_len: int) -> None:

@@ -121,6 +121,9 @@ def test_ready_and_end_meta(run, tmp_path):
     ({"prompt": "str-token"}, 500, "InternalServerError", "TypeError"),
     ({"prompt": "value-error"}, 500, "InternalServerError", "ValueError: a bug in the backend"),
     ({"prompt": "die"}, 503, "EngineDeadError", "gone"),
+    # a LoRA adapter the backend did not load: an unknown model
+    ({"prompt": "echo", "lora": "sql-lora"}, 404, "NotFoundError", "The model `sql-lora` does not exist."),
+    ({"prompt": "echo", "lora": 3}, 400, "BadRequestError", "lora must be an adapter name"),
 ])
 def test_error_classification(run, tmp_path, body, status, type_, message):
     r = run(tmp_path)

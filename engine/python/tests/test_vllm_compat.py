@@ -152,3 +152,19 @@ def test_cache_config_metrics_info():
     info = vllm_compat.cache_config_info(engine)
     assert info["block_size"] == "16" and all(isinstance(v, str) for v in info.values())
     assert {"cache_dtype", "enable_prefix_caching", "num_gpu_blocks"} <= set(info), sorted(info)
+
+
+def test_lora_request_surface():
+    """--lora-modules: a LoRARequest per adapter goes to process_inputs, which copies it onto the request."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    req = vllm_compat.lora_request("sql", 1, "/adapters/sql", "base")
+    assert (req.lora_name, req.lora_int_id, req.lora_path, req.base_model_name) == ("sql", 1, "/adapters/sql", "base")
+    with pytest.raises(ValueError):
+        vllm_compat.lora_request("bad", 0, "/x")  # ids start at 1
+    assert "lora_request" in inspect.signature(InputProcessor.process_inputs).parameters
+    assert "lora_request" in _fields(EngineCoreRequest)
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    assert {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"} <= fields

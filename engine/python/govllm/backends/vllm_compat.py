@@ -32,6 +32,8 @@ pinned vLLM by ``tests/test_vllm_compat.py`` (which fails the day an upgrade cha
   (``EngineCoreEvent``: ``type`` an ``EngineCoreEventType`` QUEUED/SCHEDULED/PREEMPTED,
   ``timestamp`` on the monotonic clock) and ``prefill_stats.num_computed_tokens``, only on a
   request's state changes; ``vllm_config.cache_config.metrics_info()`` for ``cache_config_info``;
+- ``process_inputs(..., lora_request=LoRARequest(lora_name, lora_int_id, lora_path, base_model_name))``
+  for a --lora-modules adapter (the engine loads it from lora_path on first use, by lora_int_id);
 - child requests for ``n > 1`` named ``f"{index}_{parent_id}"`` with ``n=1`` and ``seed + index``
   (``vllm.v1.engine.parallel_sampling.ParentRequest``'s scheme, so seeded results match
   ``vllm serve``).
@@ -86,11 +88,23 @@ async def supported_tasks(engine: Any) -> Any:
     return await engine.get_supported_tasks()
 
 
-def make_requests(engine: Any, request_id: str, prompt: Any, params: Any, tasks: Any) -> list[Any]:
-    """The EngineCoreRequests of one request: one per choice, as AsyncLLM.add_request makes them.
-    Raises vLLM's validation errors (the caller maps them to 400s)."""
+def lora_request(name: str, int_id: int, path: str, base_model_name: str | None = None) -> Any:
+    """vLLM's LoRARequest for an adapter (int_id >= 1, unique per adapter for the engine's life)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=int_id, lora_path=path, base_model_name=base_model_name)
+
+
+def make_requests(engine: Any, request_id: str, prompt: Any, params: Any, tasks: Any,
+                  lora: Any = None) -> list[Any]:
+    """The EngineCoreRequests of one request: one per choice, as AsyncLLM.add_request makes them,
+    with the LoRA adapter ``lora`` (a LoRARequest) or the base model (None). Raises vLLM's
+    validation errors (the caller maps them to 400s)."""
     processor = engine.input_processor
-    request = processor.process_inputs(request_id, prompt, params, supported_tasks=tasks)
+    if lora is None:
+        request = processor.process_inputs(request_id, prompt, params, supported_tasks=tasks)
+    else:
+        request = processor.process_inputs(request_id, prompt, params, supported_tasks=tasks, lora_request=lora)
     processor.assign_request_id(request)
     sampling = request.sampling_params
     n = int(getattr(sampling, "n", 1) or 1)

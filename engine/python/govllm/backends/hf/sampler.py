@@ -118,15 +118,17 @@ class RequestSampling:
     __slots__ = ("temperature", "top_p", "top_k", "key", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens", "stop_ids", "logprobs", "prompt_len", "records",
                  "penalised", "extras", "matcher", "grammar_stops", "bias_ids", "bias_values", "allowed",
-                 "bad_words", "tracked", "history")
+                 "bad_words", "tracked", "history", "adapter")
 
     def __init__(self, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, key: int = 0,
                  min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, min_tokens: int = 0, stop_ids: tuple[int, ...] = (),
                  logprobs: int | None = None, prompt_len: int = 0, matcher: Any = None,
                  grammar_stops: tuple[int, ...] = (), logit_bias: dict[int, float] | None = None,
-                 allowed: tuple[int, ...] | None = None, bad_words: tuple[tuple[int, ...], ...] = ()) -> None:
+                 allowed: tuple[int, ...] | None = None, bad_words: tuple[tuple[int, ...], ...] = (),
+                 adapter: int = 0) -> None:
         self.temperature = float(temperature)
+        self.adapter = int(adapter)  # the LoRA adapter's index in lora.LoRARouter (0: the base model)
         self.top_p = float(top_p)
         self.top_k = int(top_k)
         self.key = int(key)
@@ -337,6 +339,7 @@ def build_sampler_class() -> type:
             # The manager's model runner, when CUDA graphs must be bypassed for planned batches.
             self._runner: Any = None
             self._graphs = (False, False)
+            self.lora: Any = None  # lora.LoRARouter when the backend serves adapters
 
         def clear(self) -> None:  # never drop the sampler
             pass
@@ -364,6 +367,8 @@ def build_sampler_class() -> type:
                 int32_tensor[row].fill_(value)
 
         def prepare_tensor_args(self, requests_in_batch, arg_storage: torch.Tensor) -> torch.Tensor:
+            if self.lora is not None:  # the step's token spans per adapter, for lora.LoRARouter's hooks
+                self.lora.observe(compat.batch_segments(requests_in_batch, self.KWARG))
             floats, ints = [], []
             any_sampled = any_filtered = any_min_p = unbounded = False
             bound = 0
