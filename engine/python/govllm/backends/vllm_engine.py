@@ -36,6 +36,8 @@ import dataclasses
 import inspect
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -271,6 +273,8 @@ class VLLMBackend:
         # --lora-modules: each adapter's LoRARequest (ids 1.., fixed for the engine's life)
         self._adapters: list[LoRAModule] = lora_modules(config.extra)
         self._lora_requests: dict[str, Any] = {}
+        self._null_lora: Any = None  # the base model's all-zero adapter on CPU (see start)
+        self._null_lora_dir: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -307,6 +311,15 @@ class VLLMBackend:
         fields = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                   for f in dataclasses.fields(api.AsyncEngineArgs)}
         self.engine_kwargs = build_engine_kwargs(self.config, "cpu" if self.platform == "cpu" else "gpu", fields)
+        if self._adapters and self.platform == "cpu" and vllm_compat.cpu_lora_selects_last_slot_for_base():
+            # vLLM's CPU kernels would give base-model tokens the last slot's adapter: base requests
+            # get an adapter of zeros instead, in a slot of their own.
+            self._null_lora_dir = tempfile.mkdtemp(prefix="govllm-lora-")
+            path = vllm_compat.write_null_lora(self._adapters[0].path, self._null_lora_dir)
+            self._null_lora = vllm_compat.lora_request("govllm-base", len(self._adapters) + 1, path)
+            self.engine_kwargs["max_loras"] = int(self.engine_kwargs.get("max_loras") or 1) + 1
+            log.info("vLLM on CPU with LoRA: base-model requests use an all-zero adapter (max_loras %d)",
+                     self.engine_kwargs["max_loras"])
         args = api.AsyncEngineArgs(**self.engine_kwargs)
         factory = api.AsyncLLM.from_engine_args
         kwargs: dict[str, Any] = {}
@@ -423,6 +436,8 @@ class VLLMBackend:
         self._closed = True
         if self._compiler is not None:
             self._compiler.close()
+        if self._null_lora_dir is not None:
+            shutil.rmtree(self._null_lora_dir, ignore_errors=True)
         engine = self.engine
         if engine is None:
             return
@@ -591,7 +606,7 @@ class VLLMBackend:
         """Add the request's choices to the engine (with the LoRA ``adapter``, when named); the future
         resolves once every choice ended."""
         self.health()
-        lora = None
+        lora = self._null_lora
         if adapter is not None:
             lora = self._lora_requests.get(adapter)
             if lora is None:
