@@ -84,6 +84,7 @@ type Engine struct {
 	mu        sync.Mutex
 	streams   map[int64]*Stream
 	statsWait map[int64]chan Stats
+	embedWait sync.Map // request id -> chan embedReply of a waiting Embed (embed.go)
 	closed    bool
 	dead      error // set once when the engine dies
 
@@ -374,6 +375,7 @@ func (e *Engine) handle(ev *event) {
 			ToolCallParser    string `json:"tool_call_parser"`
 			ReasoningParser   string `json:"reasoning_parser"`
 			StructuredOutputs bool   `json:"structured_outputs"`
+			Runner            string `json:"runner"` // "pooling" serves embeddings only
 		}
 		if err := json.Unmarshal(ev.meta, &m); err != nil {
 			e.die(fmt.Errorf("engine: bad ready event: %w", err))
@@ -395,7 +397,8 @@ func (e *Engine) handle(ev *event) {
 			e.installEncoder(enc)
 		}
 		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend,
-			ToolCallParser: m.ToolCallParser, ReasoningParser: m.ReasoningParser, StructuredOutputs: m.StructuredOutputs})
+			ToolCallParser: m.ToolCallParser, ReasoningParser: m.ReasoningParser, StructuredOutputs: m.StructuredOutputs,
+			Runner: m.Runner})
 		select {
 		case e.ready <- nil:
 		default:
@@ -421,6 +424,8 @@ func (e *Engine) handle(ev *event) {
 			_ = json.Unmarshal(ev.meta, &st)
 			ch <- st
 		}
+	case evEmbedding:
+		e.onEmbedding(ev)
 	case evLog:
 		var m struct {
 			Level   string `json:"level"`

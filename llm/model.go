@@ -19,6 +19,9 @@ type ModelInfo struct {
 	// StructuredOutputs (and so tool_choice "required" and named choices), LogitBias,
 	// AllowedTokenIDs and BadWords.
 	StructuredOutputs bool
+	// Runner is what the model is loaded for: [RunnerGenerate] (chat and completions) or
+	// [RunnerPooling] (embeddings); empty means generate (a backend that does not say).
+	Runner string
 }
 
 // Stats is an engine's own view of its load.
