@@ -106,3 +106,20 @@ def test_child_request_naming_matches_parent_request():
     assert [c.request_id for c in got] == [w[0] for w in want]
     assert [c.sampling_params.seed for c in got] == [w[1].seed for w in want]
     assert all(c.sampling_params.n == 1 for c in got)
+
+
+def test_pooling_pieces():
+    """The pooling runner's uses (vllm_compat.embed_pooling_params, pooled_data, embedding_shape)."""
+    from vllm import PoolingParams
+    from vllm.config import ModelConfig
+    from vllm.outputs import PoolingOutput, PoolingRequestOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    params = vllm_compat.embed_pooling_params(16)
+    assert isinstance(params, PoolingParams) and params.task == "embed" and params.dimensions == 16
+    assert "data" in inspect.signature(PoolingOutput).parameters
+    assert "outputs" in inspect.signature(PoolingRequestOutput).parameters
+    assert callable(AsyncLLM.encode)
+    assert isinstance(inspect.getattr_static(ModelConfig, "embedding_size"), property) or hasattr(ModelConfig, "embedding_size")
+    assert callable(ModelConfig.get_vocab_size)
+    assert isinstance(inspect.getattr_static(ModelConfig, "is_matryoshka"), property)

@@ -43,7 +43,7 @@ from ..backend import (
     context_length_error, load_chat_template, render_chat,
 )
 from ..routes import RouteTable
-from .. import structured
+from .. import embedding, structured
 from . import vllm_compat, vllm_env
 from .vllm_env import GiB
 
@@ -252,6 +252,8 @@ class VLLMBackend:
         self._closed = False
         self._dead: str | None = None
         self._compiler: structured.StructuredCompiler | None = None  # the time bound of constraints
+        # --runner pooling: embeddings through AsyncLLM.encode (its own output handler runs).
+        self.runner = str((config.extra or {}).get("runner") or embedding.RUNNER_GENERATE)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -300,7 +302,8 @@ class VLLMBackend:
                 tok = await tok
             self.tokenizer = tok
             self._max_model_len = await self._read_max_model_len()
-            await vllm_compat.detach_output_handler(self.engine)
+            if self.runner != embedding.RUNNER_POOLING:
+                await vllm_compat.detach_output_handler(self.engine)
         except BaseException:
             engine, self.engine = self.engine, None
             with contextlib.suppress(Exception):
@@ -532,7 +535,9 @@ class VLLMBackend:
         return {"prompt_token_ids": ids}
 
     def tokenizer_dir(self) -> str:
-        """The directory of the tokenizer.json Go detokenizes with."""
+        """The directory of the tokenizer.json Go detokenizes with ("" for the pooling runner: no output)."""
+        if self.runner == embedding.RUNNER_POOLING:
+            return ""
         path = self._model_config_attr("tokenizer") or self.config.model
         if not os.path.isfile(os.path.join(str(path), "tokenizer.json")):
             raise RuntimeError(f"the tokenizer at {path} has no tokenizer.json: govllm detokenizes in Go and needs "
@@ -543,6 +548,8 @@ class VLLMBackend:
                      go_id: int) -> asyncio.Future:
         """Add the request's choices to the engine; the future resolves once every choice ended."""
         self.health()
+        if self.runner == embedding.RUNNER_POOLING:
+            raise RequestError(embedding.POOLING_RUNNER_MESSAGE, param="model")
         api = self.api
         assert api is not None and self.relay is not None
         if go_id in self._table:
@@ -577,6 +584,38 @@ class VLLMBackend:
                 raise EngineDeadError(f"the vLLM engine died: {type(exc).__name__}: {exc}") from exc
             raise
         return req.done
+
+    def embedding_info(self) -> embedding.EmbeddingInfo:
+        size, vocab, hf_config = vllm_compat.embedding_shape(self.engine)
+        matryoshka, dims = embedding.matryoshka_from_config(hf_config)
+        return embedding.EmbeddingInfo(size=size, vocab_size=vocab, matryoshka=matryoshka, matryoshka_dimensions=dims)
+
+    async def embed(self, token_ids: list[list[int]], dimensions: int | None, request_id: str) -> list[Any]:
+        """One pooled vector per input, all inputs in the engine at once (AsyncLLM.encode each)."""
+        self.health()
+        params = vllm_compat.embed_pooling_params(dimensions)
+
+        async def one(index: int, ids: list[int]) -> Any:
+            final = None
+            async for out in self.engine.encode(self._prompt(ids), params, f"{request_id}-{index}"):
+                final = out
+            return vllm_compat.pooled_data(final)
+
+        tasks = [asyncio.ensure_future(one(i, ids)) for i, ids in enumerate(token_ids)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException as exc:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its request in the engine
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            err = self._request_error(exc)
+            if err is not None:
+                raise err from exc
+            if (self.api is not None and isinstance(exc, self.api.dead_errors)) or self._engine_errored():
+                raise EngineDeadError(f"the vLLM engine died: {type(exc).__name__}: {exc}") from exc
+            raise
 
     def stop_choice(self, go_id: int, index: int) -> None:
         """Go matched a stop string in choice index: stop it in the engine."""
