@@ -59,6 +59,11 @@ type Options struct {
 	// StructuredOutputTimeout bounds a constraint's compile, in seconds; 0 means
 	// DefaultStructuredOutputTimeout.
 	StructuredOutputTimeout float64 `json:"structured_output_timeout,omitempty"`
+	// Runner is vLLM's --runner: "generate" (the default) or "pooling" (embeddings only).
+	Runner string `json:"runner,omitempty"`
+	// Convert is vLLM's --convert: "embed" serves a generative checkpoint as an embedding
+	// model (with Runner "pooling").
+	Convert string `json:"convert,omitempty"`
 }
 
 // Host is what Resolve asks of the machine. Nil fields use the real thing.
@@ -144,6 +149,9 @@ func Check(opts Options) error {
 			return fmt.Errorf("%w: --engine-arg %s: %v", ErrBadOptions, k, err)
 		}
 	}
+	if err := checkRunner(opts); err != nil {
+		return err
+	}
 	return checkParsing(opts)
 }
 
@@ -192,6 +200,7 @@ func Resolve(ctx context.Context, opts Options, h Host) (Plan, error) {
 	p.chooseDtype(opts)
 	p.engineArgs(opts)
 	p.parsingArgs(opts)
+	p.runnerArgs(opts)
 	return p, nil
 }
 

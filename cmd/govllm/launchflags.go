@@ -28,6 +28,7 @@ type launchFlags struct {
 	autoToolChoice                                         *bool
 	toolCallParser, reasoningParser, chatTemplate          *string
 	structuredOutputTimeout                                *float64
+	runner, convert                                        *string
 }
 
 func addLaunchFlags(fs *flag.FlagSet) *launchFlags {
@@ -51,6 +52,8 @@ func addLaunchFlags(fs *flag.FlagSet) *launchFlags {
 	f.reasoningParser = fs.String("reasoning-parser", "", "vLLM's reasoning parser (deepseek_r1, qwen3, ...): the thinking goes to message.reasoning")
 	f.chatTemplate = fs.String("chat-template", "", "Jinja chat template (a file, or the template itself) in place of the model's; templates/chatml_tools.jinja renders tools for ChatML models")
 	f.structuredOutputTimeout = fs.Float64("structured-output-timeout", launch.DefaultStructuredOutputTimeout, "seconds a request's JSON schema or grammar may take to compile; past it the request gets a 400")
+	f.runner = fs.String("runner", "generate", "generate (chat and completions) or pooling (an embedding model: /v1/embeddings only)")
+	f.convert = fs.String("convert", "", "embed: serve a generative checkpoint as an embedding model (with --runner pooling; vllm)")
 	fs.IntVar(f.tp, "tensor-parallel", 0, "alias of --tensor-parallel-size")
 	fs.Var(&f.engineArgs, "engine-arg", "extra engine argument KEY=VALUE (VALUE parsed as JSON when it can be, e.g. enforce_eager=false); repeatable")
 	return f
@@ -66,6 +69,7 @@ func (f *launchFlags) options(withDefaultModel bool) launch.Options {
 		EnableAutoToolChoice: *f.autoToolChoice, ToolCallParser: *f.toolCallParser,
 		ReasoningParser: *f.reasoningParser, ChatTemplate: *f.chatTemplate,
 		StructuredOutputTimeout: *f.structuredOutputTimeout,
+		Runner:                  *f.runner, Convert: *f.convert,
 	}
 	if o.Model == "" && withDefaultModel {
 		o.Model = defaultModel()
