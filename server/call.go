@@ -215,6 +215,11 @@ func (c *call) usage() usage {
 // generate admits req, runs it and answers with f, streamed or not.
 func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Request, c *call, f format) {
 	ctx := r.Context()
+	if s.backend.Model().Runner == llm.RunnerPooling {
+		e := badRequest("model", "The model `%s` is served with the pooling runner (--runner pooling), which only makes embeddings: use /v1/embeddings, or start the server with --runner generate.", c.model)
+		s.reject(w, c.log, e, e)
+		return
+	}
 	release, e := s.admit(ctx, c.start)
 	if release == nil {
 		if e != nil {

@@ -148,6 +148,7 @@ func (s *Server) routes() {
 		{http.MethodGet, "/v1/models", true, s.handleModels},
 		// tokenize, detokenize, version
 		// embeddings
+		{http.MethodPost, "/v1/embeddings", true, s.handleEmbeddings},
 		// responses
 		// anthropic messages
 		{http.MethodGet, "/health", false, s.handleHealth},
