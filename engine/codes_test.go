@@ -29,6 +29,7 @@ func goCodes() map[string]int {
 		"CMD_STOP_CHOICE": cmdStopChoice, "EV_PROMPT": evPrompt, "CMD_PARSE": cmdParse, "EV_PARSED": evParsed,
 		"EV_DELTA": evDelta, "EV_END": evEnd, "EV_ERROR": evError, "EV_READY": evReady, "EV_FATAL": evFatal,
 		"EV_LOG": evLog, "EV_STATS": evStats,
+		"CMD_EMBED": cmdEmbed, "EV_EMBEDDING": evEmbedding,
 	}
 	for code, reason := range finishReasons {
 		m["FINISH_"+finishName(reason)] = code
