@@ -45,7 +45,9 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	// Generous bounds: on a loaded 2-core machine generating the model, building the binary and
+	// starting vLLM take minutes each.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	dir, err := os.MkdirTemp("", "govllm-embed-")
 	if err != nil {
@@ -71,12 +73,14 @@ func run(m *testing.M) int {
 	} else {
 		fmt.Println("test/embed: the venv cannot import vllm: the vllm backend is not tested")
 	}
+	startCtx, cancelStart := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancelStart()
 	var wg sync.WaitGroup
 	started := make([]server, len(engines))
 	errs := make([]error, len(engines))
 	for i, engine := range engines {
 		wg.Go(func() {
-			srv, err := govtest.Start(ctx, bin, dir, serveArgs(engine)...)
+			srv, err := govtest.Start(startCtx, bin, dir, serveArgs(engine)...)
 			started[i], errs[i] = server{name: engine, srv: srv}, err
 			if srv != nil {
 				started[i].url = srv.URL
