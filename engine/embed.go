@@ -77,7 +77,7 @@ func (e *Engine) onEmbedding(ev *event) {
 		return
 	}
 	r, err := decodeEmbedding(ev.meta)
-	if err != nil {
+	if _, refused := errors.AsType[*RequestError](err); err != nil && !refused {
 		e.log.Error("engine: bad embedding event", "request", ev.reqID, "err", err)
 	}
 	v.(chan embedReply) <- embedReply{result: r, err: err}
