@@ -84,6 +84,7 @@ type Engine struct {
 	mu        sync.Mutex
 	streams   map[int64]*Stream
 	statsWait map[int64]chan Stats
+	embedWait sync.Map // request id -> chan embedReply of a waiting Embed (embed.go)
 	closed    bool
 	dead      error // set once when the engine dies
 
@@ -386,6 +387,7 @@ func (e *Engine) handle(ev *event) {
 			StructuredOutputs bool   `json:"structured_outputs"`
 			// Adapters are the LoRA adapters the backend loaded.
 			Adapters []llm.Adapter `json:"adapters"`
+			Runner   string        `json:"runner"` // "pooling" serves embeddings only
 		}
 		if err := json.Unmarshal(ev.meta, &m); err != nil {
 			e.die(fmt.Errorf("engine: bad ready event: %w", err))
@@ -408,7 +410,7 @@ func (e *Engine) handle(ev *event) {
 		}
 		e.info.Store(&ModelInfo{ID: m.Model, Root: m.Root, MaxModelLen: m.MaxModelLen, Backend: m.Backend, BackendVersion: m.BackendVersion,
 			ToolCallParser: m.ToolCallParser, ReasoningParser: m.ReasoningParser, StructuredOutputs: m.StructuredOutputs,
-			Adapters: m.Adapters})
+			Adapters: m.Adapters, Runner: m.Runner})
 		select {
 		case e.ready <- nil:
 		default:
@@ -436,6 +438,8 @@ func (e *Engine) handle(ev *event) {
 			_ = json.Unmarshal(ev.meta, &st)
 			ch <- st
 		}
+	case evEmbedding:
+		e.onEmbedding(ev)
 	case evLog:
 		var m struct {
 			Level   string `json:"level"`

@@ -68,6 +68,11 @@ type Options struct {
 	// ServedModelName is the name clients use for the model (empty: the model directory's
 	// name); Check keeps adapter names off it.
 	ServedModelName string `json:"served_model_name,omitempty"`
+	// Runner is vLLM's --runner: "generate" (the default) or "pooling" (embeddings only).
+	Runner string `json:"runner,omitempty"`
+	// Convert is vLLM's --convert: "embed" serves a generative checkpoint as an embedding
+	// model (with Runner "pooling").
+	Convert string `json:"convert,omitempty"`
 }
 
 // Host is what Resolve asks of the machine. Nil fields use the real thing.
@@ -156,6 +161,9 @@ func Check(opts Options) error {
 	if err := checkLoRA(opts); err != nil {
 		return err
 	}
+	if err := checkRunner(opts); err != nil {
+		return err
+	}
 	return checkParsing(opts)
 }
 
@@ -205,6 +213,7 @@ func Resolve(ctx context.Context, opts Options, h Host) (Plan, error) {
 	p.engineArgs(opts)
 	p.parsingArgs(opts)
 	p.loraArgs(opts)
+	p.runnerArgs(opts)
 	return p, nil
 }
 

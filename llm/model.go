@@ -21,6 +21,9 @@ type ModelInfo struct {
 	// StructuredOutputs (and so tool_choice "required" and named choices), LogitBias,
 	// AllowedTokenIDs and BadWords.
 	StructuredOutputs bool
+	// Runner is what the model is loaded for: [RunnerGenerate] (chat and completions) or
+	// [RunnerPooling] (embeddings); empty means generate (a backend that does not say).
+	Runner string
 	// Adapters are the LoRA adapters the engine loaded (--lora-modules): a request picks one by
 	// naming it in "model" (Request.Adapter); empty when none.
 	Adapters []Adapter

@@ -286,6 +286,11 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Reques
 func (s *Server) run(w http.ResponseWriter, r *http.Request, req llm.Request, c *call,
 	reject func(err error, e *apiError), out func() bool) {
 	ctx := r.Context()
+	if s.backend.Model().Runner == llm.RunnerPooling {
+		e := badRequest("model", "The model `%s` is served with the pooling runner (--runner pooling), which only makes embeddings: use /v1/embeddings, or start the server with --runner generate.", c.model)
+		s.reject(w, c.log, e, e)
+		return
+	}
 	release, e := s.admit(ctx, c.start)
 	if release == nil {
 		if e != nil {

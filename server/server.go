@@ -156,6 +156,7 @@ func (s *Server) routes() {
 		{http.MethodPost, "/detokenize", false, s.handleDetokenize},
 		{http.MethodGet, "/version", false, s.handleVersion},
 		// embeddings
+		{http.MethodPost, "/v1/embeddings", true, s.handleEmbeddings},
 		// responses
 		{http.MethodPost, "/v1/responses", true, s.handleResponses},
 		// anthropic messages

@@ -30,6 +30,7 @@ type launchFlags struct {
 	structuredOutputTimeout                                *float64
 	loraModules                                            loraModulesFlag
 	maxLoRAs, maxLoRARank                                  *int
+	runner, convert                                        *string
 }
 
 func addLaunchFlags(fs *flag.FlagSet) *launchFlags {
@@ -56,6 +57,8 @@ func addLaunchFlags(fs *flag.FlagSet) *launchFlags {
 	fs.Var(&f.loraModules, "lora-modules", "LoRA adapter NAME=PATH (a PEFT adapter directory; or vLLM's JSON {\"name\":...,\"path\":...,\"base_model_name\":...}), used by requests whose model is NAME; repeatable")
 	f.maxLoRAs = fs.Int("max-loras", 0, "adapters one batch may mix (default: vllm 1, transformers all)")
 	f.maxLoRARank = fs.Int("max-lora-rank", 0, "largest adapter rank: 1, 8, 16, 32, 64, 128, 256, 320 or 512 (default 16)")
+	f.runner = fs.String("runner", "generate", "generate (chat and completions) or pooling (an embedding model: /v1/embeddings only)")
+	f.convert = fs.String("convert", "", "embed: serve a generative checkpoint as an embedding model (with --runner pooling; vllm)")
 	fs.IntVar(f.tp, "tensor-parallel", 0, "alias of --tensor-parallel-size")
 	fs.Var(&f.engineArgs, "engine-arg", "extra engine argument KEY=VALUE (VALUE parsed as JSON when it can be, e.g. enforce_eager=false); repeatable")
 	return f
@@ -72,6 +75,7 @@ func (f *launchFlags) options(withDefaultModel bool) launch.Options {
 		ReasoningParser: *f.reasoningParser, ChatTemplate: *f.chatTemplate,
 		StructuredOutputTimeout: *f.structuredOutputTimeout,
 		LoRAModules:             f.loraModules, MaxLoRAs: *f.maxLoRAs, MaxLoRARank: *f.maxLoRARank,
+		Runner: *f.runner, Convert: *f.convert,
 	}
 	if o.Model == "" && withDefaultModel {
 		o.Model = defaultModel()

@@ -21,8 +21,8 @@ from typing import Any
 
 import _govllm_shim as shim  # created by the C shim before this module is imported
 
+from . import embedding, tokenizing
 from .backend import Backend, EngineConfig, EngineDeadError, RequestError, UnknownModelError
-from . import tokenizing
 from .request import Request, apply_default_max_tokens, generation_defaults, parse_request
 
 # Commands from Go (cshim/shim.h, engine/shim.go).
@@ -164,6 +164,7 @@ class Bridge:
             "structured_outputs": bool(getattr(self.backend, "structured_outputs", False)),
             "tool_call_parser": getattr(self.parsers, "tool_call_parser", None) or "",
             "reasoning_parser": getattr(self.parsers, "reasoning_parser", None) or "",
+            "runner": getattr(self.backend, "runner", None) or embedding.RUNNER_GENERATE,
         }
         if version := _backend_version(self.backend):
             ready["backend_version"] = version
@@ -224,6 +225,8 @@ class Bridge:
                 stop_choice = getattr(self.backend, "stop_choice", None)
                 if stop_choice is not None and req_id in self.tasks:
                     stop_choice(req_id, int(data))
+            elif kind == CMD_EMBED:
+                embedding.start(self, req_id, data, lambda rid, meta: shim.emit_event(rid, EV_EMBEDDING, meta))
             elif kind == CMD_SHUTDOWN:
                 self._request_shutdown()
             else:

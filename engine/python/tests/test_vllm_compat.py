@@ -193,3 +193,20 @@ def test_null_lora_is_zero_and_shaped_like_the_adapter(tmp_path):
     got = load_file(f"{path}/adapter_model.safetensors")
     assert got["m.q_proj.lora_B.weight"].shape == (8, 4) and not got["m.q_proj.lora_B.weight"].any()
     assert got["m.q_proj.lora_A.weight"].eq(1).all()
+
+
+def test_pooling_pieces():
+    """The pooling runner's uses (vllm_compat.embed_pooling_params, pooled_data, embedding_shape)."""
+    from vllm import PoolingParams
+    from vllm.config import ModelConfig
+    from vllm.outputs import PoolingOutput, PoolingRequestOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    params = vllm_compat.embed_pooling_params(16)
+    assert isinstance(params, PoolingParams) and params.task == "embed" and params.dimensions == 16
+    assert "data" in inspect.signature(PoolingOutput).parameters
+    assert "outputs" in inspect.signature(PoolingRequestOutput).parameters
+    assert callable(AsyncLLM.encode)
+    assert isinstance(inspect.getattr_static(ModelConfig, "embedding_size"), property) or hasattr(ModelConfig, "embedding_size")
+    assert callable(ModelConfig.get_vocab_size)
+    assert isinstance(inspect.getattr_static(ModelConfig, "is_matryoshka"), property)

@@ -230,3 +230,30 @@ def prefill_computed_tokens(output: Any) -> int:
 def cache_config_info(engine: Any) -> dict[str, str]:
     """vllm:cache_config_info's labels: CacheConfig.metrics_info(), as vLLM logs it."""
     return {str(k): str(v) for k, v in engine.vllm_config.cache_config.metrics_info().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pooling runner (embeddings). With --runner pooling govllm leaves AsyncLLM's output handler
+# running and embeds with the public ``AsyncLLM.encode``; what it reads beyond that:
+# ``PoolingParams(task="embed", dimensions=...)``, ``PoolingRequestOutput.outputs.data`` (a
+# tensor: the pooled, truncated and normalised vector), and ``ModelConfig.embedding_size``,
+# ``get_vocab_size()`` and ``hf_config`` (is_matryoshka / matryoshka_dimensions).
+# ---------------------------------------------------------------------------------------------
+
+
+def embed_pooling_params(dimensions: int | None) -> Any:
+    """vLLM's PoolingParams of one /v1/embeddings input (as its EmbeddingCompletionRequest makes them)."""
+    from vllm import PoolingParams
+
+    return PoolingParams(task="embed", dimensions=dimensions)
+
+
+def pooled_data(output: Any) -> Any:
+    """The vector of a finished PoolingRequestOutput."""
+    return output.outputs.data
+
+
+def embedding_shape(engine: Any) -> tuple[int, int, Any]:
+    """(embedding size, vocabulary size, hf_config) of the served pooling model."""
+    config = engine.vllm_config.model_config
+    return int(config.embedding_size), int(config.get_vocab_size()), config.hf_config

@@ -47,7 +47,7 @@ from ..backend import (
     render_chat,
 )
 from ..routes import RouteTable
-from .. import structured
+from .. import embedding, structured
 from ..engine_stats import PHASES, EngineStats
 from . import vllm_compat, vllm_env
 from .vllm_env import GiB
@@ -275,6 +275,8 @@ class VLLMBackend:
         self._lora_requests: dict[str, Any] = {}
         self._null_lora: Any = None  # the base model's all-zero adapter on CPU (see start)
         self._null_lora_dir: str | None = None
+        # --runner pooling: embeddings through AsyncLLM.encode (its own output handler runs).
+        self.runner = str((config.extra or {}).get("runner") or embedding.RUNNER_GENERATE)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -334,7 +336,8 @@ class VLLMBackend:
                 tok = await tok
             self.tokenizer = tok
             self._max_model_len = await self._read_max_model_len()
-            await vllm_compat.detach_output_handler(self.engine)
+            if self.runner != embedding.RUNNER_POOLING:
+                await vllm_compat.detach_output_handler(self.engine)
             self._init_stats()
         except BaseException:
             engine, self.engine = self.engine, None
@@ -594,7 +597,9 @@ class VLLMBackend:
         return {"prompt_token_ids": ids}
 
     def tokenizer_dir(self) -> str:
-        """The directory of the tokenizer.json Go detokenizes with."""
+        """The directory of the tokenizer.json Go detokenizes with ("" for the pooling runner: no output)."""
+        if self.runner == embedding.RUNNER_POOLING:
+            return ""
         path = self._model_config_attr("tokenizer") or self.config.model
         if not os.path.isfile(os.path.join(str(path), "tokenizer.json")):
             raise RuntimeError(f"the tokenizer at {path} has no tokenizer.json: govllm detokenizes in Go and needs "
@@ -606,6 +611,8 @@ class VLLMBackend:
         """Add the request's choices to the engine (with the LoRA ``adapter``, when named); the future
         resolves once every choice ended."""
         self.health()
+        if self.runner == embedding.RUNNER_POOLING:
+            raise RequestError(embedding.POOLING_RUNNER_MESSAGE, param="model")
         lora = self._null_lora
         if adapter is not None:
             lora = self._lora_requests.get(adapter)
@@ -649,6 +656,38 @@ class VLLMBackend:
                 raise EngineDeadError(f"the vLLM engine died: {type(exc).__name__}: {exc}") from exc
             raise
         return req.done
+
+    def embedding_info(self) -> embedding.EmbeddingInfo:
+        size, vocab, hf_config = vllm_compat.embedding_shape(self.engine)
+        matryoshka, dims = embedding.matryoshka_from_config(hf_config)
+        return embedding.EmbeddingInfo(size=size, vocab_size=vocab, matryoshka=matryoshka, matryoshka_dimensions=dims)
+
+    async def embed(self, token_ids: list[list[int]], dimensions: int | None, request_id: str) -> list[Any]:
+        """One pooled vector per input, all inputs in the engine at once (AsyncLLM.encode each)."""
+        self.health()
+        params = vllm_compat.embed_pooling_params(dimensions)
+
+        async def one(index: int, ids: list[int]) -> Any:
+            final = None
+            async for out in self.engine.encode(self._prompt(ids), params, f"{request_id}-{index}"):
+                final = out
+            return vllm_compat.pooled_data(final)
+
+        tasks = [asyncio.ensure_future(one(i, ids)) for i, ids in enumerate(token_ids)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException as exc:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its request in the engine
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            err = self._request_error(exc)
+            if err is not None:
+                raise err from exc
+            if (self.api is not None and isinstance(exc, self.api.dead_errors)) or self._engine_errored():
+                raise EngineDeadError(f"the vLLM engine died: {type(exc).__name__}: {exc}") from exc
+            raise
 
     def stop_choice(self, go_id: int, index: int) -> None:
         """Go matched a stop string in choice index: stop it in the engine."""

@@ -73,7 +73,15 @@ FINISH_ERROR = 4  # the manager failed the choice (a 500)
 MAX_CHOICES = 0xFFFF
 
 
-def create(config: EngineConfig) -> "TransformersBackend":
+def create(config: EngineConfig) -> Any:
+    """The generating backend, or with ``extra["runner"] == "pooling"`` the embedding one."""
+    runner = str((config.extra or {}).get("runner") or "generate")
+    if runner == "pooling":
+        from .embedding import TransformersEmbeddingBackend
+
+        return TransformersEmbeddingBackend(config)
+    if runner != "generate":
+        raise ValueError(f"runner {runner!r} is not supported by the transformers backend (use generate or pooling)")
     return TransformersBackend(config)
 
 
