@@ -288,7 +288,7 @@ func (s *Server) run(w http.ResponseWriter, r *http.Request, req llm.Request, c 
 	ctx := r.Context()
 	if s.backend.Model().Runner == llm.RunnerPooling {
 		e := badRequest("model", "The model `%s` is served with the pooling runner (--runner pooling), which only makes embeddings: use /v1/embeddings, or start the server with --runner generate.", c.model)
-		s.reject(w, c.log, e, e)
+		reject(e, e)
 		return
 	}
 	release, e := s.admit(ctx, c.start)
