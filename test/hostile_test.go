@@ -115,7 +115,6 @@ func TestHostileRequests(t *testing.T) {
 		{name: "text: prompts of mixed kinds", path: textPath, body: `{"prompt":["a",[1]]}`, param: "prompt"},
 		{name: "text: negative token id", path: textPath, body: `{"prompt":[1,-1]}`, param: "prompt"},
 		{name: "text: prompt an object", path: textPath, body: `{"prompt":{"text":"a"}}`, param: "prompt"},
-		{name: "text: echo with token ids", path: textPath, body: `{"prompt":[1,2],"echo":true}`, param: "echo"},
 		{name: "text: suffix", path: textPath, body: `{"prompt":"a","suffix":"b"}`, param: "suffix"},
 		{name: "text: max_tokens negative", path: textPath, body: `{"prompt":"a","max_tokens":-1}`, param: "max_tokens"},
 	}
