@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,11 +18,7 @@ import (
 )
 
 // server is one govllm binary under test.
-type server struct {
-	name string // the backend: "vllm" or "transformers"
-	url  string
-	srv  *govtest.Server
-}
+type server = govtest.Backend
 
 var servers []server
 
@@ -60,78 +55,34 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "test/agent:", err)
 		os.Exit(1)
 	}
-	engines := []string{"transformers"}
-	if exec.Command(govtest.VenvPython(), "-c", "import vllm").Run() == nil {
-		engines = append([]string{"vllm"}, engines...)
-	} else {
-		fmt.Println("test/agent: the venv cannot import vllm: the vllm backend is not tested")
-	}
 	// The servers start side by side (the model loads take most of the time).
-	var wg sync.WaitGroup
-	var reasoningErr error
-	wg.Go(func() {
-		srv, err := govtest.Start(ctx, bin, dir, "--engine", "transformers", "--model", govtest.Model("tiny-llama-dummy"),
-			"--load-format", "dummy", "--python", govtest.VenvPython(), "--device", "cpu", "--reasoning-parser", "qwen3")
-		reasoningErr = err
-		if srv != nil {
-			reasoning = server{name: "reasoning", url: srv.URL, srv: srv}
+	names := append(govtest.Engines("test/agent"), "reasoning")
+	started, ok := govtest.StartBackends(ctx, "test/agent", bin, dir, names, func(name string) []string {
+		if name == "reasoning" {
+			return []string{"--engine", "transformers", "--model", govtest.Model("tiny-llama-dummy"),
+				"--load-format", "dummy", "--python", govtest.VenvPython(), "--device", "cpu", "--reasoning-parser", "qwen3"}
 		}
+		return serveArgs(name)
 	})
-	started := make([]server, len(engines))
-	errs := make([]error, len(engines))
-	for i, engine := range engines {
-		wg.Go(func() {
-			srv, err := govtest.Start(ctx, bin, dir, serveArgs(engine)...)
-			started[i], errs[i] = server{name: engine, srv: srv}, err
-			if srv != nil {
-				started[i].url = srv.URL
-			}
-		})
-	}
-	wg.Wait()
-	failed := false
-	if reasoningErr != nil {
-		fmt.Fprintf(os.Stderr, "test/agent: start govllm --reasoning-parser qwen3: %v\n", reasoningErr)
-		failed = true
-	}
-	for i, err := range errs {
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "test/agent: start govllm --engine %s: %v\n", engines[i], err)
-			failed = true
+	for _, b := range started {
+		if b.Name == "reasoning" {
+			reasoning = b
 		} else {
-			servers = append(servers, started[i])
+			servers = append(servers, b)
 		}
 	}
 	code := 1
-	if !failed {
+	if ok {
 		code = m.Run()
 	}
-	if reasoning.srv != nil {
-		servers = append(servers, reasoning) // stopped (and its log shown) with the others
-	}
-	for _, s := range servers {
-		if err := s.srv.Stop(time.Minute); err != nil && code == 0 {
-			fmt.Fprintf(os.Stderr, "test/agent: govllm (%s) exit: %v\n", s.name, err)
-			code = 1
-		}
-		if code != 0 {
-			fmt.Fprintf(os.Stderr, "--- govllm (%s) log ---\n%s\n", s.name, tail(s.srv.Output(), 20000))
-		}
-	}
+	code = govtest.StopBackends("test/agent", started, code)
 	os.Exit(code)
-}
-
-func tail(s string, n int) string {
-	if len(s) > n {
-		return s[len(s)-n:]
-	}
-	return s
 }
 
 // forEach runs f as a subtest per server.
 func forEach(t *testing.T, f func(t *testing.T, s server)) {
 	for _, s := range servers {
-		t.Run(s.name, func(t *testing.T) { f(t, s) })
+		t.Run(s.Name, func(t *testing.T) { f(t, s) })
 	}
 }
 
@@ -142,11 +93,11 @@ func TestPythonSDK(t *testing.T) {
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 		defer cancel()
 		cmd := exec.CommandContext(ctx, govtest.VenvPython(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "sdk_test.py")
-		cmd.Env = append(os.Environ(), "GOVLLM_URL="+s.url, "GOVLLM_MODEL="+model, "GOVLLM_BACKEND="+s.name)
+		cmd.Env = append(os.Environ(), "GOVLLM_URL="+s.URL, "GOVLLM_MODEL="+model, "GOVLLM_BACKEND="+s.Name)
 		out, err := cmd.CombinedOutput()
 		if err != nil {
-			t.Fatalf("pytest sdk_test.py against %s: %v\n%s", s.name, err, out)
+			t.Fatalf("pytest sdk_test.py against %s: %v\n%s", s.Name, err, out)
 		}
-		t.Logf("%s", tail(string(out), 400))
+		t.Logf("%s", govtest.Tail(string(out), 400))
 	})
 }

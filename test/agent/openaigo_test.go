@@ -68,7 +68,7 @@ var (
 
 func TestOpenAIGoForcedToolCalls(t *testing.T) {
 	forEach(t, func(t *testing.T, s server) {
-		client := govtest.OpenAIClient(s.url)
+		client := govtest.OpenAIClient(s.URL)
 		for name, choice := range map[string]openai.ChatCompletionToolChoiceOptionUnionParam{"required": required, "named": named} {
 			t.Run(name, func(t *testing.T) {
 				resp, err := client.Chat.Completions.New(chatCtx(t), weatherRequest(choice))
@@ -88,7 +88,7 @@ func TestOpenAIGoForcedToolCalls(t *testing.T) {
 
 func TestOpenAIGoStreamedToolCallsAccumulate(t *testing.T) {
 	forEach(t, func(t *testing.T, s server) {
-		client := govtest.OpenAIClient(s.url)
+		client := govtest.OpenAIClient(s.URL)
 		for name, choice := range map[string]openai.ChatCompletionToolChoiceOptionUnionParam{"required": required, "named": named} {
 			t.Run(name, func(t *testing.T) {
 				stream := client.Chat.Completions.NewStreaming(chatCtx(t), weatherRequest(choice))
@@ -118,7 +118,7 @@ func TestOpenAIGoStreamedToolCallsAccumulate(t *testing.T) {
 
 func TestOpenAIGoJSONSchema(t *testing.T) {
 	forEach(t, func(t *testing.T, s server) {
-		client := govtest.OpenAIClient(s.url)
+		client := govtest.OpenAIClient(s.URL)
 		resp, err := client.Chat.Completions.New(chatCtx(t), openai.ChatCompletionNewParams{
 			Model:       model,
 			Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Weather in Paris as JSON.")},
@@ -136,7 +136,7 @@ func TestOpenAIGoJSONSchema(t *testing.T) {
 
 func TestOpenAIGoToolResultRoundTrip(t *testing.T) {
 	forEach(t, func(t *testing.T, s server) {
-		client := govtest.OpenAIClient(s.url)
+		client := govtest.OpenAIClient(s.URL)
 		first, err := client.Chat.Completions.New(chatCtx(t), weatherRequest(named))
 		require.NoError(t, err)
 		msg := first.Choices[0].Message

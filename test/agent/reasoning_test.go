@@ -59,7 +59,7 @@ func TestReasoningParser(t *testing.T) {
 			CompletionTokens int `json:"completion_tokens"`
 		} `json:"usage"`
 	}
-	require.NoError(t, json.NewDecoder(postJSON(t, reasoning.url, reasoningBody(nil)).Body).Decode(&whole))
+	require.NoError(t, json.NewDecoder(postJSON(t, reasoning.URL, reasoningBody(nil)).Body).Decode(&whole))
 	c := whole.Choices[0]
 	require.NotNil(t, c.Message.Reasoning)
 	require.NotNil(t, c.Message.Content)
@@ -69,7 +69,7 @@ func TestReasoningParser(t *testing.T) {
 
 	t.Run("streamed", func(t *testing.T) {
 		var reasoningText, content strings.Builder
-		for _, data := range govtest.SSEData(t, postJSON(t, reasoning.url, reasoningBody(map[string]any{"stream": true})).Body) {
+		for _, data := range govtest.SSEData(t, postJSON(t, reasoning.URL, reasoningBody(map[string]any{"stream": true})).Body) {
 			if data == "[DONE]" {
 				continue
 			}
@@ -98,7 +98,7 @@ func TestReasoningParser(t *testing.T) {
 				Message reasoningMessage `json:"message"`
 			} `json:"choices"`
 		}
-		require.NoError(t, json.NewDecoder(postJSON(t, reasoning.url, reasoningBody(map[string]any{"include_reasoning": false})).Body).Decode(&resp))
+		require.NoError(t, json.NewDecoder(postJSON(t, reasoning.URL, reasoningBody(map[string]any{"include_reasoning": false})).Body).Decode(&resp))
 		require.Nil(t, resp.Choices[0].Message.Reasoning)
 		require.Equal(t, *c.Message.Content, *resp.Choices[0].Message.Content)
 	})

@@ -36,7 +36,7 @@ func post(t *testing.T, s server, path string, body map[string]any, out any) int
 	t.Helper()
 	data, err := json.Marshal(body)
 	require.NoError(t, err)
-	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, s.url+path, bytes.NewReader(data))
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, s.URL+path, bytes.NewReader(data))
 	require.NoError(t, err)
 	req.Header.Set("Authorization", "Bearer "+apiKey)
 	req.Header.Set("Content-Type", "application/json")
@@ -56,7 +56,7 @@ func postStream(t *testing.T, s server, path string, body map[string]any) []stri
 	t.Helper()
 	data, err := json.Marshal(body)
 	require.NoError(t, err)
-	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, s.url+path, bytes.NewReader(data))
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, s.URL+path, bytes.NewReader(data))
 	require.NoError(t, err)
 	req.Header.Set("Authorization", "Bearer "+apiKey)
 	resp, err := (&http.Client{Timeout: 5 * time.Minute}).Do(req)
@@ -210,7 +210,7 @@ func TestFieldsPromptLogprobs(t *testing.T) {
 		}, &chat))
 		require.Len(t, chat.PromptLogprobs, len(chat.PromptTokenIDs))
 		require.Equal(t, "null", string(chat.PromptLogprobs[0]))
-		got[s.name] = out
+		got[s.Name] = out
 	})
 	a, okA := got["vllm"]
 	b, okB := got["transformers"]

@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,11 +19,7 @@ import (
 )
 
 // server is one govllm binary under test.
-type server struct {
-	name string // the backend: "vllm" or "transformers"
-	url  string
-	srv  *govtest.Server
-}
+type server = govtest.Backend
 
 var servers []server
 
@@ -59,62 +54,20 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "test/api:", err)
 		os.Exit(1)
 	}
-	engines := []string{"transformers"}
-	if exec.Command(govtest.VenvPython(), "-c", "import vllm").Run() == nil {
-		engines = append([]string{"vllm"}, engines...)
-	} else {
-		fmt.Println("test/api: the venv cannot import vllm: the vllm backend is not tested")
-	}
-	// The servers start side by side (the model loads take most of the time).
-	var wg sync.WaitGroup
-	started := make([]server, len(engines))
-	errs := make([]error, len(engines))
-	for i, engine := range engines {
-		wg.Go(func() {
-			srv, err := govtest.Start(ctx, bin, dir, serveArgs(engine)...)
-			started[i], errs[i] = server{name: engine, srv: srv}, err
-			if srv != nil {
-				started[i].url = srv.URL
-			}
-		})
-	}
-	wg.Wait()
-	failed := false
-	for i, err := range errs {
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "test/api: start govllm --engine %s: %v\n", engines[i], err)
-			failed = true
-		} else {
-			servers = append(servers, started[i])
-		}
-	}
+	started, ok := govtest.StartBackends(ctx, "test/api", bin, dir, govtest.Engines("test/api"), serveArgs)
+	servers = started
 	code := 1
-	if !failed {
+	if ok {
 		code = m.Run()
 	}
-	for _, s := range servers {
-		if err := s.srv.Stop(time.Minute); err != nil && code == 0 {
-			fmt.Fprintf(os.Stderr, "test/api: govllm (%s) exit: %v\n", s.name, err)
-			code = 1
-		}
-		if code != 0 {
-			fmt.Fprintf(os.Stderr, "--- govllm (%s) log ---\n%s\n", s.name, tail(s.srv.Output(), 20000))
-		}
-	}
+	code = govtest.StopBackends("test/api", servers, code)
 	os.Exit(code)
-}
-
-func tail(s string, n int) string {
-	if len(s) > n {
-		return s[len(s)-n:]
-	}
-	return s
 }
 
 // forEach runs f as a subtest per server.
 func forEach(t *testing.T, f func(t *testing.T, s server)) {
 	for _, s := range servers {
-		t.Run(s.name, func(t *testing.T) { f(t, s) })
+		t.Run(s.Name, func(t *testing.T) { f(t, s) })
 	}
 }
 
@@ -125,12 +78,12 @@ func runPytest(t *testing.T, file string) {
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 		defer cancel()
 		cmd := exec.CommandContext(ctx, govtest.VenvPython(), "-m", "pytest", "-q", "-p", "no:cacheprovider", file)
-		cmd.Env = append(os.Environ(), "GOVLLM_URL="+s.url, "GOVLLM_MODEL="+model,
-			"GOVLLM_BACKEND="+s.name, "GOVLLM_API_KEY="+apiKey)
+		cmd.Env = append(os.Environ(), "GOVLLM_URL="+s.URL, "GOVLLM_MODEL="+model,
+			"GOVLLM_BACKEND="+s.Name, "GOVLLM_API_KEY="+apiKey)
 		out, err := cmd.CombinedOutput()
 		if err != nil {
-			t.Fatalf("pytest %s against %s: %v\n%s", file, s.name, err, out)
+			t.Fatalf("pytest %s against %s: %v\n%s", file, s.Name, err, out)
 		}
-		t.Logf("%s", tail(string(out), 400))
+		t.Logf("%s", govtest.Tail(string(out), 400))
 	})
 }

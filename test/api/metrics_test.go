@@ -81,7 +81,7 @@ func TestMetricsVLLMNames(t *testing.T) {
 		for i := range requests {
 			body := `{"model":"` + model + `","max_tokens":4,"temperature":0,"messages":[{"role":"user","content":"Count to ` +
 				strconv.Itoa(i+3) + `, please."}]}`
-			req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, s.url+"/v1/chat/completions", strings.NewReader(body))
+			req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, s.URL+"/v1/chat/completions", strings.NewReader(body))
 			require.NoError(t, err)
 			req.Header.Set("Authorization", "Bearer "+apiKey)
 			req.Header.Set("Content-Type", "application/json")
@@ -91,7 +91,7 @@ func TestMetricsVLLMNames(t *testing.T) {
 			resp.Body.Close()
 			require.Equal(t, http.StatusOK, resp.StatusCode, string(b))
 		}
-		p := getMetrics(t, s.url)
+		p := getMetrics(t, s.URL)
 		for name := range p.types {
 			if strings.HasPrefix(name, "vllm:") {
 				require.Contains(t, vllmNames, name, "vllm: names only for vLLM's set")
@@ -106,7 +106,7 @@ func TestMetricsVLLMNames(t *testing.T) {
 			}
 		}
 		want := vllmNames
-		if s.name != "vllm" {
+		if s.Name != "vllm" {
 			want = map[string]string{}
 			for name, typ := range vllmNames {
 				want[name] = typ
@@ -124,7 +124,7 @@ func TestMetricsVLLMNames(t *testing.T) {
 		usage := p.value(t, "vllm:kv_cache_usage_perc")
 		require.True(t, usage >= 0 && usage <= 1, "kv_cache_usage_perc %v", usage)
 		require.GreaterOrEqual(t, p.value(t, "vllm:num_requests_running"), 0.0)
-		if s.name != "vllm" {
+		if s.Name != "vllm" {
 			return
 		}
 		require.Greater(t, p.value(t, "vllm:prefix_cache_queries_total"), 0.0)

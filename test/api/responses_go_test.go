@@ -19,7 +19,7 @@ import (
 // accumulated to the same text and tool call, and a refused field.
 func TestResponsesOpenAIGo(t *testing.T) {
 	forEach(t, func(t *testing.T, s server) {
-		client := openai.NewClient(option.WithBaseURL(s.url+"/v1"), option.WithAPIKey(apiKey), option.WithMaxRetries(0))
+		client := openai.NewClient(option.WithBaseURL(s.URL+"/v1"), option.WithAPIKey(apiKey), option.WithMaxRetries(0))
 		ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 		defer cancel()
 

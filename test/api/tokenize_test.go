@@ -22,9 +22,9 @@ func TestTokenize(t *testing.T) {
 // bad one is refused naming the header.
 func TestRequestIDHeaders(t *testing.T) {
 	forEach(t, func(t *testing.T, s server) {
-		id := "e2e-" + s.name + "-" + time.Now().Format("150405.000000")
+		id := "e2e-" + s.Name + "-" + time.Now().Format("150405.000000")
 		post := func(path, body, reqID string) (*http.Response, []byte) {
-			req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, s.url+path, strings.NewReader(body))
+			req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, s.URL+path, strings.NewReader(body))
 			require.NoError(t, err)
 			req.Header.Set("Content-Type", "application/json")
 			req.Header.Set("Authorization", "Bearer "+apiKey)
@@ -61,7 +61,7 @@ func TestRequestIDHeaders(t *testing.T) {
 		require.Contains(t, string(body), `"param":"X-Request-Id"`)
 
 		require.Eventually(t, func() bool {
-			out := s.srv.Output()
+			out := s.Srv.Output()
 			return strings.Contains(out, "request_id="+id+" ") && strings.Contains(out, "request_id="+id+"-tok ")
 		}, 10*time.Second, 100*time.Millisecond, "the server log names the request ids")
 	})

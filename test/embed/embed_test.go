@@ -29,11 +29,11 @@ func TestEmbeddingsPythonSDK(t *testing.T) {
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 		defer cancel()
 		cmd := exec.CommandContext(ctx, govtest.VenvPython(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "embeddings_test.py")
-		cmd.Env = append(os.Environ(), "GOVLLM_URL="+s.url, "GOVLLM_MODEL="+model, "GOVLLM_MODEL_DIR="+modelDir,
-			"GOVLLM_BACKEND="+s.name, "GOVLLM_API_KEY="+apiKey)
+		cmd.Env = append(os.Environ(), "GOVLLM_URL="+s.URL, "GOVLLM_MODEL="+model, "GOVLLM_MODEL_DIR="+modelDir,
+			"GOVLLM_BACKEND="+s.Name, "GOVLLM_API_KEY="+apiKey)
 		out, err := cmd.CombinedOutput()
-		require.NoError(t, err, "pytest against %s:\n%s", s.name, out)
-		t.Logf("%s", tail(string(out), 400))
+		require.NoError(t, err, "pytest against %s:\n%s", s.Name, out)
+		t.Logf("%s", govtest.Tail(string(out), 400))
 	})
 }
 
@@ -58,7 +58,7 @@ func TestEmbeddingsOpenAIGo(t *testing.T) {
 	texts := []string{"Hello, the quick brown fox jumps over the lazy dog!", "one two three", "blue sky"}
 	want := reference(t, texts)
 	forEach(t, func(t *testing.T, s server) {
-		client := openai.NewClient(option.WithBaseURL(s.url+"/v1"), option.WithAPIKey(apiKey), option.WithMaxRetries(0))
+		client := openai.NewClient(option.WithBaseURL(s.URL+"/v1"), option.WithAPIKey(apiKey), option.WithMaxRetries(0))
 		for _, format := range []openai.EmbeddingNewParamsEncodingFormat{
 			openai.EmbeddingNewParamsEncodingFormatFloat, openai.EmbeddingNewParamsEncodingFormatBase64,
 		} {

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,11 +18,7 @@ import (
 )
 
 // server is one govllm binary under test.
-type server struct {
-	name string // the backend: "vllm" or "transformers"
-	url  string
-	srv  *govtest.Server
-}
+type server = govtest.Backend
 
 var (
 	servers  []server
@@ -67,62 +62,21 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "test/embed:", err)
 		return 1
 	}
-	engines := []string{"transformers"}
-	if exec.Command(govtest.VenvPython(), "-c", "import vllm").Run() == nil {
-		engines = append([]string{"vllm"}, engines...)
-	} else {
-		fmt.Println("test/embed: the venv cannot import vllm: the vllm backend is not tested")
-	}
 	startCtx, cancelStart := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancelStart()
-	var wg sync.WaitGroup
-	started := make([]server, len(engines))
-	errs := make([]error, len(engines))
-	for i, engine := range engines {
-		wg.Go(func() {
-			srv, err := govtest.Start(startCtx, bin, dir, serveArgs(engine)...)
-			started[i], errs[i] = server{name: engine, srv: srv}, err
-			if srv != nil {
-				started[i].url = srv.URL
-			}
-		})
-	}
-	wg.Wait()
-	failed := false
-	for i, err := range errs {
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "test/embed: start govllm --engine %s: %v\n", engines[i], err)
-			failed = true
-		} else {
-			servers = append(servers, started[i])
-		}
-	}
+	started, ok := govtest.StartBackends(startCtx, "test/embed", bin, dir, govtest.Engines("test/embed"), serveArgs)
+	servers = started
 	code := 1
-	if !failed {
+	if ok {
 		code = m.Run()
 	}
-	for _, s := range servers {
-		if err := s.srv.Stop(time.Minute); err != nil && code == 0 {
-			fmt.Fprintf(os.Stderr, "test/embed: govllm (%s) exit: %v\n", s.name, err)
-			code = 1
-		}
-		if code != 0 {
-			fmt.Fprintf(os.Stderr, "--- govllm (%s) log ---\n%s\n", s.name, tail(s.srv.Output(), 20000))
-		}
-	}
+	code = govtest.StopBackends("test/embed", servers, code)
 	return code
-}
-
-func tail(s string, n int) string {
-	if len(s) > n {
-		return s[len(s)-n:]
-	}
-	return s
 }
 
 // forEach runs f as a subtest per server.
 func forEach(t *testing.T, f func(t *testing.T, s server)) {
 	for _, s := range servers {
-		t.Run(s.name, func(t *testing.T) { f(t, s) })
+		t.Run(s.Name, func(t *testing.T) { f(t, s) })
 	}
 }

@@ -34,11 +34,8 @@ const (
 // prompts are the completions compared with PEFT's generate.
 var prompts = []string{"The capital of France is", "Once upon a time, there was a"}
 
-type server struct {
-	name string
-	url  string
-	srv  *govtest.Server
-}
+// server is one govllm binary under test.
+type server = govtest.Backend
 
 var (
 	servers []server
@@ -83,12 +80,6 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "test/lora:", err)
 		return 1
 	}
-	engines := []string{"transformers"}
-	if exec.Command(govtest.VenvPython(), "-c", "import vllm").Run() == nil {
-		engines = append([]string{"vllm"}, engines...)
-	} else {
-		fmt.Println("test/lora: the venv cannot import vllm: the vllm backend is not tested")
-	}
 	// PEFT's reference runs while the servers load.
 	var wg sync.WaitGroup
 	var refErr error
@@ -103,9 +94,7 @@ func run(m *testing.M) int {
 		}
 		refErr = err
 	})
-	started := make([]server, len(engines))
-	errs := make([]error, len(engines))
-	for i, engine := range engines {
+	started, ok := govtest.StartBackends(ctx, "test/lora", bin, dir, govtest.Engines("test/lora"), func(engine string) []string {
 		args := []string{"--engine", engine, "--model", govtest.Model(model), "--python", govtest.VenvPython(),
 			"--device", "cpu", "--dtype", "float32", "--max-model-len", "2048",
 			"--lora-modules", adapter + "=" + adapterDir,
@@ -113,51 +102,25 @@ func run(m *testing.M) int {
 		if engine == "vllm" {
 			args = append(args, "--max-loras", "2")
 		}
-		wg.Go(func() {
-			srv, err := govtest.Start(ctx, bin, dir, args...)
-			started[i], errs[i] = server{name: engine, srv: srv}, err
-			if srv != nil {
-				started[i].url = srv.URL
-			}
-		})
-	}
+		return args
+	})
+	servers = started
 	wg.Wait()
-	failed := false
 	if refErr != nil {
 		fmt.Fprintf(os.Stderr, "test/lora: reference.py: %v\n", refErr)
-		failed = true
-	}
-	for i, err := range errs {
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "test/lora: start govllm --engine %s: %v\n", engines[i], err)
-			if started[i].srv != nil {
-				fmt.Fprintf(os.Stderr, "--- log ---\n%s\n", started[i].srv.Output())
-			}
-			failed = true
-		} else {
-			servers = append(servers, started[i])
-		}
+		ok = false
 	}
 	code := 1
-	if !failed {
+	if ok {
 		code = m.Run()
 	}
-	for _, s := range servers {
-		if err := s.srv.Stop(time.Minute); err != nil && code == 0 {
-			fmt.Fprintf(os.Stderr, "test/lora: govllm (%s) exit: %v\n", s.name, err)
-			code = 1
-		}
-		if code != 0 {
-			out := s.srv.Output()
-			fmt.Fprintf(os.Stderr, "--- govllm (%s) log ---\n%s\n", s.name, out[max(0, len(out)-20000):])
-		}
-	}
+	code = govtest.StopBackends("test/lora", servers, code)
 	return code
 }
 
 func forEach(t *testing.T, f func(t *testing.T, s server)) {
 	for _, s := range servers {
-		t.Run(s.name, func(t *testing.T) { f(t, s) })
+		t.Run(s.Name, func(t *testing.T) { f(t, s) })
 	}
 }
 
@@ -173,7 +136,7 @@ func complete(t *testing.T, s server, modelName, prompt string) (int, string, st
 // post is complete without the test: safe on any goroutine.
 func post(s server, modelName, prompt string) (int, string, string, error) {
 	body, _ := json.Marshal(map[string]any{"model": modelName, "prompt": prompt, "max_tokens": maxTokens, "temperature": 0})
-	resp, err := http.Post(s.url+"/v1/completions", "application/json", bytes.NewReader(body))
+	resp, err := http.Post(s.URL+"/v1/completions", "application/json", bytes.NewReader(body))
 	if err != nil {
 		return 0, "", "", err
 	}
@@ -223,7 +186,7 @@ func TestAdapterEqualsPEFT(t *testing.T) {
 
 func TestModelsListAdapters(t *testing.T) {
 	forEach(t, func(t *testing.T, s server) {
-		resp, err := http.Get(s.url + "/v1/models")
+		resp, err := http.Get(s.URL + "/v1/models")
 		require.NoError(t, err)
 		defer resp.Body.Close()
 		var list struct {
