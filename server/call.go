@@ -268,6 +268,28 @@ func (c *call) usage() usage {
 	return toUsage(u)
 }
 
+// newCall names req with the request's id (prefix + X-Request-Id or a generated id) and
+// returns its call: a chat-shaped request (chat completions, responses) of kind.
+func (s *Server) newCall(r *http.Request, req *llm.Request, params callParams, info llm.ModelInfo,
+	start time.Time, prefix, kind string) *call {
+	req.ID = requestID(r, prefix)
+	c := &call{
+		id:          req.ID,
+		created:     start.Unix(),
+		model:       responseModel(*req, info),
+		fingerprint: fingerprint(info),
+		params:      params,
+		log:         s.log.With("request_id", req.ID),
+		start:       start,
+		kind:        kind,
+		newID:       s.newID,
+	}
+	if params.forced != nil && params.stream {
+		c.forced = make([]*forcedCalls, params.n)
+	}
+	return c
+}
+
 // generate admits req, runs it and answers with f, streamed or not.
 func (s *Server) generate(w http.ResponseWriter, r *http.Request, req llm.Request, c *call, f format) {
 	reject := func(err error, e *apiError) { s.reject(w, c.log, err, e) }

@@ -175,21 +175,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, s.log, e, e)
 		return
 	}
-	req.ID = requestID(r, "chatcmpl-")
-	c := &call{
-		id:          req.ID,
-		created:     start.Unix(),
-		model:       responseModel(req, info),
-		fingerprint: fingerprint(info),
-		params:      params,
-		log:         s.log.With("request_id", req.ID),
-		start:       start,
-		kind:        "chat",
-		newID:       s.newID,
-	}
-	if params.forced != nil && params.stream {
-		c.forced = make([]*forcedCalls, params.n)
-	}
+	c := s.newCall(r, &req, params, info, start, "chatcmpl-", "chat")
 	s.generate(w, r, req, c, chatFormat{})
 }
 

@@ -536,20 +536,6 @@ func (s *Server) handleResponses(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, s.log, e, e)
 		return
 	}
-	req.ID = requestID(r, "resp_")
-	c := &call{
-		id:          req.ID,
-		created:     start.Unix(),
-		model:       responseModel(req, info),
-		fingerprint: fingerprint(info),
-		params:      params,
-		log:         s.log.With("request_id", req.ID),
-		start:       start,
-		kind:        "responses",
-		newID:       s.newID,
-	}
-	if params.forced != nil && params.stream {
-		c.forced = make([]*forcedCalls, params.n)
-	}
+	c := s.newCall(r, &req, params, info, start, "resp_", "responses")
 	s.generate(w, r, req, c, newResponsesFormat(body))
 }
