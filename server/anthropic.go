@@ -185,6 +185,11 @@ func (a *anthropicRequest) toEngine(m llm.ModelInfo, counting bool) (llm.Request
 		return req, p, e
 	}
 	req.Messages = msgs
+	if last := msgs[len(msgs)-1]; last.Role == "assistant" {
+		// A prefilled assistant turn: the model continues it, and the answer is the continuation
+		// (Anthropic's semantics), as vLLM's continue_final_message renders it.
+		req.Chat = &llm.ChatOptions{ContinueFinalMessage: true}
+	}
 	if e := a.sampling(&req.Sampling, &p); e != nil {
 		return req, p, e
 	}
@@ -431,9 +436,9 @@ func (a *anthropicRequest) conversation() ([]llm.Message, *apiError) {
 		}
 		out = append(out, converted...)
 	}
-	if last := a.Messages[len(a.Messages)-1]; last.Role == "assistant" {
+	if last := out[len(out)-1]; last.Role == "assistant" && (len(last.ToolCalls) > 0 || last.Content == "") {
 		return nil, badRequest(fmt.Sprintf("messages[%d]", len(a.Messages)-1),
-			"messages[%d]: a final assistant message (prefill) is not supported; end with a user message.", len(a.Messages)-1)
+			"messages[%d]: a final assistant message (prefill) must be text only, and not empty.", len(a.Messages)-1)
 	}
 	return out, nil
 }

@@ -62,7 +62,7 @@ func TestAnthropicBadRequests(t *testing.T) {
 		{"max_tokens a string", `{"model":"test-model","max_tokens":"5",` + msgs + `}`, 400, "invalid_request_error", "max_tokens"},
 		{"no messages", `{"model":"test-model","max_tokens":5,"messages":[]}`, 400, "invalid_request_error", "messages"},
 		{"system role", `{"model":"test-model","max_tokens":5,"messages":[{"role":"system","content":"x"}]}`, 400, "invalid_request_error", "messages[0].role"},
-		{"final assistant (prefill)", `{"model":"test-model","max_tokens":5,"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}]}`, 400, "invalid_request_error", "messages[1]"},
+		{"empty final assistant (prefill)", `{"model":"test-model","max_tokens":5,"messages":[{"role":"user","content":"x"},{"role":"assistant","content":""}]}`, 400, "invalid_request_error", "messages[1]"},
 		{"image block", `{"model":"test-model","max_tokens":5,"messages":[{"role":"user","content":[{"type":"image","source":{}}]}]}`, 400, "invalid_request_error", "messages[0].content[0].type"},
 		{"document block", `{"model":"test-model","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{}}]}]}`, 400, "invalid_request_error", "document"},
 		{"text block without text", `{"model":"test-model","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text"}]}]}`, 400, "invalid_request_error", "messages[0].content[0].text"},
@@ -103,6 +103,22 @@ func TestAnthropicBadRequests(t *testing.T) {
 	// The server keeps serving.
 	rec := do(s, http.MethodPost, "/v1/messages", anthropicHello+`}`)
 	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+}
+
+func TestAnthropicPrefillContinues(t *testing.T) {
+	var got llm.Request
+	s := newTestServer(t, backendWith(scripted(llm.Usage{}, nil, llm.Delta{Text: " Paris.", FinishReason: "stop"}), &got))
+	rec := do(s, http.MethodPost, "/v1/messages", `{"model":"test-model","max_tokens":5,"messages":[`+
+		`{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"The capital is"}]}`)
+	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+	require.Equal(t, &llm.ChatOptions{ContinueFinalMessage: true}, got.Chat)
+	require.Equal(t, llm.Message{Role: "assistant", Content: "The capital is"}, got.Messages[len(got.Messages)-1])
+	require.Contains(t, rec.Body.String(), `"text":" Paris."`) // the continuation only, as Anthropic answers
+
+	s = newTestServer(t, backendWith(scripted(llm.Usage{}, nil, llm.Delta{Text: "y", FinishReason: "stop"}), &got))
+	rec = do(s, http.MethodPost, "/v1/messages", `{"model":"test-model","max_tokens":5,"messages":[{"role":"user","content":"x"}]}`)
+	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+	require.Nil(t, got.Chat)
 }
 
 func TestAnthropicRequestMapping(t *testing.T) {

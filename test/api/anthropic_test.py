@@ -64,6 +64,19 @@ def test_stream_matches_create() -> None:
     assert final.usage.output_tokens == want.usage.output_tokens
 
 
+def test_prefill_is_continued() -> None:
+    """A final assistant message is continued (the answer is the continuation), as the chat
+    route's continue_final_message renders it."""
+    prefill = [{"role": "user", "content": "Count from one to ten."}, {"role": "assistant", "content": "One, two, three,"}]
+    msg = client.messages.create(model=MODEL, max_tokens=12, messages=prefill, **GREEDY)
+    chat = httpx.post(f"{URL}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=300, json={
+        "model": MODEL, "messages": prefill, "max_tokens": 12, "temperature": 0,
+        "add_generation_prompt": False, "continue_final_message": True})
+    assert chat.status_code == 200, chat.text
+    assert text_of(msg) == chat.json()["choices"][0]["message"]["content"]
+    assert text_of(msg).strip()
+
+
 def test_max_tokens() -> None:
     msg = client.messages.create(model=MODEL, max_tokens=3, messages=HELLO, **GREEDY)
     assert msg.stop_reason == "max_tokens"
