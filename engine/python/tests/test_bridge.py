@@ -102,7 +102,7 @@ def _ready(r: Running) -> dict:
 def test_ready_and_end_meta(run, tmp_path):
     r = run(tmp_path)
     assert _ready(r) == {"model": "m", "root": str(tmp_path), "max_model_len": 100, "backend": "fake",
-                         "structured_outputs": False, "tool_call_parser": "", "reasoning_parser": ""}
+                         "structured_outputs": False, "tool_call_parser": "", "reasoning_parser": "", "runner": "generate"}
     r.submit(1, {"prompt": "echo"})
     deltas, end = r.result(1)
     assert len(deltas) == 1 and deltas[0]["finish"] == r.bridge.FINISH_CODES["stop"]
