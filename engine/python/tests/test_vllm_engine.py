@@ -443,7 +443,7 @@ def test_engine_core_dies_with_its_host(tiny_model_dir, tmp_path):
             b = vllm_engine.create(cfg)
             await b.start()
             tokens = []
-            def relay(outputs, routes, codes, meta):
+            def relay(outputs, routes, codes, meta, prompt_hook=None, noted=None):
                 tokens.extend(t for o in outputs if o.request_id in routes for t in o.new_token_ids)
                 return [o.request_id for o in outputs if o.finish_reason is not None]
             b.relay = relay
